@@ -1,0 +1,94 @@
+//! The result of `indexer scan --json`: the contract a scan pod writes to its termination
+//! message and the operator reads. Kept small (well under the 4 KiB termination-message limit).
+
+use crate::estimate::{self, DatasetShape, Estimate};
+use crate::policy;
+use crate::preset::Preset;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Version of the scan JSON; bumped when a field changes meaning.
+pub const SCAN_REPORT_VERSION: u32 = 1;
+
+/// What `indexer scan` found and what it estimates, per preset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScanReport {
+    /// Version of this format ([`SCAN_REPORT_VERSION`]).
+    pub version: u32,
+    /// Image files found (by content, not by name).
+    pub images: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+    /// Files that look like images by name but cannot be indexed (not an image, unreadable,
+    /// bad name, oversized header); the build records each with its reason.
+    pub skipped: u64,
+    /// How many image headers were read to learn dimensions.
+    pub sampled: u64,
+    /// Largest sampled image and whether it is a JPEG.
+    pub shape: DatasetShape,
+    /// Hex digest of the sorted (path, size, mtime) list: changes when the dataset changes.
+    pub fingerprint: String,
+    /// The memory limit the estimate was made for, if any (bytes).
+    pub memory_limit: Option<u64>,
+    /// Extraction threads the estimate assumes.
+    pub threads: u32,
+    /// The preset `auto` picks for `memory_limit` (absent when nothing fits).
+    pub auto: Option<String>,
+    /// Memory and disk per preset of the ladder.
+    pub estimates: Vec<Estimate>,
+}
+
+impl ScanReport {
+    /// Builds a report from what a scan counted, estimating every preset of the ladder.
+    pub fn new(
+        shape: DatasetShape,
+        skipped: u64,
+        sampled: u64,
+        fingerprint: String,
+        memory_limit: Option<u64>,
+        threads: u32,
+    ) -> Self {
+        let estimates = Preset::ladder()
+            .iter()
+            .map(|p| estimate::estimate(p, &shape, threads))
+            .collect();
+        let auto = memory_limit.and_then(|limit| policy::auto_preset(&shape, limit, None).map(|p| p.label()));
+        ScanReport {
+            version: SCAN_REPORT_VERSION,
+            images: shape.images,
+            bytes: shape.bytes,
+            skipped,
+            sampled,
+            shape,
+            fingerprint,
+            memory_limit,
+            threads,
+            auto,
+            estimates,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_is_small_enough_for_a_termination_message() {
+        let shape = DatasetShape { images: 116_085, bytes: 250_000_000_000, max_width: 8000, max_height: 6000, max_is_jpeg: true };
+        let r = ScanReport::new(shape, 12, 4096, "ab".repeat(16), Some(512 << 20), 64);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 2048, "{} bytes", json.len());
+        assert_eq!(r.auto.as_deref(), Some("full"));
+        let back: ScanReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn no_auto_without_a_limit_or_when_nothing_fits() {
+        let shape = DatasetShape { images: 10, bytes: 1, max_width: 640, max_height: 480, max_is_jpeg: true };
+        assert_eq!(ScanReport::new(shape, 0, 10, String::new(), None, 2).auto, None);
+        assert_eq!(ScanReport::new(shape, 0, 10, String::new(), Some(1 << 20), 2).auto, None);
+    }
+}
