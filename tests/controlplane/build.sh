@@ -19,7 +19,7 @@ BIN_DIR="${CACHE_DIR}/bin"
 WORK_PARENT="${IMAGEINDEX_KUBE_WORKDIR:-/var/tmp}"
 BINARIES=(kube-apiserver kube-controller-manager)
 # Packages needed at run time by up.sh / down.sh.
-RUNTIME_PKGS=(etcd-server openssl curl ca-certificates procps)
+RUNTIME_PKGS=(etcd-server openssl curl ca-certificates)
 # Packages needed only to build.
 BUILD_PKGS=(dpkg-dev rsync make golang-1.19-go golang-github-modern-go-reflect2-dev)
 GO_BIN=/usr/lib/go-1.19/bin
@@ -121,8 +121,7 @@ ensure_pkgs "${BUILD_PKGS[@]}"
 
 mkdir -p "$WORK_PARENT"
 WORK="$(mktemp -d "${WORK_PARENT}/imageindex-kube-build.XXXXXX")"
-# apt-get source downloads as user _apt when it can reach the directory.
-chmod 755 "$WORK"
+# (apt-get source warns "Download is performed unsandboxed as root" here: harmless.)
 log "work dir: $WORK"
 on_exit() {
     local rc=$?

@@ -19,9 +19,9 @@ fi
 # Only signal a pid if it still runs the program we started (pids get reused).
 pid_is() { # PID NAME
     local exe
-    [ -r "/proc/$1/cmdline" ] || return 1
-    exe="$(tr '\0' '\n' <"/proc/$1/cmdline" | head -n 1)"
-    [ "$(basename -- "$exe")" = "$2" ]
+    # Zombies and vanished processes have no (readable) cmdline.
+    exe="$({ tr '\0' '\n' <"/proc/$1/cmdline"; } 2>/dev/null | head -n 1)" || return 1
+    [ -n "$exe" ] && [ "$(basename -- "$exe")" = "$2" ]
 }
 
 PIDS=()

@@ -50,9 +50,14 @@ ETCD_PID_FILE="$STATE/etcd.pid"
 APISERVER_PID_FILE="$STATE/kube-apiserver.pid"
 KCM_PID_FILE="$STATE/kube-controller-manager.pid"
 
+# True if PID runs (not a zombie: those have an empty cmdline).
+pid_alive() {
+    [ -n "$1" ] && [ -n "$({ tr -d '\0' <"/proc/$1/cmdline"; } 2>/dev/null)" ]
+}
+
 # Refuse to start over a running cluster.
 for f in "$ETCD_PID_FILE" "$APISERVER_PID_FILE" "$KCM_PID_FILE"; do
-    if [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+    if [ -s "$f" ] && pid_alive "$(cat "$f")"; then
         die "a control plane is already running in $STATE (pid file $f); run ${HERE}/down.sh $STATE first"
     fi
 done
@@ -103,19 +108,27 @@ ETCD_URL="http://127.0.0.1:${ETCD_PORT}"
 
 # --------------------------------------------------------------------------- cleanup on failure
 STARTED_PIDS=()
-fail() {
-    log "ERROR: $*"
-    local f
+fail() { # MESSAGE [NAME-OF-COMPONENT-THAT-FAILED]
+    log "ERROR: $1"
+    local f n culprit="${2:-}"
+    # Show the other logs briefly, then the culprit's (or all) in full at the end.
     for f in etcd kube-apiserver kube-controller-manager; do
-        if [ -f "$STATE/$f.log" ]; then
-            log "---- last 40 lines of $STATE/$f.log ----"
-            tail -n 40 "$STATE/$f.log" >&2 || true
-        fi
+        [ -f "$STATE/$f.log" ] || continue
+        if [ -n "$culprit" ] && [ "$f" = "$culprit" ]; then continue; fi
+        n=40
+        [ -n "$culprit" ] && n=10
+        log "---- last $n lines of $STATE/$f.log ----"
+        tail -n "$n" "$STATE/$f.log" >&2 || true
     done
+    if [ -n "$culprit" ] && [ -f "$STATE/$culprit.log" ]; then
+        log "---- last 40 lines of $STATE/$culprit.log ----"
+        tail -n 40 "$STATE/$culprit.log" >&2 || true
+    fi
     if [ "${#STARTED_PIDS[@]}" -gt 0 ]; then
         log "stopping what was started"
         "$HERE/down.sh" "$STATE" >&2 || true
     fi
+    log "ERROR: $1"
     exit 1
 }
 
@@ -220,7 +233,7 @@ start_bg() { # start_bg NAME PIDFILE CMD...
 START_TS=$(date +%s.%N)
 deadline=$(($(date +%s) + TIMEOUT))
 alive_or_fail() { # NAME PIDFILE
-    kill -0 "$(cat "$2")" 2>/dev/null || fail "$1 exited during start-up"
+    pid_alive "$(cat "$2")" || fail "$1 exited during start-up" "$1"
 }
 wait_for() { # DESCRIPTION CHECK-CMD...
     local what=$1
