@@ -179,6 +179,42 @@ pub struct ScanSummary {
     pub max_height: u32,
     /// Whether the largest sampled image is a JPEG.
     pub max_is_jpeg: bool,
+    /// The scan pod (or local run) whose report this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Number of the first build attempt made from this scan: attempts numbered below it
+    /// belong to earlier builds (a rebuild continues the numbering and gets its own
+    /// `maxAttempts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_attempt: Option<u32>,
+}
+
+impl ScanSummary {
+    /// The summary kept in status for a scan report (without pod and first attempt).
+    pub fn from_report(report: &crate::scan::ScanReport) -> Self {
+        ScanSummary {
+            images: report.images,
+            bytes: report.bytes,
+            skipped: report.skipped,
+            fingerprint: report.fingerprint.clone(),
+            max_width: report.shape.max_width,
+            max_height: report.shape.max_height,
+            max_is_jpeg: report.shape.max_is_jpeg,
+            pod: None,
+            first_attempt: None,
+        }
+    }
+
+    /// The dataset shape the policy decides on.
+    pub fn shape(&self) -> crate::estimate::DatasetShape {
+        crate::estimate::DatasetShape {
+            images: self.images,
+            bytes: self.bytes,
+            max_width: self.max_width,
+            max_height: self.max_height,
+            max_is_jpeg: self.max_is_jpeg,
+        }
+    }
 }
 
 /// How an attempt ended.
@@ -324,6 +360,17 @@ mod tests {
         assert_eq!(Progress::new(12, 24, 1, 9000, None).summary, "12/24 (50%)");
         assert_eq!(Progress::new(0, 0, 0, 0, None).summary, "0/0 (0%)");
         assert_eq!(MemoryStatus::new(1, 212 << 20, 0, 512 << 20, 0).summary, "212Mi/512Mi");
+    }
+
+    #[test]
+    fn scan_summary_keeps_the_shape_of_its_report() {
+        let shape = crate::DatasetShape { images: 42, bytes: 4200, max_width: 4000, max_height: 3000, max_is_jpeg: true };
+        let report = crate::ScanReport::new(shape, 3, 42, "f00d".into(), Some(256 << 20), 2);
+        let s = ScanSummary::from_report(&report);
+        assert_eq!(s.shape(), shape);
+        assert_eq!((s.skipped, s.fingerprint.as_str(), s.pod.as_deref(), s.first_attempt), (3, "f00d", None, None));
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("pod").is_none() && json.get("firstAttempt").is_none(), "{json}");
     }
 
     #[test]
