@@ -1,1 +1,303 @@
-fn main() {}
+//! `indexer`: scan a dataset, build a memory-bounded ORB index, search it, serve it.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use imageindex_crds::{quantity, ScanReport};
+use indexer::build::{self, BuildContext, BuildOptions, PresetChoice};
+use indexer::features::{self, Detector, ExtractParams};
+use indexer::memory::MemorySource;
+use indexer::metrics::{self, BuildMetrics};
+use indexer::progress::{BuildProgress, ProgressDisplay};
+use indexer::search::{Engine, Index, SearchParams};
+use indexer::{dataset, IndexError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "indexer", version, about = "Memory-bounded ORB image index: scan, build, search, serve")]
+struct Cli {
+    /// Log format: text (default on a terminal) or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count a dataset's images and estimate each preset's memory and disk.
+    Scan {
+        /// Dataset directory.
+        dir: PathBuf,
+        /// Print the JSON report (the operator's contract) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file (e.g. /dev/termination-log).
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+        /// Memory limit to choose the `auto` preset for (e.g. 512Mi).
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Extraction threads to assume (default: available cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Image headers to read for dimensions.
+        #[arg(long, default_value_t = 512)]
+        sample: usize,
+    },
+    /// Build (or resume building) an index and publish it atomically.
+    Build {
+        /// Dataset directory.
+        dir: PathBuf,
+        /// Index directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// auto, full, small, medium, large, xlarge (or a ladder label like xlarge-nf50).
+        #[arg(long, default_value = "auto")]
+        preset: String,
+        /// Memory limit (default: the cgroup limit, else the machine's memory).
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Extraction threads (default: available cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Serve Prometheus metrics on this address while building.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+        /// Refuse to start when the preset's estimate exceeds the memory limit.
+        #[arg(long)]
+        strict_memory: bool,
+        /// Print the build summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search an index with query images.
+    Search {
+        /// Index directory.
+        index: PathBuf,
+        /// Query images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Matches per query.
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Skip RANSAC verification.
+        #[arg(long)]
+        no_verify: bool,
+        /// Lookup structure: ivf (fast, default) or arroy.
+        #[arg(long, default_value = "ivf")]
+        engine: String,
+        /// Inverted lists probed per descriptor.
+        #[arg(long)]
+        nprobe: Option<usize>,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,arroy=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn parse_limit(text: Option<&str>) -> anyhow::Result<Option<u64>> {
+    text.map(|t| quantity::parse_bytes(t).with_context(|| format!("--memory-limit {t:?}"))).transpose()
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    features::quiet_opencv();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = e.downcast_ref::<IndexError>().map_or(1, IndexError::exit_code);
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Scan { dir, json, json_out, memory_limit, threads, sample } => {
+            let limit = parse_limit(memory_limit.as_deref())?;
+            let threads = threads.unwrap_or_else(default_threads);
+            let listing = dataset::list(&dir)?;
+            let (shape, sampled) = dataset::shape(&dir, &listing, sample);
+            let report = ScanReport::new(shape, listing.skipped.len() as u64, sampled, listing.fingerprint.clone(), limit, threads as u32);
+            let text = serde_json::to_string(&report)?;
+            if let Some(path) = json_out {
+                std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                println!("{text}");
+            } else {
+                print_scan(&report);
+            }
+            Ok(())
+        }
+        Command::Build { dir, out, preset, memory_limit, threads, metrics_addr, strict_memory, json } => {
+            let preset = PresetChoice::parse(&preset)
+                .ok_or_else(|| IndexError::Usage(format!("unknown preset {preset:?} (auto, full, small, medium, large, xlarge)")))?;
+            let limit = parse_limit(memory_limit.as_deref())?;
+            let threads = threads.unwrap_or_else(default_threads).max(1);
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+            let memory = Arc::new(MemorySource::detect(limit));
+            let progress = BuildProgress::new();
+            install_signal_handlers(progress.clone())?;
+            let build_metrics = BuildMetrics::new();
+            if let PresetChoice::Exact(p) = preset {
+                build_metrics.set_info(&p);
+            }
+            if let Some(addr) = metrics_addr {
+                let bound = metrics::serve_build_metrics(addr, build_metrics.clone(), progress.clone(), memory.clone())
+                    .with_context(|| format!("binding metrics on {addr}"))?;
+                tracing::info!(%bound, "metrics at http://{bound}/metrics");
+            }
+            let display = {
+                let memory = memory.clone();
+                ProgressDisplay::start(progress.clone(), move || {
+                    let s = memory.snapshot();
+                    (s.working_set, s.limit)
+                })
+            };
+            let opts = BuildOptions { dataset: dir, out, preset, threads, strict_memory, sample: 512 };
+            let ctx = BuildContext { progress: progress.clone(), memory: memory.clone() };
+            let summary = build::run(&opts, &ctx);
+            drop(display);
+            let summary = summary?;
+            build_metrics.set_info(&summary.meta.preset);
+            build_metrics.observe(&progress, &memory.snapshot());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                let m = &summary.meta;
+                println!(
+                    "published generation {} at {}\n  preset {} ({} features, {} trees)\n  images {} indexed, {} failed, {} descriptors\n  extract {:.1}s, train {:.1}s, lists {:.1}s, arroy {:.1}s\n  peak working set {} MiB of {} MiB",
+                    summary.generation,
+                    summary.path.display(),
+                    m.preset,
+                    m.preset.nfeatures,
+                    m.preset.n_trees,
+                    m.images_indexed,
+                    m.images_failed,
+                    m.descriptors,
+                    m.timings.extract,
+                    m.timings.train,
+                    m.timings.assign,
+                    m.timings.arroy,
+                    m.peak_working_set >> 20,
+                    m.memory_budget >> 20
+                );
+            }
+            Ok(())
+        }
+        Command::Search { index, images, k, json, no_verify, engine, nprobe } => {
+            let idx = Index::open(&index)?;
+            let mut params = SearchParams { k, verify: !no_verify, ..Default::default() };
+            params.engine = match engine.as_str() {
+                "ivf" => Engine::Ivf,
+                "arroy" => Engine::Arroy,
+                other => return Err(IndexError::Usage(format!("unknown engine {other:?} (ivf, arroy)")).into()),
+            };
+            if let Some(n) = nprobe {
+                params.nprobe = n.max(1);
+            }
+            let mut detector = Detector::new(ExtractParams::from(&idx.meta.preset))?;
+            let mut results = Vec::new();
+            for image in &images {
+                let r = indexer::search::search_file(&idx, &mut detector, image, &params);
+                results.push((image, r));
+            }
+            if json {
+                let items: Vec<serde_json::Value> = results
+                    .iter()
+                    .map(|(path, r)| match r {
+                        Ok(a) => serde_json::json!({"query": path, "generation": idx.generation, "matches": a.matches, "features": a.features, "adaptation": a.adaptation, "timings": a.timings}),
+                        Err(e) => serde_json::json!({"query": path, "error": e.to_string()}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                for (path, r) in &results {
+                    println!("{}", path.display());
+                    match r {
+                        Ok(a) if a.matches.is_empty() => println!("  no match ({} query features)", a.features),
+                        Ok(a) => {
+                            for (rank, m) in a.matches.iter().enumerate() {
+                                println!(
+                                    "  {}. {}  votes {}{}",
+                                    rank + 1,
+                                    m.path,
+                                    m.score,
+                                    m.inliers.map_or(String::new(), |n| format!(", inliers {n}{}", if m.verified { "" } else { " (unverified)" }))
+                                );
+                            }
+                        }
+                        Err(e) => println!("  error: {e}"),
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn install_signal_handlers(progress: Arc<BuildProgress>) -> anyhow::Result<()> {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
+    }
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        if flag.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!("stop requested: finishing the current checkpoint");
+            progress.cancel();
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    })?;
+    Ok(())
+}
+
+fn print_scan(r: &ScanReport) {
+    println!(
+        "{} images, {} MiB, {} skipped; largest {}x{} ({}); fingerprint {}",
+        r.images,
+        r.bytes >> 20,
+        r.skipped,
+        r.shape.max_width,
+        r.shape.max_height,
+        if r.shape.max_is_jpeg { "jpeg" } else { "not jpeg" },
+        r.fingerprint
+    );
+    println!("{:<12} {:>12} {:>16} {:>14} {:>12}", "preset", "min memory", "full-speed memory", "descriptors", "disk");
+    for e in &r.estimates {
+        println!(
+            "{:<12} {:>12} {:>16} {:>14} {:>12}",
+            e.preset,
+            quantity::format_mebibytes_ceil(e.min_memory),
+            quantity::format_mebibytes_ceil(e.recommended_memory),
+            e.descriptors,
+            quantity::format_bytes(e.disk)
+        );
+    }
+    match (&r.auto, r.memory_limit) {
+        (Some(p), Some(l)) => println!("auto picks {p} for a {} limit", quantity::format_bytes(l)),
+        (None, Some(l)) => println!("no preset fits a {} limit", quantity::format_bytes(l)),
+        _ => println!("pass --memory-limit to see what auto picks"),
+    }
+}

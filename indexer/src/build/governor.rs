@@ -1,0 +1,66 @@
+//! Watches the working set while a build runs: records its peak and, above the plan's
+//! threshold, asks the kernel to drop LMDB's clean file pages (reclaimable, but counted in
+//! the working set until reclaimed).
+
+use crate::memory::{release_file_pages, MemorySource};
+use heed::{Env, WithoutTls};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A background thread sampling memory every 200 ms.
+pub struct MemoryGovernor {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    reclaims: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemoryGovernor {
+    /// Starts watching; `env` is the LMDB environment whose pages may be released.
+    pub fn start(memory: Arc<MemorySource>, reclaim_at: u64, env: Option<Env<WithoutTls>>) -> MemoryGovernor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let reclaims = Arc::new(AtomicU64::new(0));
+        let (stop2, peak2, reclaims2) = (stop.clone(), peak.clone(), reclaims.clone());
+        let data_file = env.as_ref().and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
+        let handle = std::thread::Builder::new()
+            .name("memory".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let s = memory.snapshot();
+                    peak2.fetch_max(s.working_set, Ordering::Relaxed);
+                    if s.working_set > reclaim_at {
+                        let map = env.as_ref().map(|e| {
+                            let info = e.info();
+                            (info.map_addr, info.map_size)
+                        });
+                        release_file_pages(map, data_file.as_ref());
+                        reclaims2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+            .ok();
+        MemoryGovernor { stop, peak, reclaims, handle }
+    }
+
+    /// Highest working set seen.
+    pub fn peak_working_set(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Times file pages were released.
+    pub fn reclaims(&self) -> u64 {
+        self.reclaims.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for MemoryGovernor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! `indexer build`: list the dataset, extract ORB features under a memory budget, build the
+//! inverted lists and arroy shards, and publish a generation atomically — resumable at
+//! every step from the checkpoint in `IDX/build/`.
+
+mod extract;
+mod governor;
+mod index;
+mod publish;
+
+pub use governor::MemoryGovernor;
+pub use index::read_offsets;
+
+use crate::dataset;
+use crate::error::{IndexError, Result};
+use crate::layout::IndexDir;
+use crate::memory::MemorySource;
+use crate::progress::{BuildProgress, Phase};
+use crate::store::{self, BuildMeta, Checkpoint, ImageRecord, Store, Timings};
+use imageindex_crds::estimate::{self, BuildPlan};
+use imageindex_crds::policy;
+use imageindex_crds::preset::{Preset, PresetSelector};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The dataset directory.
+    pub dataset: PathBuf,
+    /// The index directory.
+    pub out: PathBuf,
+    /// `auto` or a preset label.
+    pub preset: PresetChoice,
+    /// Extraction threads.
+    pub threads: usize,
+    /// Refuse to start when the preset's estimate exceeds the budget (instead of trying).
+    pub strict_memory: bool,
+    /// Headers sampled to learn the largest image.
+    pub sample: usize,
+}
+
+/// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PresetChoice {
+    /// Let the policy choose from the dataset and the budget.
+    Auto,
+    /// This step of the ladder.
+    Exact(Preset),
+}
+
+impl PresetChoice {
+    /// Parses `auto` or a preset label.
+    pub fn parse(text: &str) -> Option<PresetChoice> {
+        if PresetSelector::parse(text) == Some(PresetSelector::Auto) {
+            return Some(PresetChoice::Auto);
+        }
+        Preset::from_label(text.trim()).map(PresetChoice::Exact)
+    }
+}
+
+/// What a finished build reports.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildSummary {
+    /// The published generation.
+    pub generation: u64,
+    /// Its directory.
+    pub path: PathBuf,
+    /// The metadata stored in it.
+    pub meta: BuildMeta,
+    /// Whether the build resumed from a checkpoint.
+    pub resumed: bool,
+    /// Images extracted by this run (not taken from the checkpoint).
+    pub extracted_now: u64,
+}
+
+/// Shared services of a build: progress, memory, cancellation.
+#[derive(Clone)]
+pub struct BuildContext {
+    /// The one source of progress.
+    pub progress: Arc<BuildProgress>,
+    /// Memory readings and the budget.
+    pub memory: Arc<MemorySource>,
+}
+
+/// Runs a build to completion (or to an error with the checkpoint intact).
+pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+    let started = Instant::now();
+    let started_at = now_rfc3339();
+    let dir = IndexDir::new(&opts.out);
+    let _lock = dir.lock()?;
+    ctx.progress.set_phase(Phase::Scan);
+    let listing = dataset::list(&opts.dataset)?;
+    let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
+    let budget = ctx.memory.limit();
+    let preset = match opts.preset {
+        PresetChoice::Exact(p) => p,
+        PresetChoice::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
+            *Preset::ladder().last().unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
+        }),
+    };
+    let plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
+    tracing::info!(
+        preset = %preset,
+        images = listing.files.len(),
+        skipped = listing.skipped.len(),
+        budget_mib = budget >> 20,
+        image_mib = plan.image_bytes >> 20,
+        shard_items = plan.shard_items,
+        "build planned"
+    );
+    let scan_secs = started.elapsed().as_secs_f64();
+
+    let build_dir = dir.build_dir();
+    let (store, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
+    let governor = MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
+    let mut timings = {
+        let rtxn = store.env.read_txn()?;
+        store.get_json::<Timings>(&rtxn, "timings")?.unwrap_or_default()
+    };
+    timings.scan += scan_secs;
+
+    ctx.progress.set_total(listing.files.len() as u64);
+    let t = Instant::now();
+    let extracted_now = extract::run(&store, &opts.dataset, &preset, &plan, opts.threads, ctx)?;
+    timings.extract += t.elapsed().as_secs_f64();
+    save_timings(&store, &timings)?;
+
+    ctx.progress.set_phase(Phase::Index);
+    let index_stats = index::run(&store, &preset, &plan, ctx, &mut timings)?;
+    save_timings(&store, &timings)?;
+
+    ctx.progress.set_phase(Phase::Publish);
+    let t = Instant::now();
+    let generation = dir.next_generation()?;
+    let (images_indexed, images_failed) = count_images(&store)?;
+    let meta = BuildMeta {
+        format_version: store::FORMAT_VERSION,
+        generation,
+        preset,
+        dataset: opts.dataset.display().to_string(),
+        fingerprint: listing.fingerprint.clone(),
+        images_total: listing.files.len() as u64 + listing.skipped.len() as u64,
+        images_indexed,
+        images_failed,
+        descriptors: index_stats.descriptors,
+        ivf_lists: index_stats.lists,
+        arroy_shards: index_stats.shards,
+        shard_items: index_stats.shard_items,
+        memory_budget: budget,
+        peak_working_set: governor.peak_working_set(),
+        started_at,
+        finished_at: now_rfc3339(),
+        timings: Timings { publish: 0.0, ..timings.clone() },
+        indexer_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let path = publish::run(&dir, &store, &meta, &listing)?;
+    let mut meta = meta;
+    meta.timings.publish = t.elapsed().as_secs_f64();
+    ctx.progress.set_phase(Phase::Done);
+    drop(governor);
+    Ok(BuildSummary { generation, path, meta, resumed, extracted_now })
+}
+
+/// Plans the budget; with `strict`, a preset that does not fit is an error, otherwise the
+/// build tries with the smallest plan (the operator downgrades if the kernel disagrees).
+pub fn plan_for(preset: &Preset, shape: &estimate::DatasetShape, budget: u64, strict: bool) -> Result<BuildPlan> {
+    match estimate::plan(preset, shape, budget) {
+        Ok(p) => Ok(p),
+        Err(e) if strict => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(preset = %preset, needed_mib = e.needed >> 20, budget_mib = budget >> 20,
+                "the preset is estimated not to fit the memory budget; trying with one image in flight");
+            Ok(estimate::plan(preset, shape, e.needed).map(|mut p| {
+                p.budget = budget;
+                p.reclaim_at = budget * 75 / 100;
+                p
+            })?)
+        }
+    }
+}
+
+/// Opens the in-progress build, discarding it when the dataset changed or when it was
+/// extracted with fewer features than this preset wants.
+fn open_or_reset(build_dir: &std::path::Path, listing: &dataset::Listing, preset: &Preset) -> Result<(Store, bool)> {
+    if build_dir.join("data.mdb").exists() {
+        let store = Store::create(build_dir)?;
+        let rtxn = store.env.read_txn()?;
+        let fingerprint: Option<String> = store.get_json(&rtxn, store::keys::FINGERPRINT)?;
+        let checkpoint: Option<Checkpoint> = store.get_json(&rtxn, store::keys::CHECKPOINT)?;
+        let poorer_extraction = store
+            .images
+            .iter(&rtxn)?
+            .filter_map(|r| r.ok())
+            .any(|(_, rec)| rec.extracted_with != 0 && rec.extracted_with < preset.nfeatures && rec.count >= rec.extracted_with);
+        drop(rtxn);
+        if fingerprint.as_deref() == Some(listing.fingerprint.as_str()) && checkpoint.is_some() && !poorer_extraction {
+            tracing::info!(checkpoint = ?checkpoint, "resuming the build from its checkpoint");
+            return Ok((store, true));
+        }
+        tracing::warn!(
+            dataset_changed = fingerprint.as_deref() != Some(listing.fingerprint.as_str()),
+            poorer_extraction,
+            "discarding the previous in-progress build"
+        );
+        let env = store.env.clone();
+        drop(store);
+        let closing = env.prepare_for_closing();
+        closing.wait();
+        std::fs::remove_dir_all(build_dir).map_err(|e| IndexError::io(build_dir, e))?;
+    }
+    let store = Store::create(build_dir)?;
+    let mut wtxn = store.env.write_txn()?;
+    for (i, f) in listing.files.iter().enumerate() {
+        let rec = ImageRecord { path: f.path.clone(), bytes: f.bytes, mtime: f.mtime, ..Default::default() };
+        store.images.put(&mut wtxn, &(i as u32), &rec)?;
+    }
+    store.put_json(&mut wtxn, store::keys::FINGERPRINT, &listing.fingerprint)?;
+    store.put_json(&mut wtxn, store::keys::CHECKPOINT, &Checkpoint::Extract { next: 0 })?;
+    wtxn.commit()?;
+    Ok((store, false))
+}
+
+fn save_timings(store: &Store, t: &Timings) -> Result<()> {
+    let mut wtxn = store.env.write_txn()?;
+    store.put_json(&mut wtxn, "timings", t)?;
+    wtxn.commit()?;
+    Ok(())
+}
+
+fn count_images(store: &Store) -> Result<(u64, u64)> {
+    let rtxn = store.env.read_txn()?;
+    let (mut ok, mut failed) = (0, 0);
+    for r in store.images.iter(&rtxn)? {
+        let (_, rec) = r?;
+        if rec.error.is_some() {
+            failed += 1;
+        } else if rec.count > 0 {
+            ok += 1;
+        }
+    }
+    Ok((ok, failed))
+}
+
+/// The current time as RFC 3339.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

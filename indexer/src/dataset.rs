@@ -1,0 +1,226 @@
+//! The dataset: which files are images to index, in a stable order, with a fingerprint and
+//! the shape (largest image) the memory estimate needs. Problems found while listing
+//! (symlink loops, broken links, non-UTF-8 names, unreadable directories, special files)
+//! are recorded with their reason, never fatal.
+
+use crate::error::{IndexError, Result};
+use crate::imageguard::{self, Format};
+use imageindex_crds::estimate::DatasetShape;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+/// File extensions (lowercase) treated as images.
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "jpe"];
+
+/// One image file of the dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path relative to the dataset root, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Modification time (seconds since the epoch).
+    pub mtime: i64,
+}
+
+/// A file that looks like an image by name but cannot be indexed, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// Path relative to the root (lossy for non-UTF-8 names).
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The listing of a dataset.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    /// Image files, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// Problems found while listing.
+    pub skipped: Vec<Skipped>,
+    /// Hex digest of the sorted (path, size, mtime) list.
+    pub fingerprint: String,
+}
+
+fn is_image_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    match lower.rsplit_once('.') {
+        Some((stem, ext)) => !stem.is_empty() && IMAGE_EXTENSIONS.contains(&ext),
+        None => false,
+    }
+}
+
+/// Lists the image files under `root` (following symlinks, detecting loops).
+pub fn list(root: &Path) -> Result<Listing> {
+    let meta = std::fs::metadata(root).map_err(|e| IndexError::Dataset { path: root.to_path_buf(), source: e })?;
+    if !meta.is_dir() {
+        return Err(IndexError::Dataset {
+            path: root.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let rel = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
+    for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let path = e.path().map(|p| rel(p)).unwrap_or_default();
+                let reason = if e.loop_ancestor().is_some() {
+                    "symlink loop".to_string()
+                } else if let Some(io) = e.io_error() {
+                    if io.kind() == std::io::ErrorKind::NotFound {
+                        "broken symlink".to_string()
+                    } else {
+                        format!("unreadable: {io}")
+                    }
+                } else {
+                    e.to_string()
+                };
+                // Only report entries that would have been images (or directories we lost).
+                let name = path.rsplit('/').next().unwrap_or("");
+                if is_image_name(name) || e.loop_ancestor().is_some() || e.depth() == 0 || !name.contains('.') {
+                    skipped.push(Skipped { path, reason });
+                }
+                continue;
+            }
+        };
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        let raw_name = entry.file_name();
+        let lossy = raw_name.to_string_lossy();
+        if lossy.starts_with('.') || !is_image_name(&lossy) {
+            continue;
+        }
+        if raw_name.to_str().is_none() || entry.path().to_str().is_none() {
+            skipped.push(Skipped { path: rel(entry.path()), reason: "file name is not valid UTF-8".into() });
+            continue;
+        }
+        let md = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                skipped.push(Skipped { path: rel(entry.path()), reason: format!("unreadable: {e}") });
+                continue;
+            }
+        };
+        if !md.is_file() {
+            skipped.push(Skipped { path: rel(entry.path()), reason: "not a regular file".into() });
+            continue;
+        }
+        let mtime = md.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs() as i64);
+        files.push(FileEntry { path: rel(entry.path()), bytes: md.len(), mtime });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        h.update(f.path.as_bytes());
+        h.update(&[0]);
+        h.update(&f.bytes.to_le_bytes());
+        h.update(&f.mtime.to_le_bytes());
+    }
+    let fingerprint = h.finalize().to_hex()[..32].to_string();
+    Ok(Listing { files, skipped, fingerprint })
+}
+
+/// Reads the headers of up to `sample` files (the largest files first, then evenly spread)
+/// and returns the dataset shape and how many headers were read.
+pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u64) {
+    let mut shape = DatasetShape {
+        images: listing.files.len() as u64,
+        bytes: listing.files.iter().map(|f| f.bytes).sum(),
+        ..Default::default()
+    };
+    let n = listing.files.len();
+    if n == 0 || sample == 0 {
+        return (shape, 0);
+    }
+    let mut picks: Vec<usize> = (0..n).collect();
+    picks.sort_by_key(|&i| std::cmp::Reverse(listing.files[i].bytes));
+    let mut chosen: Vec<usize> = picks.iter().take(sample / 4 + 1).copied().collect();
+    let spread = sample.saturating_sub(chosen.len()).max(1);
+    chosen.extend((0..spread).map(|k| k * n / spread));
+    chosen.sort_unstable();
+    chosen.dedup();
+    let mut read = 0;
+    let mut max_pixels = 0u64;
+    for i in chosen {
+        let path = root.join(&listing.files[i].path);
+        let Some((format, w, h)) = header_of_file(&path) else { continue };
+        read += 1;
+        let px = w as u64 * h as u64;
+        if px > max_pixels {
+            max_pixels = px;
+            shape.max_width = w;
+            shape.max_height = h;
+            shape.max_is_jpeg = format == Format::Jpeg;
+        }
+    }
+    (shape, read)
+}
+
+/// The format and size from a file's header, refusing oversized ones.
+pub fn header_of_file(path: &Path) -> Option<(Format, u32, u32)> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64 * 1024);
+    std::fs::File::open(path).ok()?.take(256 * 1024).read_to_end(&mut head).ok()?;
+    let format = imageguard::sniff(&head)?;
+    let size = imagesize::size(path).ok()?;
+    let (w, h) = (size.width as u64, size.height as u64);
+    if w == 0 || h == 0 || w * h > imageguard::MAX_PIXELS {
+        return None;
+    }
+    Some((format, w as u32, h as u32))
+}
+
+/// The absolute path of an entry.
+pub fn full_path(root: &Path, entry_path: &str) -> PathBuf {
+    root.join(entry_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn lists_images_in_order_and_reports_problems() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir_all(root.join("b/sub")).unwrap();
+        fs::write(root.join("b/sub/z.JPG"), b"x").unwrap();
+        fs::write(root.join("a.png"), b"xy").unwrap();
+        fs::write(root.join("notes.txt"), b"not an image name").unwrap();
+        fs::write(root.join(".hidden.jpg"), b"x").unwrap();
+        std::os::unix::fs::symlink(root, root.join("b/loop")).unwrap();
+        std::os::unix::fs::symlink(root.join("missing.jpg"), root.join("dangling.jpg")).unwrap();
+        let bad = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xff.jpg");
+        fs::write(root.join(bad), b"x").unwrap();
+        let l = list(root).unwrap();
+        let paths: Vec<&str> = l.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["a.png", "b/sub/z.JPG"]);
+        let reasons: Vec<(&str, &str)> = l.skipped.iter().map(|s| (s.path.as_str(), s.reason.as_str())).collect();
+        assert!(reasons.contains(&("b/loop", "symlink loop")), "{reasons:?}");
+        assert!(reasons.contains(&("dangling.jpg", "broken symlink")), "{reasons:?}");
+        assert!(reasons.iter().any(|(_, r)| *r == "file name is not valid UTF-8"), "{reasons:?}");
+        assert_eq!(l.fingerprint.len(), 32);
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_dataset() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("a.jpg"), b"x").unwrap();
+        let a = list(tmp.path()).unwrap().fingerprint;
+        assert_eq!(a, list(tmp.path()).unwrap().fingerprint);
+        fs::write(tmp.path().join("b.jpg"), b"y").unwrap();
+        assert_ne!(a, list(tmp.path()).unwrap().fingerprint);
+    }
+
+    #[test]
+    fn missing_root_is_a_dataset_error() {
+        assert!(matches!(list(Path::new("/nonexistent/dataset")), Err(IndexError::Dataset { .. })));
+    }
+}

@@ -1,0 +1,406 @@
+//! Searching a published generation: each query descriptor probes the inverted lists of its
+//! nearest centroids (or, as a baseline, the arroy shards), votes for the catalogue image of
+//! its best unambiguous match, and the leading candidates are verified geometrically.
+
+use crate::error::{IndexError, Result};
+use crate::features::{Descriptor, Features};
+use crate::hamming::{distance_words, to_arroy_vector, words, Words};
+use crate::ivf::{self, Centroids};
+use crate::layout::IndexDir;
+use crate::store::{self, BuildMeta, ImageRecord, Store};
+use crate::verify;
+use arroy::distances::BinaryQuantizedManhattan;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which structure answers descriptor lookups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Inverted lists (default): coarse centroids + contiguous codes, fast.
+    #[default]
+    Ivf,
+    /// arroy trees over every descriptor (the preset's `search_k`): the slower baseline.
+    Arroy,
+}
+
+/// Search settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SearchParams {
+    /// Matches to return.
+    pub k: usize,
+    /// Verify candidates with a RANSAC homography.
+    pub verify: bool,
+    /// Inverted lists probed per query descriptor.
+    pub nprobe: usize,
+    /// Largest Hamming distance that counts as a match.
+    pub max_distance: u32,
+    /// Lowe ratio: best distance must be below `ratio` × the best distance to another image.
+    pub ratio: f32,
+    /// Candidates verified (when `verify`).
+    pub verify_candidates: usize,
+    /// Lookup structure.
+    pub engine: Engine,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        SearchParams { k: 5, verify: true, nprobe: 16, max_distance: 64, ratio: 0.8, verify_candidates: 10, engine: Engine::Ivf }
+    }
+}
+
+/// One catalogue image found by a query.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Match {
+    /// Catalogue image id.
+    pub id: u32,
+    /// Its path relative to the dataset root.
+    pub path: String,
+    /// Votes: query descriptors whose best unambiguous match is in this image.
+    pub score: u32,
+    /// RANSAC inliers (when verified).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inliers: Option<u32>,
+    /// Whether verification found at least [`verify::MIN_INLIERS`] inliers.
+    pub verified: bool,
+}
+
+/// Time spent per step of one query (milliseconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Decoding the upload.
+    pub decode_ms: f64,
+    /// ORB.
+    pub extract_ms: f64,
+    /// Descriptor lookups and voting.
+    pub lookup_ms: f64,
+    /// RANSAC.
+    pub verify_ms: f64,
+}
+
+/// A published generation opened for reading.
+pub struct Index {
+    /// Generation directory.
+    pub dir: PathBuf,
+    /// Generation number.
+    pub generation: u64,
+    /// Build metadata.
+    pub meta: BuildMeta,
+    store: Store,
+    centroids: Centroids,
+    offsets: Vec<u64>,
+}
+
+impl Index {
+    /// Opens the generation `current` points to under an index directory.
+    pub fn open(root: &Path) -> Result<Index> {
+        let (n, dir) = IndexDir::new(root).current().ok_or_else(|| IndexError::NoIndex(root.to_path_buf()))?;
+        Self::open_generation(&dir, n)
+    }
+
+    /// Opens one generation directory.
+    pub fn open_generation(dir: &Path, generation: u64) -> Result<Index> {
+        let store = Store::open_read_only(dir)?;
+        let rtxn = store.env.read_txn()?;
+        let bad = |reason: &str| IndexError::BadIndex { path: dir.to_path_buf(), reason: reason.to_string() };
+        let meta: BuildMeta = store.get_json(&rtxn, store::keys::BUILD)?.ok_or_else(|| bad("no build metadata"))?;
+        if meta.format_version != store::FORMAT_VERSION {
+            return Err(bad(&format!("format version {} (this indexer reads {})", meta.format_version, store::FORMAT_VERSION)));
+        }
+        let centroids = Centroids::from_bytes(store.meta.get(&rtxn, store::keys::CENTROIDS)?.ok_or_else(|| bad("no centroids"))?)
+            .ok_or_else(|| bad("centroids"))?;
+        let offsets = crate::build::read_offsets(store.meta.get(&rtxn, store::keys::OFFSETS)?.ok_or_else(|| bad("no offsets"))?);
+        drop(rtxn);
+        Ok(Index { dir: dir.to_path_buf(), generation, meta, store, centroids, offsets })
+    }
+
+    /// Images in the catalogue table (indexed and failed).
+    pub fn image_count(&self) -> u64 {
+        self.offsets.len().saturating_sub(1) as u64
+    }
+
+    /// The record of one image.
+    pub fn image(&self, id: u32) -> Result<Option<ImageRecord>> {
+        let rtxn = self.store.env.read_txn()?;
+        Ok(self.store.images.get(&rtxn, &id)?)
+    }
+
+    /// Descriptors kept for an image.
+    pub fn kept(&self, id: u32) -> u64 {
+        let i = id as usize;
+        if i + 1 < self.offsets.len() {
+            self.offsets[i + 1] - self.offsets[i]
+        } else {
+            0
+        }
+    }
+
+    /// Images that could not be indexed, with their reasons (at most `limit`).
+    pub fn failed_images(&self, limit: usize) -> Result<Vec<(String, String)>> {
+        let rtxn = self.store.env.read_txn()?;
+        let mut out = Vec::new();
+        for r in self.store.images.iter(&rtxn)? {
+            let (_, rec) = r?;
+            if let Some(reason) = rec.error {
+                out.push((rec.path, reason));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The image holding a descriptor id.
+    pub fn image_of(&self, desc: u32) -> u32 {
+        (self.offsets.partition_point(|&o| o <= desc as u64).saturating_sub(1)) as u32
+    }
+
+    /// Total bytes of the generation on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("data.mdb")).map_or(0, |m| m.len())
+    }
+
+    /// Best few (distance, descriptor id) for each query descriptor.
+    fn lookup(&self, descriptors: &[Descriptor], params: &SearchParams) -> Result<Vec<[(u32, u32); 4]>> {
+        const NONE: (u32, u32) = (u32::MAX, u32::MAX);
+        let chunks: Vec<&[Descriptor]> = descriptors.chunks(32).collect();
+        let results: Vec<Result<Vec<[(u32, u32); 4]>>> = chunks
+            .par_iter()
+            .map(|chunk| {
+                let rtxn = self.store.env.read_txn()?;
+                let mut out = Vec::with_capacity(chunk.len());
+                let mut probe = Vec::new();
+                match params.engine {
+                    Engine::Ivf => {
+                        for d in chunk.iter() {
+                            let q: Words = words(d);
+                            let mut best = [NONE; 4];
+                            self.centroids.nearest_n(&q, params.nprobe, &mut probe);
+                            for &(_, list) in &probe {
+                                let lo = Store::list_key(list, 0);
+                                let hi = Store::list_key(list, u32::MAX);
+                                for r in self.store.lists.range(&rtxn, &(lo..=hi))? {
+                                    let (_, bytes) = r?;
+                                    for (id, code) in ivf::entries(bytes) {
+                                        let dist = distance_words(&q, &code);
+                                        if dist < best[3].0 || (dist == best[3].0 && id < best[3].1) {
+                                            insert_best(&mut best, (dist, id));
+                                        }
+                                    }
+                                }
+                            }
+                            out.push(best);
+                        }
+                    }
+                    Engine::Arroy => {
+                        let mut vector = [0f32; 256];
+                        let readers: Vec<arroy::Reader<BinaryQuantizedManhattan>> = (0..self.meta.arroy_shards)
+                            .filter_map(|s| arroy::Reader::open(&rtxn, s as u16, self.store.arroy).ok())
+                            .collect();
+                        let search_k = NonZeroUsize::new((self.meta.preset.search_k as usize * 4).max(4)).unwrap_or(NonZeroUsize::MIN);
+                        for d in chunk.iter() {
+                            to_arroy_vector(d, &mut vector);
+                            let mut best = [NONE; 4];
+                            for r in &readers {
+                                let mut qb = r.nns(4);
+                                qb.search_k(search_k);
+                                for (id, dist) in qb.by_vector(&rtxn, &vector)? {
+                                    insert_best(&mut best, (((dist / 2.0).round() as u32), id));
+                                }
+                            }
+                            out.push(best);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .collect();
+        let mut all = Vec::with_capacity(descriptors.len());
+        for r in results {
+            all.extend(r?);
+        }
+        Ok(all)
+    }
+
+    /// Searches with already-extracted query features. Returns matches and the lookup and
+    /// verification times.
+    pub fn search_features(&self, f: &Features, params: &SearchParams) -> Result<(Vec<Match>, f64, f64)> {
+        let t = Instant::now();
+        let best = self.lookup(&f.descriptors, params)?;
+        // Votes per image, with the (query keypoint, catalogue descriptor) pairs behind them.
+        let mut votes: HashMap<u32, Vec<(usize, u32)>> = HashMap::new();
+        for (qi, cands) in best.iter().enumerate() {
+            let (d1, id1) = cands[0];
+            if d1 == u32::MAX || d1 > params.max_distance {
+                continue;
+            }
+            let img1 = self.image_of(id1);
+            let d2 = cands[1..]
+                .iter()
+                .filter(|(d, _)| *d != u32::MAX)
+                .find(|(_, id)| self.image_of(*id) != img1)
+                .map_or(u32::MAX, |(d, _)| *d);
+            if d2 != u32::MAX && (d1 as f32) >= params.ratio * d2 as f32 {
+                continue;
+            }
+            votes.entry(img1).or_default().push((qi, id1));
+        }
+        let mut ranked: Vec<(u32, Vec<(usize, u32)>)> = votes.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        let lookup_ms = t.elapsed().as_secs_f64() * 1000.0;
+
+        let t = Instant::now();
+        let keep = if params.verify { params.verify_candidates.max(params.k) } else { params.k };
+        ranked.truncate(keep);
+        let rtxn = self.store.env.read_txn()?;
+        let mut matches = Vec::with_capacity(ranked.len());
+        for (image, pairs) in &ranked {
+            let rec = self.store.images.get(&rtxn, image)?.unwrap_or_default();
+            let inliers = if params.verify {
+                let kps = self.store.kps.get(&rtxn, image)?.unwrap_or_default();
+                let first = self.offsets[*image as usize];
+                let mut q = Vec::with_capacity(pairs.len());
+                let mut c = Vec::with_capacity(pairs.len());
+                for &(qi, desc) in pairs {
+                    let [x, y] = f.keypoints[qi];
+                    if let Some(p) = store::keypoint_at(kps, (desc as u64 - first) as usize) {
+                        q.push((x as f32 / crate::features::KEYPOINT_SUBPIXELS, y as f32 / crate::features::KEYPOINT_SUBPIXELS));
+                        c.push(p);
+                    }
+                }
+                Some(verify::inliers(&q, &c)?)
+            } else {
+                None
+            };
+            matches.push(Match {
+                id: *image,
+                path: rec.path,
+                score: pairs.len() as u32,
+                verified: inliers.is_some_and(|n| n >= verify::MIN_INLIERS),
+                inliers,
+            });
+        }
+        if params.verify {
+            matches.sort_by(|a, b| {
+                b.verified
+                    .cmp(&a.verified)
+                    .then(b.inliers.unwrap_or(0).cmp(&a.inliers.unwrap_or(0)))
+                    .then(b.score.cmp(&a.score))
+                    .then(a.id.cmp(&b.id))
+            });
+        }
+        matches.truncate(params.k);
+        Ok((matches, lookup_ms, t.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// Read access to the store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The coarse centroids.
+    pub fn centroids(&self) -> &Centroids {
+        &self.centroids
+    }
+}
+
+fn insert_best(best: &mut [(u32, u32); 4], cand: (u32, u32)) {
+    if best.contains(&cand) {
+        return;
+    }
+    let mut i = best.len();
+    while i > 0 && (cand < best[i - 1]) {
+        i -= 1;
+    }
+    if i < best.len() {
+        for j in (i + 1..best.len()).rev() {
+            best[j] = best[j - 1];
+        }
+        best[i] = cand;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_list_stays_sorted_and_unique() {
+        let mut b = [(u32::MAX, u32::MAX); 4];
+        for c in [(5, 1), (3, 2), (9, 3), (3, 1), (1, 7), (3, 2), (2, 0)] {
+            insert_best(&mut b, c);
+        }
+        assert_eq!(b, [(1, 7), (2, 0), (3, 1), (3, 2)]);
+    }
+}
+
+/// The answer to one query image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Answer {
+    /// Matches in rank order.
+    pub matches: Vec<Match>,
+    /// Query descriptors extracted.
+    pub features: usize,
+    /// What the detector adapted for the query.
+    pub adaptation: crate::features::Adaptation,
+    /// Per-step times.
+    pub timings: Timings,
+}
+
+/// Why a query image could not be searched.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The image was refused or could not be decoded.
+    #[error(transparent)]
+    Image(#[from] crate::features::ExtractError),
+    /// The index could not be read.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+}
+
+/// Searches encoded image bytes.
+pub fn search_bytes(index: &Index, detector: &mut crate::features::Detector, bytes: &[u8], params: &SearchParams) -> Result<Answer, QueryError> {
+    let t = Instant::now();
+    let header = crate::imageguard::header(bytes).map_err(crate::features::ExtractError::from)?;
+    let (gray, scale) = crate::features::decode_gray(bytes, &header, detector.params().max_side)?;
+    let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let (work, factor) = crate::features::to_work_size(&gray, detector.params().max_side).map_err(IndexError::from)?;
+    drop(gray);
+    let (keypoints, descriptors, mut adaptation) = detector.features_of_work_image(&work).map_err(IndexError::from)?;
+    adaptation.resize = factor as f32;
+    adaptation.decode_scale = scale as u8;
+    use opencv::prelude::MatTraitConst;
+    let f = Features {
+        width: header.width,
+        height: header.height,
+        work_width: work.cols() as u32,
+        work_height: work.rows() as u32,
+        adaptation,
+        keypoints,
+        descriptors,
+        format: header.format,
+    };
+    let extract_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let (matches, lookup_ms, verify_ms) = index.search_features(&f, params)?;
+    Ok(Answer {
+        matches,
+        features: f.descriptors.len(),
+        adaptation: f.adaptation,
+        timings: Timings { decode_ms, extract_ms, lookup_ms, verify_ms },
+    })
+}
+
+/// Searches an image file.
+pub fn search_file(index: &Index, detector: &mut crate::features::Detector, path: &Path, params: &SearchParams) -> Result<Answer, QueryError> {
+    let bytes = std::fs::read(path).map_err(|e| QueryError::Read(path.to_path_buf(), e))?;
+    search_bytes(index, detector, &bytes, params)
+}
