@@ -1,0 +1,1057 @@
+//! The ImageIndex controller: `reconcile`, `error_policy` and the shared [`Context`].
+//!
+//! One reconcile reads top to bottom as a pipeline: fetch the ImageIndex (fresh from the API
+//! server, so decisions never rest on a stale cache) → validate → list its scan and build pods
+//! → act on the phase (start a build, read the scan, start/watch/end attempts, publish the
+//! query service) → write the status with server-side apply → publish the Events of the
+//! decisions taken. The decisions themselves are `imageindex_crds::policy`'s.
+//!
+//! Everything the controller needs to pick up after a restart is in the status and in the
+//! labelled pods: pod names are deterministic (`<name>-scan-<n>`, `<name>-build-<attempt>`), an
+//! existing pod of the attempt being started is adopted, never duplicated, and two builds
+//! never run at once on one index volume.
+
+use crate::attempts;
+use crate::error::Error;
+use crate::history::{BuildKey, MemoryHistory};
+use crate::metrics::Metrics;
+use crate::pods::{self, PodState};
+use crate::resources::{self, Instance};
+use crate::scrape;
+use crate::settings::Settings;
+use futures::StreamExt;
+use imageindex_crds::conditions::{
+    self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY,
+};
+use imageindex_crds::labels::{self, Component};
+use imageindex_crds::policy::{self, NextStep, PresetChoice, PressureLevel};
+use imageindex_crds::types::{AttemptOutcome, MemoryStatus, Phase, Progress, ScanSummary};
+use imageindex_crds::validate::{self, Mode, ValidSpec};
+use imageindex_crds::{ImageIndex, ImageIndexStatus, Preset, ScanReport};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// The field manager of everything the operator applies, and its Events' reporter.
+pub const MANAGER: &str = labels::MANAGER;
+/// Requeue while waiting for a pod to go away or a short step to settle.
+pub const REQUEUE_SHORT: Duration = Duration::from_secs(2);
+/// Requeue while waiting for a pod to progress (pod events usually come first).
+pub const REQUEUE_WATCH: Duration = Duration::from_secs(30);
+/// Requeue of a settled ImageIndex (Ready or Failed), as a resync.
+pub const REQUEUE_IDLE: Duration = Duration::from_secs(300);
+/// Requeue after a failed reconcile.
+pub const REQUEUE_ERROR: Duration = Duration::from_secs(10);
+/// Timeout of one scrape of a build's metrics.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Progressing reason after the operator gave up on a build.
+const BUILD_FAILED: &str = "BuildFailed";
+/// Degraded reason of an invalid spec.
+const INVALID_SPEC: &str = "InvalidSpec";
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// The operator's metrics.
+    pub metrics: Metrics,
+    /// The operator's settings.
+    pub settings: Settings,
+    /// Recent memory samples of running builds.
+    pub history: MemoryHistory,
+    /// HTTP client for scraping build pods.
+    pub http: reqwest::Client,
+}
+
+impl Context {
+    /// A context for `client` (the Events reporter instance is `$POD_NAME` when set).
+    pub fn new(client: Client, settings: Settings, metrics: Metrics) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            history: MemoryHistory::default(),
+            http: scrape::http_client(SCRAPE_TIMEOUT),
+        })
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (indexes, pods, deployments): (Api<ImageIndex>, Api<Pod>, Api<Deployment>) =
+        match ctx.settings.namespace.as_deref() {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client),
+            ),
+        };
+    let ours =
+        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    Controller::new(indexes, watcher::Config::default())
+        .owns(pods, ours.clone())
+        .owns(deployments, ours)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            match result {
+                Ok((obj, _)) => debug!(object = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile failed"),
+            }
+            std::future::ready(())
+        })
+        .await;
+}
+
+/// Reconciles one ImageIndex.
+pub async fn reconcile(obj: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let name = obj.name_any();
+    let ns = obj.namespace().ok_or_else(|| Error::MissingField {
+        instance: name.clone(),
+        field: "metadata.namespace",
+    })?;
+    // Fetch: the cache may not hold our last status write yet.
+    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(ii) = api.get_opt(&name).await.map_err(|source| Error::Fetch {
+        instance: name.clone(),
+        source,
+    })?
+    else {
+        return Ok(Action::await_change());
+    };
+    if ii.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes what it owns.
+        return Ok(Action::await_change());
+    }
+    let mut r = Reconciliation::new(&ii, &ctx, ns)?;
+    let decided = r.drive().await;
+    // Write what was decided even when a later step failed (an ended attempt stays ended).
+    let written = r.write_status(&api).await;
+    r.publish_events().await;
+    written?;
+    decided
+}
+
+/// What to do when a reconcile failed: count it by step and retry soon.
+pub fn error_policy(obj: Arc<ImageIndex>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(imageindex = %obj.name_any(), step = error.step(), %error, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.step()])
+        .inc();
+    Action::requeue(REQUEUE_ERROR)
+}
+
+/// The state of one reconcile: the object, the status being decided and the Events to send.
+struct Reconciliation<'a> {
+    ctx: &'a Context,
+    ii: &'a ImageIndex,
+    name: String,
+    ns: String,
+    owner: OwnerReference,
+    now: Time,
+    before: ImageIndexStatus,
+    status: ImageIndexStatus,
+    events: Vec<Event>,
+}
+
+fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    // The Events API limits notes to 1 kB.
+    let note: String = note.chars().take(1000).collect();
+    Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    }
+}
+
+fn find<'p>(pods: &'p [Pod], name: &str) -> Option<&'p Pod> {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+}
+
+fn already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_already_exists())
+}
+
+fn gone(e: &kube::Error) -> bool {
+    // 404: already deleted; 409: the uid precondition failed, so our pod is gone.
+    matches!(e, kube::Error::Api(s) if s.is_not_found() || s.code == 409)
+}
+
+impl<'a> Reconciliation<'a> {
+    fn new(ii: &'a ImageIndex, ctx: &'a Context, ns: String) -> Result<Self, Error> {
+        let name = ii.name_any();
+        let owner = ii
+            .controller_owner_ref(&())
+            .ok_or_else(|| Error::MissingField {
+                instance: name.clone(),
+                field: "metadata.uid",
+            })?;
+        let before = ii.status.clone().unwrap_or_default();
+        Ok(Reconciliation {
+            ctx,
+            ii,
+            name,
+            ns,
+            owner,
+            now: Time(Timestamp::now()),
+            status: before.clone(),
+            before,
+            events: Vec::new(),
+        })
+    }
+
+    fn uid(&self) -> &str {
+        &self.owner.uid
+    }
+
+    fn set_condition(&mut self, type_: &str, status: bool, reason: &str, message: &str) -> bool {
+        conditions::set(
+            &mut self.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            self.ii.metadata.generation,
+            &self.now,
+        )
+    }
+
+    fn note(&mut self, type_: EventType, reason: &str, action: &str, message: String) {
+        info!(imageindex = %self.name, namespace = %self.ns, reason, "{message}");
+        self.events.push(event(type_, reason, action, message));
+    }
+
+    fn served(&self) -> bool {
+        self.status.index_generation.unwrap_or(0) > 0
+    }
+
+    async fn drive(&mut self) -> Result<Action, Error> {
+        let ii = self.ii;
+        let valid = match self.validate() {
+            Ok(valid) => valid,
+            Err(message) => return Ok(self.invalid_spec(message)),
+        };
+        if conditions::get(&self.status.conditions, DEGRADED)
+            .is_some_and(|c| c.reason == INVALID_SPEC)
+        {
+            self.set_condition(DEGRADED, false, "SpecValid", "the spec is valid");
+        }
+        let settings = &self.ctx.settings;
+        let (name, ns) = (self.name.clone(), self.ns.clone());
+        let inst = Instance {
+            name: &name,
+            namespace: &ns,
+            owner: self.owner.clone(),
+            spec: &ii.spec,
+            valid: &valid,
+            settings,
+        };
+        let pods = self.list_pods().await?;
+        let spec_changed = self.before.observed_generation != ii.metadata.generation;
+        let token_changed = self.before.rebuild != ii.spec.rebuild;
+        match self.status.phase {
+            None | Some(Phase::Pending) => self.begin_build(&inst, &pods).await,
+            Some(Phase::Scanning) => self.scanning(&inst, &pods).await,
+            Some(Phase::Building) => self.building(&inst, &pods).await,
+            Some(Phase::Ready) if token_changed || (self.build_gave_up() && spec_changed) => {
+                self.begin_build(&inst, &pods).await
+            }
+            Some(Phase::Ready) => self.serving(&inst).await,
+            Some(Phase::Failed) if token_changed || spec_changed => {
+                self.begin_build(&inst, &pods).await
+            }
+            Some(Phase::Failed) => Ok(Action::requeue(REQUEUE_IDLE)),
+        }
+    }
+
+    // ---------------------------------------------------------------- validate
+
+    fn validate(&self) -> Result<ValidSpec, String> {
+        match (
+            resources::check_name(&self.name),
+            validate::validate(&self.ii.spec, Mode::Cluster),
+        ) {
+            (Ok(()), Ok(valid)) => Ok(valid),
+            (name, spec) => {
+                let errors: Vec<_> = name
+                    .err()
+                    .into_iter()
+                    .chain(spec.err().unwrap_or_default())
+                    .collect();
+                Err(validate::describe(&errors))
+            }
+        }
+    }
+
+    /// Invalid spec: say so in `Degraded` and start nothing. A build already running is
+    /// left alone and watched again once the spec is fixed.
+    fn invalid_spec(&mut self, message: String) -> Action {
+        if self.set_condition(DEGRADED, true, INVALID_SPEC, &message) {
+            self.note(
+                EventType::Warning,
+                INVALID_SPEC,
+                "Validate",
+                message.clone(),
+            );
+        }
+        if matches!(
+            self.status.phase,
+            None | Some(Phase::Pending) | Some(Phase::Failed)
+        ) {
+            self.status.phase = Some(Phase::Failed);
+            self.set_condition(
+                PROGRESSING,
+                false,
+                INVALID_SPEC,
+                "nothing is built until the spec is fixed",
+            );
+            if !self.served() {
+                self.set_condition(READY, false, INVALID_SPEC, &message);
+            }
+        }
+        Action::requeue(REQUEUE_IDLE)
+    }
+
+    // ---------------------------------------------------------------- pods
+
+    async fn list_pods(&self) -> Result<Vec<Pod>, Error> {
+        let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let selector = format!(
+            "{},{} in ({},{})",
+            labels::instance_selector(&self.name),
+            labels::COMPONENT,
+            Component::Scan.as_str(),
+            Component::Build.as_str()
+        );
+        let list = api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| Error::ListPods {
+                instance: self.name.clone(),
+                source,
+            })?;
+        Ok(list.items)
+    }
+
+    /// Creates a pod; `Ok(false)` when it already exists (it is adopted).
+    async fn create_pod(&self, pod: &Pod, component: Component) -> Result<bool, Error> {
+        let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        match api.create(&PostParams::default(), pod).await {
+            Ok(_) => Ok(true),
+            Err(e) if already_exists(&e) => Ok(false),
+            Err(source) => {
+                let pod = pod.name_any();
+                Err(match component {
+                    Component::Scan => Error::CreateScanPod { pod, source },
+                    _ => Error::CreateBuildPod { pod, source },
+                })
+            }
+        }
+    }
+
+    async fn delete_pod(&self, pod: &Pod) -> Result<(), Error> {
+        let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&pod.name_any(), &params).await {
+            Ok(_) => Ok(()),
+            Err(e) if gone(&e) => Ok(()),
+            Err(source) => Err(Error::DeletePod {
+                pod: pod.name_any(),
+                source,
+            }),
+        }
+    }
+
+    async fn ensure_index_claim(&self, inst: &Instance<'_>) -> Result<(), Error> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let claim = inst.index_claim();
+        let name = claim.name_any();
+        let err = |source| Error::EnsureIndexClaim {
+            claim: name.clone(),
+            source,
+        };
+        if api.get_opt(&name).await.map_err(err)?.is_some() {
+            return Ok(());
+        }
+        match api.create(&PostParams::default(), &claim).await {
+            Ok(_) => Ok(()),
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(source) => Err(err(source)),
+        }
+    }
+
+    // ---------------------------------------------------------------- begin a build
+
+    /// Starts a build (first one or a rebuild): clears what an earlier build left, makes
+    /// the index claim and the scan pod.
+    async fn begin_build(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
+        if self.status.phase != Some(Phase::Pending) {
+            self.status.phase = Some(Phase::Pending);
+            self.status.rebuild = self.ii.spec.rebuild.clone();
+            self.status.memory = None;
+            self.status.progress = None;
+            self.set_condition(PROGRESSING, true, "Starting", "starting a build");
+            self.set_condition(DEGRADED, false, "NewBuild", "a new build started");
+            self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
+            if conditions::get(&self.status.conditions, READY).is_none() {
+                self.set_condition(READY, false, "NotBuilt", "no index has been published yet");
+            }
+        }
+        // Scan and build pods of an earlier build go first (they may hold the index volume).
+        if !pods.is_empty() {
+            for pod in pods
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                self.delete_pod(pod).await?;
+            }
+            return Ok(Action::requeue(REQUEUE_SHORT));
+        }
+        if inst.makes_index_claim() {
+            self.ensure_index_claim(inst).await?;
+        }
+        let n = attempts::next_number(&self.status.attempts);
+        let pod = inst.scan_pod(n);
+        let pod_name = pod.name_any();
+        self.create_pod(&pod, Component::Scan).await?;
+        self.status.phase = Some(Phase::Scanning);
+        let message = format!("scan pod {pod_name} is counting the dataset");
+        self.set_condition(PROGRESSING, true, "Scanning", &message);
+        self.note(EventType::Normal, "ScanStarted", "Scan", message);
+        Ok(Action::requeue(REQUEUE_WATCH))
+    }
+
+    // ---------------------------------------------------------------- scan
+
+    async fn scanning(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
+        let n = attempts::next_number(&self.status.attempts);
+        let name = resources::scan_pod_name(&self.name, n);
+        let Some(pod) = find(pods, &name) else {
+            // Deleted from outside: make it again.
+            self.create_pod(&inst.scan_pod(n), Component::Scan).await?;
+            return Ok(Action::requeue(REQUEUE_WATCH));
+        };
+        let ended = match pods::observe(pod) {
+            PodState::Terminated(t) => t,
+            PodState::Terminating => return Ok(Action::requeue(REQUEUE_SHORT)),
+            PodState::Pending | PodState::Running { .. } => {
+                return Ok(Action::requeue(REQUEUE_WATCH))
+            }
+        };
+        if ended.exit_code != Some(policy::exit_code::OK) || ended.oom_killed {
+            let reason = if ended.exit_code == Some(policy::exit_code::DATASET) {
+                "DatasetUnavailable"
+            } else if ended.oom_killed {
+                "ScanOOMKilled"
+            } else {
+                "ScanFailed"
+            };
+            return Ok(self.give_up(
+                reason,
+                format!("scan pod {name} {}", pods::describe(&ended)),
+            ));
+        }
+        let report = match pods::termination_message(pod).map(serde_json::from_str::<ScanReport>) {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => return Ok(self.give_up(
+                "ScanReportUnreadable",
+                format!(
+                    "scan pod {name} ended but its termination message is not a scan report: {e}"
+                ),
+            )),
+            None => {
+                return Ok(self.give_up(
+                    "ScanReportMissing",
+                    format!("scan pod {name} ended without a termination message"),
+                ))
+            }
+        };
+        let mut summary = ScanSummary::from_report(&report);
+        summary.pod = Some(name);
+        summary.first_attempt = Some(n);
+        self.note(
+            EventType::Normal,
+            "ScanComplete",
+            "Scan",
+            format!(
+                "{} images ({} bytes, {} skipped), largest {}x{}",
+                summary.images,
+                summary.bytes,
+                summary.skipped,
+                summary.max_width,
+                summary.max_height
+            ),
+        );
+        self.status.scan = Some(summary);
+        self.choose_and_start(inst, pods, n).await
+    }
+
+    /// Chooses the first preset of a build and starts attempt `first` with it.
+    async fn choose_and_start(
+        &mut self,
+        inst: &Instance<'_>,
+        pods: &[Pod],
+        first: u32,
+    ) -> Result<Action, Error> {
+        let Some(shape) = self.status.scan.as_ref().map(ScanSummary::shape) else {
+            return Ok(self.give_up("ScanReportMissing", "no scan result in status".into()));
+        };
+        let choice = policy::choose_preset(
+            self.ii.spec.preset,
+            &shape,
+            inst.valid.memory_limit,
+            inst.disk_limit(),
+        );
+        let preset = match choice {
+            PresetChoice::NothingFits { message } => {
+                self.set_condition(PRESET_FITS, false, "NothingFits", &message);
+                return Ok(self.give_up("NothingFits", message));
+            }
+            PresetChoice::ExplicitTooLarge {
+                preset, message, ..
+            } => {
+                self.set_condition(PRESET_FITS, false, "ExplicitTooLarge", &message);
+                self.note(
+                    EventType::Warning,
+                    "PresetTooLarge",
+                    "ChoosePreset",
+                    message,
+                );
+                preset
+            }
+            PresetChoice::Fits { preset, message } => {
+                self.set_condition(PRESET_FITS, true, "Fits", &message);
+                self.note(EventType::Normal, "PresetChosen", "ChoosePreset", message);
+                preset
+            }
+        };
+        self.start_attempt(inst, pods, first, preset, None).await
+    }
+
+    // ---------------------------------------------------------------- attempts
+
+    /// Starts (or adopts) build attempt `number` with `preset`; `why` is the decision that led
+    /// to it (reason, message) when it follows an earlier attempt.
+    async fn start_attempt(
+        &mut self,
+        inst: &Instance<'_>,
+        pods: &[Pod],
+        number: u32,
+        preset: Preset,
+        why: Option<(&'static str, String)>,
+    ) -> Result<Action, Error> {
+        let name = resources::build_pod_name(&self.name, number);
+        // Never two builds on one index volume: wait until every other pod has stopped.
+        let busy: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| {
+                p.metadata.name.as_deref() != Some(name.as_str()) && pods::observe(p).is_active()
+            })
+            .collect();
+        if !busy.is_empty() {
+            for pod in busy
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                self.delete_pod(pod).await?;
+            }
+            let names: Vec<String> = busy.iter().map(|p| p.name_any()).collect();
+            self.set_condition(
+                PROGRESSING,
+                true,
+                "WaitingForPreviousPod",
+                &format!("attempt {number} waits for {} to stop", names.join(", ")),
+            );
+            return Ok(Action::requeue(REQUEUE_SHORT));
+        }
+        let (label, start, adopted) = match find(pods, &name) {
+            Some(pod) => (
+                pods::label(pod, labels::PRESET).map_or_else(|| preset.label(), str::to_string),
+                pod.metadata
+                    .creation_timestamp
+                    .clone()
+                    .unwrap_or_else(|| self.now.clone()),
+                true,
+            ),
+            None => {
+                let created = self
+                    .create_pod(&inst.build_pod(number, &preset), Component::Build)
+                    .await?;
+                (preset.label(), self.now.clone(), !created)
+            }
+        };
+        if let Some((reason, message)) = why {
+            self.note(EventType::Normal, reason, "Downgrade", message);
+        }
+        self.status
+            .attempts
+            .push(attempts::started(number, &label, &name, start));
+        self.status.preset = Some(label.clone());
+        self.status.phase = Some(Phase::Building);
+        self.status.memory = None;
+        self.status.progress = None;
+        let message = format!(
+            "attempt {number} builds with preset {label} under {} in pod {name}{}",
+            inst.spec.memory_limit,
+            if adopted { " (adopted)" } else { "" }
+        );
+        self.set_condition(PROGRESSING, true, "Building", &message);
+        self.set_condition(
+            MEMORY_PRESSURE,
+            false,
+            "NoSamples",
+            &format!("no memory samples of attempt {number} yet"),
+        );
+        self.note(EventType::Normal, "BuildStarted", "Build", message);
+        Ok(Action::requeue(self.ctx.settings.scrape_interval))
+    }
+
+    async fn building(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
+        let Some(scan) = self.status.scan.clone() else {
+            // Building without a scan result: start over.
+            return self.begin_build(inst, pods).await;
+        };
+        let current = attempts::of_current_build(&self.status.attempts, Some(&scan));
+        match current.last().map(|a| a.outcome) {
+            None => {
+                let first = scan
+                    .first_attempt
+                    .unwrap_or_else(|| attempts::next_number(&self.status.attempts));
+                self.choose_and_start(inst, pods, first).await
+            }
+            Some(None) => self.watch_attempt(inst, pods).await,
+            Some(Some(AttemptOutcome::Succeeded)) => self.publish(inst).await,
+            Some(Some(_)) => self.next_attempt(inst, pods).await,
+        }
+    }
+
+    /// Watches the running attempt: its pod's end, or its memory while it runs.
+    async fn watch_attempt(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
+        let scan = self.status.scan.clone();
+        let Some(running) = attempts::running(&mut self.status.attempts, scan.as_ref()) else {
+            return Ok(Action::requeue(REQUEUE_SHORT));
+        };
+        let number = running.number;
+        let pod_name = running
+            .pod
+            .clone()
+            .unwrap_or_else(|| resources::build_pod_name(&self.name, number));
+        let Some(pod) = find(pods, &pod_name) else {
+            self.end_attempt(
+                number,
+                AttemptOutcome::Interrupted,
+                None,
+                format!("build pod {pod_name} disappeared"),
+                None,
+            );
+            return self.next_attempt(inst, pods).await;
+        };
+        match pods::observe(pod) {
+            PodState::Pending => Ok(Action::requeue(self.ctx.settings.scrape_interval)),
+            PodState::Terminating => Ok(Action::requeue(REQUEUE_SHORT)),
+            PodState::Running { ip } => self.watch_memory(inst, pod, &ip, number).await,
+            PodState::Terminated(t) => {
+                let outcome = policy::outcome_of_exit(t.exit_code, t.oom_killed, false);
+                let message = format!("build pod {pod_name} {}", pods::describe(&t));
+                self.end_attempt(number, outcome, t.exit_code, message, t.finished_at.clone());
+                if t.still_running {
+                    // The container was restarted after it ended: stop it before the next attempt.
+                    self.delete_pod(pod).await?;
+                    return Ok(Action::requeue(REQUEUE_SHORT));
+                }
+                if outcome == AttemptOutcome::Succeeded {
+                    self.publish(inst).await
+                } else {
+                    self.next_attempt(inst, pods).await
+                }
+            }
+        }
+    }
+
+    /// Scrapes the running build's metrics into status and stops it on critical pressure.
+    async fn watch_memory(
+        &mut self,
+        inst: &Instance<'_>,
+        pod: &Pod,
+        ip: &str,
+        number: u32,
+    ) -> Result<Action, Error> {
+        let interval = self.ctx.settings.scrape_interval;
+        let key = BuildKey {
+            uid: self.uid().to_string(),
+            attempt: number,
+        };
+        let now = Instant::now();
+        if let Some(wait) = self.ctx.history.wait_before_scrape(&key, interval, now) {
+            return Ok(Action::requeue(wait));
+        }
+        let port = pods::metrics_port(pod).unwrap_or(self.ctx.settings.build_metrics_port);
+        let url = scrape::metrics_url(ip, port);
+        let m = match scrape::scrape(&self.ctx.http, &url).await {
+            Ok(m) => m,
+            Err(error) => {
+                self.ctx.history.mark_scraped(&key, now);
+                self.ctx.metrics.scrape_errors.inc();
+                warn!(imageindex = %self.name, %error, "cannot scrape the build's metrics");
+                return Ok(Action::requeue(interval));
+            }
+        };
+        let limit = m
+            .limit
+            .filter(|l| *l > 0)
+            .unwrap_or(inst.valid.memory_limit);
+        let working_set = m.working_set_or_rss().unwrap_or(0);
+        let samples = self.ctx.history.record(&key, now, working_set, limit);
+        let images = self.status.scan.as_ref().map_or(0, |s| s.images);
+        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+            return Ok(Action::requeue(interval));
+        };
+        attempts::raise_peaks(attempt, m.peak_rss.max(m.rss), Some(working_set));
+        let peak = attempt.peak_working_set.unwrap_or(working_set);
+        self.status.memory = Some(MemoryStatus::new(
+            m.rss.unwrap_or(0),
+            working_set,
+            m.available
+                .unwrap_or_else(|| limit.saturating_sub(working_set)),
+            limit,
+            peak,
+        ));
+        self.status.progress = Some(Progress::new(
+            m.images_processed.unwrap_or(0),
+            m.images_total.unwrap_or(images),
+            m.images_failed.unwrap_or(0),
+            m.descriptors.unwrap_or(0),
+            m.phase.clone(),
+        ));
+        let pressure = policy::classify_pressure(&samples);
+        self.set_condition(
+            MEMORY_PRESSURE,
+            pressure.level >= PressureLevel::Warning,
+            pressure.reason,
+            &pressure.message,
+        );
+        if pressure.level == PressureLevel::Critical {
+            self.delete_pod(pod).await?;
+            self.end_attempt(
+                number,
+                AttemptOutcome::MemoryPressureRestart,
+                None,
+                format!("stopped build pod {}: {}", pod.name_any(), pressure.message),
+                None,
+            );
+            // The next attempt starts once this pod has stopped (it writes its checkpoint).
+            return Ok(Action::requeue(REQUEUE_SHORT));
+        }
+        Ok(Action::requeue(interval))
+    }
+
+    /// Records how attempt `number` ended.
+    fn end_attempt(
+        &mut self,
+        number: u32,
+        outcome: AttemptOutcome,
+        exit_code: Option<i32>,
+        message: String,
+        end: Option<Time>,
+    ) {
+        let end = end.unwrap_or_else(|| self.now.clone());
+        let limit = self.ii.spec.memory_limit.clone();
+        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+            return;
+        };
+        attempts::finish(attempt, outcome, exit_code, message.clone(), end);
+        let preset = attempt.preset.clone();
+        let peak = attempt.peak_working_set.map_or_else(
+            || "unknown".to_string(),
+            imageindex_crds::quantity::format_mebibytes_ceil,
+        );
+        self.ctx
+            .metrics
+            .attempts
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        self.ctx.history.forget(&BuildKey {
+            uid: self.uid().to_string(),
+            attempt: number,
+        });
+        let text = format!("attempt {number} with preset {preset} under {limit} (peak working set {peak}): {message}");
+        match outcome {
+            AttemptOutcome::Succeeded => {
+                self.status.index_generation = Some(self.status.index_generation.unwrap_or(0) + 1);
+                self.note(EventType::Normal, "BuildSucceeded", "Build", text);
+            }
+            AttemptOutcome::OomKilled => self.note(EventType::Warning, "OOMKilled", "Build", text),
+            AttemptOutcome::MemoryPressureRestart => {
+                self.note(EventType::Warning, "MemoryPressureRestart", "Build", text)
+            }
+            AttemptOutcome::Failed => self.note(EventType::Warning, "BuildFailed", "Build", text),
+            AttemptOutcome::Interrupted => {
+                self.note(EventType::Normal, "BuildInterrupted", "Build", text)
+            }
+        }
+    }
+
+    /// After an attempt ended (not successfully): the policy decides the next one.
+    async fn next_attempt(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
+        let scan = self.status.scan.clone();
+        let current = attempts::owned_current_build(&self.status.attempts, scan.as_ref());
+        let (Some(last), Some(scan)) = (current.last(), scan) else {
+            return self.begin_build(inst, pods).await;
+        };
+        let Some(preset) = Preset::from_label(&last.preset) else {
+            return Ok(self.give_up(
+                "UnknownPreset",
+                format!(
+                    "attempt {} has an unknown preset {:?}",
+                    last.number, last.preset
+                ),
+            ));
+        };
+        let outcome = last.outcome.unwrap_or(AttemptOutcome::Failed);
+        let step = policy::after_attempt(
+            &preset,
+            outcome,
+            last.exit_code,
+            &current,
+            inst.valid.max_attempts,
+            inst.valid.memory_limit,
+            &scan.shape(),
+        );
+        match step {
+            NextStep::Done => self.publish(inst).await,
+            NextStep::GiveUp { reason, message } => Ok(self.give_up(reason, message)),
+            NextStep::Start {
+                preset,
+                number,
+                delay,
+                reason,
+                message,
+            } => {
+                if outcome != AttemptOutcome::Interrupted {
+                    self.set_condition(DEGRADED, true, reason, &message);
+                }
+                if let Some(wait) = attempts::wait_after(last, delay, &self.now) {
+                    self.set_condition(
+                        PROGRESSING,
+                        true,
+                        "WaitingToRetry",
+                        &format!(
+                            "{message}; attempt {number} starts in {}s",
+                            wait.as_secs().max(1)
+                        ),
+                    );
+                    return Ok(Action::requeue(wait));
+                }
+                self.start_attempt(inst, pods, number, preset, Some((reason, message)))
+                    .await
+            }
+        }
+    }
+
+    /// Gives up on the current build: `Degraded` with the reason; phase Failed unless an
+    /// earlier index is still served.
+    fn give_up(&mut self, reason: &str, message: String) -> Action {
+        self.set_condition(DEGRADED, true, reason, &message);
+        self.set_condition(PROGRESSING, false, BUILD_FAILED, &message);
+        if self.served() {
+            self.status.phase = Some(Phase::Ready);
+        } else {
+            self.status.phase = Some(Phase::Failed);
+            self.set_condition(READY, false, BUILD_FAILED, &message);
+        }
+        self.note(EventType::Warning, reason, "GiveUp", message);
+        Action::requeue(REQUEUE_IDLE)
+    }
+
+    fn build_gave_up(&self) -> bool {
+        conditions::get(&self.status.conditions, PROGRESSING)
+            .is_some_and(|c| c.status == "False" && c.reason == BUILD_FAILED)
+    }
+
+    // ---------------------------------------------------------------- publish and serve
+
+    /// Applies the query Deployment and Service; returns whether the service is available.
+    async fn apply_query(&mut self, inst: &Instance<'_>) -> Result<bool, Error> {
+        let params = PatchParams::apply(MANAGER).force();
+        let deployment = inst.query_deployment();
+        let name = resources::query_name(&self.name);
+        let deployments: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let applied = deployments
+            .patch(&name, &params, &Patch::Apply(&deployment))
+            .await
+            .map_err(|source| Error::ApplyDeployment {
+                name: name.clone(),
+                source,
+            })?;
+        let services: Api<Service> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        services
+            .patch(&name, &params, &Patch::Apply(&inst.query_service()))
+            .await
+            .map_err(|source| Error::ApplyService {
+                name: name.clone(),
+                source,
+            })?;
+        self.status.endpoint = Some(resources::endpoint(&self.name, &self.ns));
+        let available = applied
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        Ok(inst.valid.query_replicas == 0 || available > 0)
+    }
+
+    fn served_message(&self) -> String {
+        format!(
+            "index generation {} is served at {}",
+            self.status.index_generation.unwrap_or(0),
+            self.status.endpoint.clone().unwrap_or_default()
+        )
+    }
+
+    /// The build published an index: serve it and become Ready.
+    async fn publish(&mut self, inst: &Instance<'_>) -> Result<Action, Error> {
+        let available = self.apply_query(inst).await?;
+        let current = attempts::of_current_build(&self.status.attempts, self.status.scan.as_ref());
+        let first = current
+            .first()
+            .map(|a| a.preset.clone())
+            .unwrap_or_default();
+        let last = current.last().map(|a| a.preset.clone()).unwrap_or_default();
+        if first == last {
+            self.set_condition(
+                DEGRADED,
+                false,
+                "Published",
+                &format!("published with preset {last}"),
+            );
+        } else {
+            let message = format!("published with preset {last} after downgrading from {first}");
+            self.set_condition(DEGRADED, true, "Downgraded", &message);
+        }
+        if available || conditions::is_true(&self.status.conditions, READY) {
+            self.status.phase = Some(Phase::Ready);
+            let message = self.served_message();
+            self.set_condition(READY, true, "IndexServed", &message);
+            self.set_condition(
+                PROGRESSING,
+                false,
+                "Published",
+                &format!("published with preset {last}"),
+            );
+            self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
+            self.note(EventType::Normal, "Ready", "Publish", message);
+            Ok(Action::requeue(REQUEUE_IDLE))
+        } else {
+            let message = format!(
+                "index generation {} published; waiting for an available replica of {}",
+                self.status.index_generation.unwrap_or(0),
+                resources::query_name(&self.name)
+            );
+            self.set_condition(READY, false, "WaitingForQueryService", &message);
+            self.set_condition(PROGRESSING, true, "WaitingForQueryService", &message);
+            Ok(Action::requeue(REQUEUE_WATCH))
+        }
+    }
+
+    /// Ready and nothing to build: keep the query objects as the spec says.
+    async fn serving(&mut self, inst: &Instance<'_>) -> Result<Action, Error> {
+        if !self.served() {
+            // Ready without a published index cannot happen; rebuild rather than guess.
+            return Ok(self.give_up(
+                "NoIndex",
+                "phase was Ready but no index generation is recorded".into(),
+            ));
+        }
+        let available = self.apply_query(inst).await?;
+        if available {
+            let message = self.served_message();
+            if self.set_condition(READY, true, "IndexServed", &message) {
+                self.note(EventType::Normal, "Ready", "Serve", message);
+            }
+        } else {
+            let message = format!(
+                "{} has no available replica",
+                resources::query_name(&self.name)
+            );
+            if self.set_condition(READY, false, "QueryServiceUnavailable", &message) {
+                self.note(
+                    EventType::Warning,
+                    "QueryServiceUnavailable",
+                    "Serve",
+                    message,
+                );
+            }
+        }
+        Ok(Action::requeue(REQUEUE_IDLE))
+    }
+
+    // ---------------------------------------------------------------- status and events
+
+    async fn write_status(&mut self, api: &Api<ImageIndex>) -> Result<(), Error> {
+        self.status.observed_generation = self.ii.metadata.generation;
+        if self.status == self.before {
+            return Ok(());
+        }
+        let patch = json!({
+            "apiVersion": ImageIndex::api_version(&()),
+            "kind": ImageIndex::kind(&()),
+            "status": self.status,
+        });
+        api.patch_status(
+            &self.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            instance: self.name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    async fn publish_events(&mut self) {
+        let reference = self.ii.object_ref(&());
+        for ev in std::mem::take(&mut self.events) {
+            if let Err(error) = self.ctx.recorder.publish(&ev, &reference).await {
+                warn!(imageindex = %self.name, reason = %ev.reason, %error, "cannot publish event");
+            }
+        }
+    }
+}

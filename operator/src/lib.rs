@@ -1,0 +1,31 @@
+//! The imageindex operator: a kube-rs controller that turns an `ImageIndex` into a finished,
+//! served index without being OOM-killed twice.
+//!
+//! `controller` is the reconcile pipeline; `resources` builds the objects it makes (pure);
+//! `pods` reads pod status; `scrape` reads a build's Prometheus metrics; `attempts` and
+//! `history` keep the attempt bookkeeping and recent memory samples; the decisions are
+//! `imageindex_crds::policy`'s, shared with local mode.
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod attempts;
+pub mod controller;
+pub mod error;
+pub mod history;
+pub mod metrics;
+pub mod pods;
+pub mod rbac;
+pub mod resources;
+pub mod scrape;
+pub mod server;
+pub mod settings;
+
+#[cfg(test)]
+mod fixtures;
+
+pub use controller::{error_policy, reconcile, Context};
+pub use error::Error;
+pub use settings::Settings;
