@@ -39,14 +39,19 @@ pub struct MemoryHistory {
 
 impl Default for MemoryHistory {
     fn default() -> Self {
-        MemoryHistory {
-            start: Instant::now(),
-            builds: Mutex::new(HashMap::new()),
-        }
+        Self::since(Instant::now())
     }
 }
 
 impl MemoryHistory {
+    /// A history whose sample times count from `start` (samples must not predate it).
+    pub fn since(start: Instant) -> Self {
+        MemoryHistory {
+            start,
+            builds: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<BuildKey, Track>> {
         // A panic while holding the lock cannot leave the map inconsistent: keep going.
         self.builds.lock().unwrap_or_else(|e| e.into_inner())

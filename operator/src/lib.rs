@@ -25,6 +25,8 @@ pub mod settings;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod scenarios;
 
 pub use controller::{error_policy, reconcile, Context};
 pub use error::Error;
