@@ -66,7 +66,9 @@ pub struct DatasetSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
     /// Directory of the images: inside the claim in a cluster, a local path in local mode.
-    #[serde(default)]
+    // Not serialized when empty, so the schema carries no `default: ''`, which the v1.20
+    // API server rejects ("in body must be of type string: \"null\"").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
 }
 

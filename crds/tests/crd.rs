@@ -1,0 +1,76 @@
+//! The checked-in CRD matches the types, applies to the oldest API server we support (v1.20),
+//! and the example resources mean what their comments say.
+
+use imageindex_crds::estimate::DatasetShape;
+use imageindex_crds::policy::{choose_preset, PresetChoice};
+use imageindex_crds::validate::{validate, Mode};
+use imageindex_crds::{ImageIndex, PresetSelector};
+use kube::CustomResourceExt;
+
+const CHECKED_IN: &str = include_str!("../imageindex.yaml");
+
+#[test]
+fn checked_in_crd_matches_the_types() {
+    let generated = serde_yaml::to_string(&ImageIndex::crd()).unwrap();
+    assert!(
+        generated == CHECKED_IN,
+        "crds/imageindex.yaml is out of date; regenerate it with\n  cargo run -p imageindex-crds --bin crdgen > crds/imageindex.yaml"
+    );
+}
+
+#[test]
+fn crd_avoids_what_kube_apiserver_1_20_rejects() {
+    // An empty-string default is rejected as `null`; CEL rules do not exist before 1.25.
+    assert!(!CHECKED_IN.contains("default: ''"), "empty-string default in the schema");
+    assert!(!CHECKED_IN.contains("x-kubernetes-validations"), "CEL rules in the schema");
+    for column in ["Phase", "Preset", "Progress", "Memory", "Age"] {
+        assert!(CHECKED_IN.contains(&format!("name: {column}")), "printer column {column}");
+    }
+    assert!(CHECKED_IN.contains("- imgidx"));
+}
+
+fn example(name: &str) -> ImageIndex {
+    let path = format!("{}/yaml/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// 116k photos of up to 6000x4000, as the catalogue this project was made for.
+fn catalogue() -> DatasetShape {
+    DatasetShape { images: 116_085, bytes: 250_000_000_000, max_width: 6000, max_height: 4000, max_is_jpeg: true }
+}
+
+#[test]
+fn good_example_is_valid_and_fits() {
+    let ii = example("instance-good.yaml");
+    let v = validate(&ii.spec, Mode::Cluster).unwrap();
+    assert_eq!(v.memory_limit, 512 << 20);
+    assert!(matches!(
+        choose_preset(ii.spec.preset, &catalogue(), v.memory_limit, v.storage_bytes),
+        PresetChoice::Fits { .. }
+    ));
+}
+
+#[test]
+fn invalid_example_names_every_bad_field() {
+    let ii = example("instance-invalid.yaml");
+    let errors = validate(&ii.spec, Mode::Cluster).unwrap_err();
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for f in ["spec.memoryLimit", "spec.dataset.claimName", "spec.dataset.path", "spec.maxAttempts", "spec.cpu"] {
+        assert!(fields.contains(&f), "{f} not reported: {fields:?}");
+    }
+}
+
+#[test]
+fn too_small_example_is_valid_but_nothing_fits() {
+    let ii = example("instance-too-small.yaml");
+    let v = validate(&ii.spec, Mode::Cluster).unwrap();
+    assert_eq!(ii.spec.preset, PresetSelector::Auto);
+    match choose_preset(ii.spec.preset, &catalogue(), v.memory_limit, v.storage_bytes) {
+        PresetChoice::NothingFits { message } => {
+            assert!(message.contains("32Mi"), "{message}");
+            assert!(message.contains("smallest limit that would fit"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
