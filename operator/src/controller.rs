@@ -489,12 +489,14 @@ impl<'a> Reconciliation<'a> {
         }
         let report = match pods::termination_message(pod).map(serde_json::from_str::<ScanReport>) {
             Some(Ok(report)) => report,
-            Some(Err(e)) => return Ok(self.give_up(
-                "ScanReportUnreadable",
-                format!(
+            Some(Err(e)) => {
+                return Ok(self.give_up(
+                    "ScanReportUnreadable",
+                    format!(
                     "scan pod {name} ended but its termination message is not a scan report: {e}"
                 ),
-            )),
+                ))
+            }
             None => {
                 return Ok(self.give_up(
                     "ScanReportMissing",

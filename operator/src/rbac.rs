@@ -11,8 +11,10 @@
 //!   `create`, `delete` (stop a build on critical memory pressure, clear an earlier build's
 //!   pods).
 //! - `persistentvolumeclaims`: `get`, `create` (the index claim).
-//! - `services`: `patch` (server-side apply creates and updates the query Service).
-//! - `deployments`: `list`/`watch` (owned), `patch` (server-side apply of the query Deployment).
+//! - `services`: `create`, `patch` (server-side apply of the query Service; an apply that
+//!   creates the object is also authorized as `create`).
+//! - `deployments`: `list`/`watch` (owned), `create`, `patch` (server-side apply of the query
+//!   Deployment, likewise).
 //! - `events.k8s.io/events`: `create`, `patch` (kube's `Recorder` uses the events.k8s.io/v1 API
 //!   only and patches a repeated event into a series; no core `events` permission is needed).
 
@@ -55,12 +57,12 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "",
         resources: &["services"],
-        verbs: &["patch"],
+        verbs: &["create", "patch"],
     },
     Rule {
         api_group: "apps",
         resources: &["deployments"],
-        verbs: &["list", "watch", "patch"],
+        verbs: &["list", "watch", "create", "patch"],
     },
     Rule {
         api_group: "events.k8s.io",
