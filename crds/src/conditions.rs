@@ -77,11 +77,43 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let mut c = Vec::new();
-        assert!(set(&mut c, READY, false, "Building", "building", Some(1), &at(10)));
-        assert!(set(&mut c, READY, false, "Building", "50%", Some(1), &at(20)));
+        assert!(set(
+            &mut c,
+            READY,
+            false,
+            "Building",
+            "building",
+            Some(1),
+            &at(10)
+        ));
+        assert!(set(
+            &mut c,
+            READY,
+            false,
+            "Building",
+            "50%",
+            Some(1),
+            &at(20)
+        ));
         assert_eq!(c[0].last_transition_time, at(10));
-        assert!(!set(&mut c, READY, false, "Building", "50%", Some(1), &at(25)));
-        assert!(set(&mut c, READY, true, "Published", "ok", Some(1), &at(30)));
+        assert!(!set(
+            &mut c,
+            READY,
+            false,
+            "Building",
+            "50%",
+            Some(1),
+            &at(25)
+        ));
+        assert!(set(
+            &mut c,
+            READY,
+            true,
+            "Published",
+            "ok",
+            Some(1),
+            &at(30)
+        ));
         assert_eq!(c[0].last_transition_time, at(30));
         assert_eq!(c.len(), 1);
         assert!(is_true(&c, READY));

@@ -96,7 +96,11 @@ pub fn work_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
 pub fn image_bytes(preset: &Preset, width: u32, height: u32, jpeg: bool) -> u64 {
     let s = decode_scale(width, height, preset.max_side, jpeg) as u64;
     let decoded = (width as u64).div_ceil(s) * (height as u64).div_ceil(s);
-    let (ww, wh) = work_size(width.div_ceil(s as u32), height.div_ceil(s as u32), preset.max_side);
+    let (ww, wh) = work_size(
+        width.div_ceil(s as u32),
+        height.div_ceil(s as u32),
+        preset.max_side,
+    );
     let work = ww as u64 * wh as u64;
     decoded + work * ORB_BYTES_PER_WORK_PIXEL + preset.nfeatures as u64 * BYTES_PER_FEATURE
 }
@@ -113,7 +117,8 @@ pub fn expected_descriptors(preset: &Preset, images: u64) -> u64 {
 
 /// Expected index size on disk.
 pub fn disk_bytes(preset: &Preset, descriptors: u64, images: u64) -> u64 {
-    descriptors * (DISK_BYTES_PER_DESCRIPTOR + DISK_BYTES_PER_DESCRIPTOR_TREE * preset.n_trees as u64)
+    descriptors
+        * (DISK_BYTES_PER_DESCRIPTOR + DISK_BYTES_PER_DESCRIPTOR_TREE * preset.n_trees as u64)
         + images * 512
         + 4 * MIB
 }
@@ -203,7 +208,11 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
     let usable = (budget * (100 - HEADROOM_PERCENT) / 100).saturating_sub(BASE_BYTES);
     let one_image = image_bytes(preset, shape.max_width, shape.max_height, shape.max_is_jpeg);
     if budget < needed {
-        return Err(DoesNotFit { preset: preset.label(), needed, budget });
+        return Err(DoesNotFit {
+            preset: preset.label(),
+            needed,
+            budget,
+        });
     }
     let write_batch_bytes = (usable / 8).clamp(MIN_WRITE_BATCH_BYTES, MAX_WRITE_BATCH_BYTES);
     let image_bytes = usable.saturating_sub(write_batch_bytes).max(one_image);
@@ -228,10 +237,16 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preset::{PresetName, Preset};
+    use crate::preset::{Preset, PresetName};
 
     fn photos(images: u64, w: u32, h: u32) -> DatasetShape {
-        DatasetShape { images, bytes: images * 2_000_000, max_width: w, max_height: h, max_is_jpeg: true }
+        DatasetShape {
+            images,
+            bytes: images * 2_000_000,
+            max_width: w,
+            max_height: h,
+            max_is_jpeg: true,
+        }
     }
 
     #[test]
@@ -265,9 +280,16 @@ mod tests {
         let shape = photos(50_000, 6000, 4000);
         let ladder = Preset::ladder();
         for pair in ladder.windows(2) {
-            assert!(min_memory(&pair[1], &shape) <= min_memory(&pair[0], &shape), "{} vs {}", pair[0], pair[1]);
+            assert!(
+                min_memory(&pair[1], &shape) <= min_memory(&pair[0], &shape),
+                "{} vs {}",
+                pair[0],
+                pair[1]
+            );
         }
-        assert!(min_memory(&ladder[0], &shape) > min_memory(ladder.last().unwrap(), &shape) + 20 * MIB);
+        assert!(
+            min_memory(&ladder[0], &shape) > min_memory(ladder.last().unwrap(), &shape) + 20 * MIB
+        );
     }
 
     #[test]
@@ -278,7 +300,9 @@ mod tests {
         let err = plan(&p, &shape, need - 1).unwrap_err();
         assert_eq!(err.needed, need);
         let ok = plan(&p, &shape, need).unwrap();
-        assert!(BASE_BYTES + ok.image_bytes.max(shard_bytes(ok.shard_items, p.n_trees)) <= ok.budget);
+        assert!(
+            BASE_BYTES + ok.image_bytes.max(shard_bytes(ok.shard_items, p.n_trees)) <= ok.budget
+        );
         let big = plan(&p, &shape, 4 << 30).unwrap();
         assert!(big.shard_items > ok.shard_items);
         assert!(big.image_bytes > ok.image_bytes);

@@ -80,6 +80,9 @@ mod tests {
         assert_eq!(l[COMPONENT], "build");
         assert_eq!(l[PRESET], "xlarge-nf50");
         assert_eq!(l[ATTEMPT], "3");
-        assert_eq!(instance_selector("cats"), "app.kubernetes.io/name=imageindex,app.kubernetes.io/instance=cats");
+        assert_eq!(
+            instance_selector("cats"),
+            "app.kubernetes.io/name=imageindex,app.kubernetes.io/instance=cats"
+        );
     }
 }

@@ -75,12 +75,22 @@ pub struct Pressure {
 /// Classifies memory pressure from recent samples (oldest first).
 pub fn classify_pressure(samples: &[MemorySample]) -> Pressure {
     let Some(last) = samples.last().filter(|s| s.limit > 0) else {
-        return Pressure { level: PressureLevel::Normal, ratio: 0.0, reason: "NoSamples", message: "no memory samples yet".into() };
+        return Pressure {
+            level: PressureLevel::Normal,
+            ratio: 0.0,
+            reason: "NoSamples",
+            message: "no memory samples yet".into(),
+        };
     };
     let ratio = last.working_set as f64 / last.limit as f64;
-    let over = |s: &MemorySample| s.limit > 0 && s.working_set as f64 / s.limit as f64 > CRITICAL_RATIO;
+    let over =
+        |s: &MemorySample| s.limit > 0 && s.working_set as f64 / s.limit as f64 > CRITICAL_RATIO;
     let run: Vec<&MemorySample> = samples.iter().rev().take_while(|s| over(s)).collect();
-    let span = run.first().zip(run.last()).map(|(a, b)| a.at_ms.saturating_sub(b.at_ms)).unwrap_or(0);
+    let span = run
+        .first()
+        .zip(run.last())
+        .map(|(a, b)| a.at_ms.saturating_sub(b.at_ms))
+        .unwrap_or(0);
     let pct = ratio * 100.0;
     let ws = format_mebibytes_ceil(last.working_set);
     let lim = format_mebibytes_ceil(last.limit);
@@ -100,29 +110,47 @@ pub fn classify_pressure(samples: &[MemorySample]) -> Pressure {
             level: PressureLevel::Warning,
             ratio,
             reason: "HighWorkingSet",
-            message: format!("working set {ws} of {lim} ({pct:.0}%) above {:.0}%", WARNING_RATIO * 100.0),
+            message: format!(
+                "working set {ws} of {lim} ({pct:.0}%) above {:.0}%",
+                WARNING_RATIO * 100.0
+            ),
         }
     } else {
-        Pressure { level: PressureLevel::Normal, ratio, reason: "WithinLimit", message: format!("working set {ws} of {lim} ({pct:.0}%)") }
+        Pressure {
+            level: PressureLevel::Normal,
+            ratio,
+            reason: "WithinLimit",
+            message: format!("working set {ws} of {lim} ({pct:.0}%)"),
+        }
     }
 }
 
 /// The richest preset whose estimate fits the memory limit (and the disk, when known).
 pub fn auto_preset(shape: &DatasetShape, limit: u64, disk_limit: Option<u64>) -> Option<Preset> {
-    Preset::ladder().into_iter().find(|p| fits(p, shape, limit, disk_limit))
+    Preset::ladder()
+        .into_iter()
+        .find(|p| fits(p, shape, limit, disk_limit))
 }
 
 fn fits(p: &Preset, shape: &DatasetShape, limit: u64, disk_limit: Option<u64>) -> bool {
     let memory_ok = estimate::min_memory(p, shape) <= limit;
     let disk_ok = disk_limit.is_none_or(|d| {
-        estimate::disk_bytes(p, estimate::expected_descriptors(p, shape.images), shape.images) <= d / 10 * 9
+        estimate::disk_bytes(
+            p,
+            estimate::expected_descriptors(p, shape.images),
+            shape.images,
+        ) <= d / 10 * 9
     });
     memory_ok && disk_ok
 }
 
 /// The smallest memory limit the poorest preset needs by the estimate.
 pub fn smallest_fitting_limit(shape: &DatasetShape) -> u64 {
-    Preset::ladder().iter().map(|p| estimate::min_memory(p, shape)).min().unwrap_or(0)
+    Preset::ladder()
+        .iter()
+        .map(|p| estimate::min_memory(p, shape))
+        .min()
+        .unwrap_or(0)
 }
 
 /// What the policy decided about the first preset.
@@ -153,7 +181,12 @@ pub enum PresetChoice {
 }
 
 /// Chooses the first preset from the selector, the scan and the limit.
-pub fn choose_preset(selector: PresetSelector, shape: &DatasetShape, limit: u64, disk_limit: Option<u64>) -> PresetChoice {
+pub fn choose_preset(
+    selector: PresetSelector,
+    shape: &DatasetShape,
+    limit: u64,
+    disk_limit: Option<u64>,
+) -> PresetChoice {
     let lim = format_mebibytes_ceil(limit);
     let smallest = smallest_fitting_limit(shape);
     if smallest > limit {
@@ -245,7 +278,11 @@ pub fn backoff(consecutive_failures: u32) -> Duration {
 
 /// The limit to suggest when the poorest preset ran out of memory anyway.
 pub fn suggested_limit(shape: &DatasetShape, limit: u64, attempts: &[Attempt]) -> u64 {
-    let peak = attempts.iter().filter_map(|a| a.peak_working_set).max().unwrap_or(0);
+    let peak = attempts
+        .iter()
+        .filter_map(|a| a.peak_working_set)
+        .max()
+        .unwrap_or(0);
     let by_estimate = smallest_fitting_limit(shape);
     let by_observation = (peak.max(limit) as f64 * 1.25) as u64;
     by_estimate.max(by_observation).div_ceil(16 << 20) * (16 << 20)
@@ -261,12 +298,18 @@ pub fn after_attempt(
     limit: u64,
     shape: &DatasetShape,
 ) -> NextStep {
-    let counted = attempts.iter().filter(|a| a.outcome != Some(AttemptOutcome::Interrupted)).count() as u32;
+    let counted = attempts
+        .iter()
+        .filter(|a| a.outcome != Some(AttemptOutcome::Interrupted))
+        .count() as u32;
     let number = attempts.iter().map(|a| a.number).max().unwrap_or(0) + 1;
     let lim = format_mebibytes_ceil(limit);
     let out_of_attempts = || NextStep::GiveUp {
         reason: "MaxAttemptsReached",
-        message: format!("{counted} attempts made (maxAttempts {max_attempts}); last ended {}", outcome.as_str()),
+        message: format!(
+            "{counted} attempts made (maxAttempts {max_attempts}); last ended {}",
+            outcome.as_str()
+        ),
     };
     match outcome {
         AttemptOutcome::Succeeded => NextStep::Done,
@@ -275,10 +318,17 @@ pub fn after_attempt(
             number,
             delay: Duration::ZERO,
             reason: "Resuming",
-            message: format!("attempt with {} was interrupted; resuming from its checkpoint", current.label()),
+            message: format!(
+                "attempt with {} was interrupted; resuming from its checkpoint",
+                current.label()
+            ),
         },
         AttemptOutcome::OomKilled | AttemptOutcome::MemoryPressureRestart => {
-            let what = if outcome == AttemptOutcome::OomKilled { "was OOM-killed" } else { "was stopped under critical memory pressure" };
+            let what = if outcome == AttemptOutcome::OomKilled {
+                "was OOM-killed"
+            } else {
+                "was stopped under critical memory pressure"
+            };
             let cur_need = estimate::min_memory(current, shape);
             let next = Preset::ladder()
                 .into_iter()
@@ -309,35 +359,66 @@ pub fn after_attempt(
         }
         AttemptOutcome::Failed => {
             let permanent = match exit_code {
-                Some(exit_code::USAGE) => Some(("InvalidConfiguration", "the indexer rejected its configuration")),
-                Some(exit_code::DATASET) => Some(("DatasetUnavailable", "the dataset is missing or unreadable")),
-                Some(exit_code::NO_SPACE) => Some(("OutOfDisk", "the index volume is full; give it more storage")),
+                Some(exit_code::USAGE) => Some((
+                    "InvalidConfiguration",
+                    "the indexer rejected its configuration",
+                )),
+                Some(exit_code::DATASET) => {
+                    Some(("DatasetUnavailable", "the dataset is missing or unreadable"))
+                }
+                Some(exit_code::NO_SPACE) => Some((
+                    "OutOfDisk",
+                    "the index volume is full; give it more storage",
+                )),
                 _ => None,
             };
             if let Some((reason, text)) = permanent {
-                return NextStep::GiveUp { reason, message: format!("build with {} failed: {text}", current.label()) };
+                return NextStep::GiveUp {
+                    reason,
+                    message: format!("build with {} failed: {text}", current.label()),
+                };
             }
             if exit_code == Some(exit_code::DOES_NOT_FIT) {
                 // The build's own plan refused: same as running out, without the kill.
-                return after_attempt(current, AttemptOutcome::OomKilled, None, attempts, max_attempts, limit, shape);
+                return after_attempt(
+                    current,
+                    AttemptOutcome::OomKilled,
+                    None,
+                    attempts,
+                    max_attempts,
+                    limit,
+                    shape,
+                );
             }
             if counted >= max_attempts {
                 return out_of_attempts();
             }
-            let consecutive = attempts.iter().rev().take_while(|a| a.outcome == Some(AttemptOutcome::Failed)).count() as u32;
+            let consecutive = attempts
+                .iter()
+                .rev()
+                .take_while(|a| a.outcome == Some(AttemptOutcome::Failed))
+                .count() as u32;
             NextStep::Start {
                 preset: *current,
                 number,
                 delay: backoff(consecutive.max(1)),
                 reason: "RetryAfterFailure",
-                message: format!("build with {} failed (exit code {}); retrying", current.label(), exit_code.map_or("?".into(), |c| c.to_string())),
+                message: format!(
+                    "build with {} failed (exit code {}); retrying",
+                    current.label(),
+                    exit_code.map_or("?".into(), |c| c.to_string())
+                ),
             }
         }
     }
 }
 
 /// Classifies how a build process or container ended.
-pub fn outcome_of_exit(exit_code: Option<i32>, oom_killed: bool, stopped_for_pressure: bool) -> AttemptOutcome {
+pub fn outcome_of_exit(
+    exit_code: Option<i32>,
+    oom_killed: bool,
+    stopped_for_pressure: bool,
+) -> AttemptOutcome {
     if stopped_for_pressure {
         AttemptOutcome::MemoryPressureRestart
     } else if oom_killed {
@@ -359,11 +440,21 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn shape(w: u32, h: u32) -> DatasetShape {
-        DatasetShape { images: 5_000, bytes: 10_000_000_000, max_width: w, max_height: h, max_is_jpeg: true }
+        DatasetShape {
+            images: 5_000,
+            bytes: 10_000_000_000,
+            max_width: w,
+            max_height: h,
+            max_is_jpeg: true,
+        }
     }
 
     fn sample(at_s: u64, ws_mib: u64) -> MemorySample {
-        MemorySample { at_ms: at_s * 1000, working_set: ws_mib * MIB, limit: 100 * MIB }
+        MemorySample {
+            at_ms: at_s * 1000,
+            working_set: ws_mib * MIB,
+            limit: 100 * MIB,
+        }
     }
 
     fn attempt(n: u32, preset: &str, outcome: AttemptOutcome) -> Attempt {
@@ -397,21 +488,34 @@ mod tests {
             // sustained for 10 s over 3 samples
             (&[sample(0, 95), sample(5, 96), sample(10, 97)], Critical),
             // the run must be the latest samples
-            (&[sample(0, 95), sample(5, 96), sample(10, 97), sample(15, 70)], Normal),
-            (&[sample(0, 50), sample(5, 92), sample(10, 92), sample(15, 92)], Critical),
+            (
+                &[sample(0, 95), sample(5, 96), sample(10, 97), sample(15, 70)],
+                Normal,
+            ),
+            (
+                &[sample(0, 50), sample(5, 92), sample(10, 92), sample(15, 92)],
+                Critical,
+            ),
             // exactly 90% is not above it
             (&[sample(0, 90), sample(5, 90), sample(10, 90)], Warning),
         ];
         for (samples, want) in cases {
             assert_eq!(classify_pressure(samples).level, *want, "{samples:?}");
         }
-        assert!(classify_pressure(&[sample(0, 95), sample(5, 96), sample(10, 97)]).message.contains("97%"));
+        assert!(
+            classify_pressure(&[sample(0, 95), sample(5, 96), sample(10, 97)])
+                .message
+                .contains("97%")
+        );
     }
 
     #[test]
     fn auto_takes_full_when_memory_allows_and_steps_down_when_not() {
         let s = shape(6000, 4000);
-        assert_eq!(auto_preset(&s, 512 * MIB, None).unwrap().name, PresetName::Full);
+        assert_eq!(
+            auto_preset(&s, 512 * MIB, None).unwrap().name,
+            PresetName::Full
+        );
         let full_need = estimate::min_memory(&PresetName::Full.preset(), &s);
         let below = auto_preset(&s, full_need - 1, None).unwrap();
         assert_ne!(below.name, PresetName::Full);
@@ -423,7 +527,11 @@ mod tests {
     fn auto_respects_the_index_volume() {
         let mut s = shape(2000, 1500);
         s.images = 116_000;
-        let tight_disk = estimate::disk_bytes(&PresetName::Full.preset(), estimate::expected_descriptors(&PresetName::Full.preset(), s.images), s.images);
+        let tight_disk = estimate::disk_bytes(
+            &PresetName::Full.preset(),
+            estimate::expected_descriptors(&PresetName::Full.preset(), s.images),
+            s.images,
+        );
         let p = auto_preset(&s, 4 << 30, Some(tight_disk)).unwrap();
         assert_ne!(p.name, PresetName::Full);
     }
@@ -433,7 +541,11 @@ mod tests {
         let s = shape(6000, 4000);
         let full_need = estimate::min_memory(&PresetName::Full.preset(), &s);
         match choose_preset(PresetSelector::Full, &s, full_need - MIB, None) {
-            PresetChoice::ExplicitTooLarge { preset, largest_fitting, message } => {
+            PresetChoice::ExplicitTooLarge {
+                preset,
+                largest_fitting,
+                message,
+            } => {
                 assert_eq!(preset.name, PresetName::Full);
                 let l = largest_fitting.unwrap();
                 assert_ne!(l.name, PresetName::Full);
@@ -441,7 +553,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(choose_preset(PresetSelector::Full, &s, 1 << 30, None), PresetChoice::Fits { .. }));
+        assert!(matches!(
+            choose_preset(PresetSelector::Full, &s, 1 << 30, None),
+            PresetChoice::Fits { .. }
+        ));
     }
 
     #[test]
@@ -450,7 +565,10 @@ mod tests {
         match choose_preset(PresetSelector::Auto, &s, 20 * MIB, None) {
             PresetChoice::NothingFits { message } => {
                 assert!(message.contains("20Mi"), "{message}");
-                assert!(message.contains(&format_mebibytes_ceil(smallest_fitting_limit(&s))), "{message}");
+                assert!(
+                    message.contains(&format_mebibytes_ceil(smallest_fitting_limit(&s))),
+                    "{message}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -462,8 +580,22 @@ mod tests {
         let full = PresetName::Full.preset();
         let limit = estimate::min_memory(&full, &s) - MIB;
         let attempts = [attempt(1, "full", AttemptOutcome::OomKilled)];
-        match after_attempt(&full, AttemptOutcome::OomKilled, Some(137), &attempts, 6, limit, &s) {
-            NextStep::Start { preset, number, delay, reason, .. } => {
+        match after_attempt(
+            &full,
+            AttemptOutcome::OomKilled,
+            Some(137),
+            &attempts,
+            6,
+            limit,
+            &s,
+        ) {
+            NextStep::Start {
+                preset,
+                number,
+                delay,
+                reason,
+                ..
+            } => {
                 assert_ne!(preset.name, PresetName::Full);
                 assert!(estimate::min_memory(&preset, &s) <= limit);
                 assert_eq!(number, 2);
@@ -479,7 +611,15 @@ mod tests {
         let s = shape(1000, 800);
         let small = PresetName::Small.preset();
         let attempts = [attempt(1, "small", AttemptOutcome::MemoryPressureRestart)];
-        match after_attempt(&small, AttemptOutcome::MemoryPressureRestart, None, &attempts, 6, 1 << 30, &s) {
+        match after_attempt(
+            &small,
+            AttemptOutcome::MemoryPressureRestart,
+            None,
+            &attempts,
+            6,
+            1 << 30,
+            &s,
+        ) {
             NextStep::Start { preset, reason, .. } => {
                 assert_eq!(preset.name, PresetName::Medium);
                 assert_eq!(reason, "DowngradeAfterPressure");
@@ -493,7 +633,15 @@ mod tests {
         let s = shape(1000, 800);
         let floor = *Preset::ladder().last().unwrap();
         let attempts = [attempt(1, &floor.label(), AttemptOutcome::OomKilled)];
-        match after_attempt(&floor, AttemptOutcome::OomKilled, Some(137), &attempts, 6, 100 * MIB, &s) {
+        match after_attempt(
+            &floor,
+            AttemptOutcome::OomKilled,
+            Some(137),
+            &attempts,
+            6,
+            100 * MIB,
+            &s,
+        ) {
             NextStep::GiveUp { reason, message } => {
                 assert_eq!(reason, "NoPresetFits");
                 assert!(message.contains("100Mi"), "{message}");
@@ -509,17 +657,37 @@ mod tests {
         let p = PresetName::Small.preset();
         let a1 = [attempt(1, "small", AttemptOutcome::Failed)];
         match after_attempt(&p, AttemptOutcome::Failed, Some(1), &a1, 3, 1 << 30, &s) {
-            NextStep::Start { preset, delay, number, .. } => {
+            NextStep::Start {
+                preset,
+                delay,
+                number,
+                ..
+            } => {
                 assert_eq!(preset, p);
                 assert_eq!(delay, Duration::from_secs(5));
                 assert_eq!(number, 2);
             }
             other => panic!("{other:?}"),
         }
-        let a2 = [attempt(1, "small", AttemptOutcome::Failed), attempt(2, "small", AttemptOutcome::Failed)];
-        assert!(matches!(after_attempt(&p, AttemptOutcome::Failed, Some(1), &a2, 3, 1 << 30, &s), NextStep::Start { delay, .. } if delay == Duration::from_secs(10)));
-        let a3 = [a2[0].clone(), a2[1].clone(), attempt(3, "small", AttemptOutcome::Failed)];
-        assert!(matches!(after_attempt(&p, AttemptOutcome::Failed, Some(1), &a3, 3, 1 << 30, &s), NextStep::GiveUp { reason: "MaxAttemptsReached", .. }));
+        let a2 = [
+            attempt(1, "small", AttemptOutcome::Failed),
+            attempt(2, "small", AttemptOutcome::Failed),
+        ];
+        assert!(
+            matches!(after_attempt(&p, AttemptOutcome::Failed, Some(1), &a2, 3, 1 << 30, &s), NextStep::Start { delay, .. } if delay == Duration::from_secs(10))
+        );
+        let a3 = [
+            a2[0].clone(),
+            a2[1].clone(),
+            attempt(3, "small", AttemptOutcome::Failed),
+        ];
+        assert!(matches!(
+            after_attempt(&p, AttemptOutcome::Failed, Some(1), &a3, 3, 1 << 30, &s),
+            NextStep::GiveUp {
+                reason: "MaxAttemptsReached",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -527,8 +695,14 @@ mod tests {
         let s = shape(1000, 800);
         let p = PresetName::Small.preset();
         let a = [attempt(1, "small", AttemptOutcome::Failed)];
-        for (code, reason) in [(2, "InvalidConfiguration"), (3, "DatasetUnavailable"), (4, "OutOfDisk")] {
-            assert!(matches!(after_attempt(&p, AttemptOutcome::Failed, Some(code), &a, 6, 1 << 30, &s), NextStep::GiveUp { reason: r, .. } if r == reason));
+        for (code, reason) in [
+            (2, "InvalidConfiguration"),
+            (3, "DatasetUnavailable"),
+            (4, "OutOfDisk"),
+        ] {
+            assert!(
+                matches!(after_attempt(&p, AttemptOutcome::Failed, Some(code), &a, 6, 1 << 30, &s), NextStep::GiveUp { reason: r, .. } if r == reason)
+            );
         }
     }
 
@@ -537,16 +711,33 @@ mod tests {
         let s = shape(1000, 800);
         let p = PresetName::Full.preset();
         let a = [attempt(1, "full", AttemptOutcome::Interrupted)];
-        assert!(matches!(after_attempt(&p, AttemptOutcome::Interrupted, Some(6), &a, 1, 1 << 30, &s), NextStep::Start { preset, number: 2, .. } if preset == p));
+        assert!(
+            matches!(after_attempt(&p, AttemptOutcome::Interrupted, Some(6), &a, 1, 1 << 30, &s), NextStep::Start { preset, number: 2, .. } if preset == p)
+        );
     }
 
     #[test]
     fn exit_classification() {
-        assert_eq!(outcome_of_exit(Some(0), false, false), AttemptOutcome::Succeeded);
-        assert_eq!(outcome_of_exit(Some(137), true, false), AttemptOutcome::OomKilled);
-        assert_eq!(outcome_of_exit(Some(137), false, true), AttemptOutcome::MemoryPressureRestart);
-        assert_eq!(outcome_of_exit(Some(6), false, false), AttemptOutcome::Interrupted);
-        assert_eq!(outcome_of_exit(Some(1), false, false), AttemptOutcome::Failed);
+        assert_eq!(
+            outcome_of_exit(Some(0), false, false),
+            AttemptOutcome::Succeeded
+        );
+        assert_eq!(
+            outcome_of_exit(Some(137), true, false),
+            AttemptOutcome::OomKilled
+        );
+        assert_eq!(
+            outcome_of_exit(Some(137), false, true),
+            AttemptOutcome::MemoryPressureRestart
+        );
+        assert_eq!(
+            outcome_of_exit(Some(6), false, false),
+            AttemptOutcome::Interrupted
+        );
+        assert_eq!(
+            outcome_of_exit(Some(1), false, false),
+            AttemptOutcome::Failed
+        );
         assert_eq!(outcome_of_exit(None, false, false), AttemptOutcome::Failed);
     }
 

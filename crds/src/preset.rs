@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The named presets, richest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PresetName {
     /// 1000 features per image: the quality the old system had to give up.
@@ -26,7 +28,13 @@ pub enum PresetName {
 
 impl PresetName {
     /// All named presets, richest first: the downgrade ladder.
-    pub const LADDER: [PresetName; 5] = [Self::Full, Self::Small, Self::Medium, Self::Large, Self::Xlarge];
+    pub const LADDER: [PresetName; 5] = [
+        Self::Full,
+        Self::Small,
+        Self::Medium,
+        Self::Large,
+        Self::Xlarge,
+    ];
 
     /// The lowercase name used in manifests, labels and metrics.
     pub fn as_str(self) -> &'static str {
@@ -49,7 +57,13 @@ impl PresetName {
             Self::Large => (150, 15, 50, 1024),
             Self::Xlarge => (100, 10, 30, 1024),
         };
-        Preset { name: self, nfeatures, n_trees, search_k, max_side }
+        Preset {
+            name: self,
+            nfeatures,
+            n_trees,
+            search_k,
+            max_side,
+        }
     }
 }
 
@@ -204,11 +218,17 @@ mod tests {
     #[test]
     fn ladder_halves_below_xlarge_down_to_the_floor() {
         let labels: Vec<String> = Preset::ladder().iter().map(Preset::label).collect();
-        assert_eq!(labels, ["full", "small", "medium", "large", "xlarge", "xlarge-nf50"]);
+        assert_eq!(
+            labels,
+            ["full", "small", "medium", "large", "xlarge", "xlarge-nf50"]
+        );
         let floor = *Preset::ladder().last().unwrap();
         assert_eq!(floor.nfeatures, NFEATURES_FLOOR);
         assert_eq!(floor.poorer(), None);
-        assert_eq!(PresetName::Full.preset().poorer().unwrap().name, PresetName::Small);
+        assert_eq!(
+            PresetName::Full.preset().poorer().unwrap().name,
+            PresetName::Small
+        );
     }
 
     #[test]

@@ -82,7 +82,12 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
 
 /// Formats bytes as the largest exact-ish binary unit, e.g. `512Mi` or `1.5Gi`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (name, size) in UNITS {
         if bytes >= size {
             let v = bytes as f64 / size as f64;
@@ -127,11 +132,26 @@ mod tests {
     #[test]
     fn rejects_what_kubectl_rejects() {
         assert_eq!(parse_bytes(""), Err(QuantityError::Empty));
-        assert!(matches!(parse_bytes("Mi"), Err(QuantityError::BadNumber(_))));
-        assert!(matches!(parse_bytes("-1Gi"), Err(QuantityError::BadNumber(_))));
-        assert!(matches!(parse_bytes("1.2.3"), Err(QuantityError::BadNumber(_))));
-        assert!(matches!(parse_bytes("12MB"), Err(QuantityError::BadSuffix(_))));
-        assert!(matches!(parse_bytes("99999999Ei"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            parse_bytes("Mi"),
+            Err(QuantityError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("-1Gi"),
+            Err(QuantityError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("1.2.3"),
+            Err(QuantityError::BadNumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("12MB"),
+            Err(QuantityError::BadSuffix(_))
+        ));
+        assert!(matches!(
+            parse_bytes("99999999Ei"),
+            Err(QuantityError::Overflow(_))
+        ));
     }
 
     #[test]

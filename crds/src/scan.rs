@@ -53,7 +53,8 @@ impl ScanReport {
             .iter()
             .map(|p| estimate::estimate(p, &shape, threads))
             .collect();
-        let auto = memory_limit.and_then(|limit| policy::auto_preset(&shape, limit, None).map(|p| p.label()));
+        let auto = memory_limit
+            .and_then(|limit| policy::auto_preset(&shape, limit, None).map(|p| p.label()));
         ScanReport {
             version: SCAN_REPORT_VERSION,
             images: shape.images,
@@ -76,7 +77,13 @@ mod tests {
 
     #[test]
     fn report_is_small_enough_for_a_termination_message() {
-        let shape = DatasetShape { images: 116_085, bytes: 250_000_000_000, max_width: 8000, max_height: 6000, max_is_jpeg: true };
+        let shape = DatasetShape {
+            images: 116_085,
+            bytes: 250_000_000_000,
+            max_width: 8000,
+            max_height: 6000,
+            max_is_jpeg: true,
+        };
         let r = ScanReport::new(shape, 12, 4096, "ab".repeat(16), Some(512 << 20), 64);
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.len() < 2048, "{} bytes", json.len());
@@ -87,8 +94,20 @@ mod tests {
 
     #[test]
     fn no_auto_without_a_limit_or_when_nothing_fits() {
-        let shape = DatasetShape { images: 10, bytes: 1, max_width: 640, max_height: 480, max_is_jpeg: true };
-        assert_eq!(ScanReport::new(shape, 0, 10, String::new(), None, 2).auto, None);
-        assert_eq!(ScanReport::new(shape, 0, 10, String::new(), Some(1 << 20), 2).auto, None);
+        let shape = DatasetShape {
+            images: 10,
+            bytes: 1,
+            max_width: 640,
+            max_height: 480,
+            max_is_jpeg: true,
+        };
+        assert_eq!(
+            ScanReport::new(shape, 0, 10, String::new(), None, 2).auto,
+            None
+        );
+        assert_eq!(
+            ScanReport::new(shape, 0, 10, String::new(), Some(1 << 20), 2).auto,
+            None
+        );
     }
 }

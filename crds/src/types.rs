@@ -22,9 +22,21 @@ use serde::{Deserialize, Serialize};
     doc = "An ORB + ANN image index over a dataset, built under a memory limit and served over HTTP.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Preset", type_ = "string", json_path = ".status.preset"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.summary"),
-    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory.summary"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.summary"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".status.memory.summary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageIndexSpec {
@@ -305,8 +317,18 @@ pub struct Progress {
 
 impl Progress {
     /// Progress with its summary filled in.
-    pub fn new(processed: u64, total: u64, failed: u64, descriptors: u64, build_phase: Option<String>) -> Self {
-        let pct = if total == 0 { 0.0 } else { processed as f64 * 100.0 / total as f64 };
+    pub fn new(
+        processed: u64,
+        total: u64,
+        failed: u64,
+        descriptors: u64,
+        build_phase: Option<String>,
+    ) -> Self {
+        let pct = if total == 0 {
+            0.0
+        } else {
+            processed as f64 * 100.0 / total as f64
+        };
         Progress {
             processed,
             total,
@@ -344,7 +366,14 @@ impl MemoryStatus {
             crate::quantity::format_mebibytes_ceil(working_set),
             crate::quantity::format_mebibytes_ceil(limit)
         );
-        MemoryStatus { rss, working_set, available, limit, peak, summary }
+        MemoryStatus {
+            rss,
+            working_set,
+            available,
+            limit,
+            peak,
+            summary,
+        }
     }
 }
 
@@ -354,27 +383,53 @@ mod tests {
 
     #[test]
     fn outcome_names_match_the_contract() {
-        assert_eq!(serde_json::to_string(&AttemptOutcome::OomKilled).unwrap(), "\"OOMKilled\"");
+        assert_eq!(
+            serde_json::to_string(&AttemptOutcome::OomKilled).unwrap(),
+            "\"OOMKilled\""
+        );
         assert_eq!(AttemptOutcome::OomKilled.as_str(), "OOMKilled");
-        assert_eq!(serde_json::to_string(&AttemptOutcome::MemoryPressureRestart).unwrap(), "\"MemoryPressureRestart\"");
+        assert_eq!(
+            serde_json::to_string(&AttemptOutcome::MemoryPressureRestart).unwrap(),
+            "\"MemoryPressureRestart\""
+        );
     }
 
     #[test]
     fn summaries_read_well_in_kubectl() {
         assert_eq!(Progress::new(12, 24, 1, 9000, None).summary, "12/24 (50%)");
         assert_eq!(Progress::new(0, 0, 0, 0, None).summary, "0/0 (0%)");
-        assert_eq!(MemoryStatus::new(1, 212 << 20, 0, 512 << 20, 0).summary, "212Mi/512Mi");
+        assert_eq!(
+            MemoryStatus::new(1, 212 << 20, 0, 512 << 20, 0).summary,
+            "212Mi/512Mi"
+        );
     }
 
     #[test]
     fn scan_summary_keeps_the_shape_of_its_report() {
-        let shape = crate::DatasetShape { images: 42, bytes: 4200, max_width: 4000, max_height: 3000, max_is_jpeg: true };
+        let shape = crate::DatasetShape {
+            images: 42,
+            bytes: 4200,
+            max_width: 4000,
+            max_height: 3000,
+            max_is_jpeg: true,
+        };
         let report = crate::ScanReport::new(shape, 3, 42, "f00d".into(), Some(256 << 20), 2);
         let s = ScanSummary::from_report(&report);
         assert_eq!(s.shape(), shape);
-        assert_eq!((s.skipped, s.fingerprint.as_str(), s.pod.as_deref(), s.first_attempt), (3, "f00d", None, None));
+        assert_eq!(
+            (
+                s.skipped,
+                s.fingerprint.as_str(),
+                s.pod.as_deref(),
+                s.first_attempt
+            ),
+            (3, "f00d", None, None)
+        );
         let json = serde_json::to_value(&s).unwrap();
-        assert!(json.get("pod").is_none() && json.get("firstAttempt").is_none(), "{json}");
+        assert!(
+            json.get("pod").is_none() && json.get("firstAttempt").is_none(),
+            "{json}"
+        );
     }
 
     #[test]

@@ -31,7 +31,11 @@ impl fmt::Display for FieldError {
 
 /// Joins field errors into one message for a condition or an error line.
 pub fn describe(errors: &[FieldError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A spec that passed validation, with its quantities read.
@@ -57,7 +61,8 @@ pub const MIN_MEMORY_LIMIT: u64 = 16 << 20;
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
 }
@@ -65,7 +70,9 @@ fn is_dns_label(s: &str) -> bool {
 fn is_label_value(s: &str) -> bool {
     s.len() <= 63
         && (s.is_empty()
-            || (s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || (s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
                 && s.as_bytes()[0].is_ascii_alphanumeric()
                 && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()))
 }
@@ -82,11 +89,22 @@ fn parse_cpu_millis(text: &str) -> Option<u64> {
 /// Validates a spec; every problem is reported, not just the first.
 pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let mut err = |field: &str, message: String| errors.push(FieldError { field: field.to_string(), message });
+    let mut err = |field: &str, message: String| {
+        errors.push(FieldError {
+            field: field.to_string(),
+            message,
+        })
+    };
 
     let memory_limit = match quantity::parse_bytes(&spec.memory_limit) {
         Ok(v) if v < MIN_MEMORY_LIMIT => {
-            err("spec.memoryLimit", format!("{} is below the smallest accepted limit of 16Mi", spec.memory_limit));
+            err(
+                "spec.memoryLimit",
+                format!(
+                    "{} is below the smallest accepted limit of 16Mi",
+                    spec.memory_limit
+                ),
+            );
             0
         }
         Ok(v) => v,
@@ -99,24 +117,39 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
     match mode {
         Mode::Cluster => {
             match spec.dataset.claim_name.as_deref() {
-                None | Some("") => err("spec.dataset.claimName", "required: the PersistentVolumeClaim holding the images".into()),
-                Some(c) if !is_dns_label(c) => err("spec.dataset.claimName", format!("{c:?} is not a valid claim name")),
+                None | Some("") => err(
+                    "spec.dataset.claimName",
+                    "required: the PersistentVolumeClaim holding the images".into(),
+                ),
+                Some(c) if !is_dns_label(c) => err(
+                    "spec.dataset.claimName",
+                    format!("{c:?} is not a valid claim name"),
+                ),
                 _ => {}
             }
             if spec.dataset.path.split('/').any(|part| part == "..") {
-                err("spec.dataset.path", "must stay inside the claim (no `..`)".into());
+                err(
+                    "spec.dataset.path",
+                    "must stay inside the claim (no `..`)".into(),
+                );
             }
         }
         Mode::Local => {
             if spec.dataset.path.trim().is_empty() {
-                err("spec.dataset.path", "required: the local directory holding the images".into());
+                err(
+                    "spec.dataset.path",
+                    "required: the local directory holding the images".into(),
+                );
             }
         }
     }
 
     let max_attempts = spec.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
     if !(1..=50).contains(&max_attempts) {
-        err("spec.maxAttempts", format!("{max_attempts} is outside 1..=50"));
+        err(
+            "spec.maxAttempts",
+            format!("{max_attempts} is outside 1..=50"),
+        );
     }
 
     let storage_bytes = match spec.storage.as_ref().and_then(|s| s.size.as_deref()) {
@@ -135,13 +168,19 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
     };
     if let Some(claim) = spec.storage.as_ref().and_then(|s| s.claim_name.as_deref()) {
         if !is_dns_label(claim) {
-            err("spec.storage.claimName", format!("{claim:?} is not a valid claim name"));
+            err(
+                "spec.storage.claimName",
+                format!("{claim:?} is not a valid claim name"),
+            );
         }
     }
     if let Some(modes) = spec.storage.as_ref().and_then(|s| s.access_modes.as_ref()) {
         for m in modes {
             if !["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"].contains(&m.as_str()) {
-                err("spec.storage.accessModes", format!("{m:?} is not ReadWriteOnce, ReadWriteMany or ReadWriteOncePod"));
+                err(
+                    "spec.storage.accessModes",
+                    format!("{m:?} is not ReadWriteOnce, ReadWriteMany or ReadWriteOncePod"),
+                );
             }
         }
     }
@@ -150,7 +189,10 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
         Some(cpu) => match parse_cpu_millis(cpu) {
             Some(m) => Some(((m / 1000) as u32).max(1)),
             None => {
-                err("spec.cpu", format!("{cpu:?} is not a CPU quantity such as 2 or 500m"));
+                err(
+                    "spec.cpu",
+                    format!("{cpu:?} is not a CPU quantity such as 2 or 500m"),
+                );
                 None
             }
         },
@@ -160,7 +202,10 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
     let query = spec.query.clone().unwrap_or_default();
     let query_replicas = query.replicas.unwrap_or(1);
     if !(0..=100).contains(&query_replicas) {
-        err("spec.query.replicas", format!("{query_replicas} is outside 0..=100"));
+        err(
+            "spec.query.replicas",
+            format!("{query_replicas} is outside 0..=100"),
+        );
     }
     if let Some(m) = query.memory_limit.as_deref() {
         if let Err(e) = quantity::parse_bytes(m) {
@@ -179,7 +224,13 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
     }
 
     if errors.is_empty() {
-        Ok(ValidSpec { memory_limit, max_attempts, storage_bytes, threads, query_replicas })
+        Ok(ValidSpec {
+            memory_limit,
+            max_attempts,
+            storage_bytes,
+            threads,
+            query_replicas,
+        })
     } else {
         Err(errors)
     }
@@ -211,7 +262,15 @@ mod tests {
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["spec.memoryLimit", "spec.dataset.claimName", "spec.dataset.path", "spec.maxAttempts", "spec.storage.size", "spec.cpu", "spec.rebuild"]
+            [
+                "spec.memoryLimit",
+                "spec.dataset.claimName",
+                "spec.dataset.path",
+                "spec.maxAttempts",
+                "spec.storage.size",
+                "spec.cpu",
+                "spec.rebuild"
+            ]
         );
         assert!(describe(&errs).contains("spec.memoryLimit: quantity \"lots\""));
     }
@@ -222,13 +281,19 @@ mod tests {
         assert!(validate(&s, Mode::Local).is_ok());
         assert!(validate(&s, Mode::Cluster).is_err());
         let s = spec("dataset: {path: ''}\nmemoryLimit: 256Mi\n");
-        assert_eq!(validate(&s, Mode::Local).unwrap_err()[0].field, "spec.dataset.path");
+        assert_eq!(
+            validate(&s, Mode::Local).unwrap_err()[0].field,
+            "spec.dataset.path"
+        );
     }
 
     #[test]
     fn absurdly_small_limit_is_invalid() {
         let s = spec("dataset: {path: /x}\nmemoryLimit: 1Mi\n");
-        assert_eq!(validate(&s, Mode::Local).unwrap_err()[0].field, "spec.memoryLimit");
+        assert_eq!(
+            validate(&s, Mode::Local).unwrap_err()[0].field,
+            "spec.memoryLimit"
+        );
     }
 
     #[test]

@@ -32,7 +32,12 @@ fn encode(img: &Mat, quality: i32) -> opencv::Result<Vec<u8>> {
 fn crop(img: &Mat, keep: f64, fx: f64, fy: f64) -> opencv::Result<Mat> {
     let (w, h) = (img.cols() as f64, img.rows() as f64);
     let (cw, ch) = ((w * keep).max(8.0), (h * keep).max(8.0));
-    let r = Rect::new(((w - cw) * fx) as i32, ((h - ch) * fy) as i32, cw as i32, ch as i32);
+    let r = Rect::new(
+        ((w - cw) * fx) as i32,
+        ((h - ch) * fy) as i32,
+        cw as i32,
+        ch as i32,
+    );
     Mat::roi(img, r)?.try_clone()
 }
 
@@ -46,13 +51,24 @@ fn rotate(img: &Mat, degrees: f64) -> opencv::Result<Mat> {
     *m.at_2d_mut::<f64>(0, 2)? += ((nw - w) / 2.0) as f64;
     *m.at_2d_mut::<f64>(1, 2)? += ((nh - h) / 2.0) as f64;
     let mut out = Mat::default();
-    imgproc::warp_affine(img, &mut out, &m, Size::new(nw as i32, nh as i32), imgproc::INTER_LINEAR, core::BORDER_CONSTANT, Scalar::all(0.0))?;
+    imgproc::warp_affine(
+        img,
+        &mut out,
+        &m,
+        Size::new(nw as i32, nh as i32),
+        imgproc::INTER_LINEAR,
+        core::BORDER_CONSTANT,
+        Scalar::all(0.0),
+    )?;
     Ok(out)
 }
 
 fn scale(img: &Mat, f: f64) -> opencv::Result<Mat> {
     let mut out = Mat::default();
-    let size = Size::new(((img.cols() as f64 * f) as i32).max(8), ((img.rows() as f64 * f) as i32).max(8));
+    let size = Size::new(
+        ((img.cols() as f64 * f) as i32).max(8),
+        ((img.rows() as f64 * f) as i32).max(8),
+    );
     imgproc::resize(img, &mut out, size, 0.0, 0.0, imgproc::INTER_AREA)?;
     Ok(out)
 }
@@ -65,7 +81,12 @@ fn blur(img: &Mat, sigma: f64) -> opencv::Result<Mat> {
 
 fn perspective(img: &Mat) -> opencv::Result<Mat> {
     let (w, h) = (img.cols() as f32, img.rows() as f32);
-    let src = Vector::<Point2f>::from_slice(&[Point2f::new(0.0, 0.0), Point2f::new(w, 0.0), Point2f::new(w, h), Point2f::new(0.0, h)]);
+    let src = Vector::<Point2f>::from_slice(&[
+        Point2f::new(0.0, 0.0),
+        Point2f::new(w, 0.0),
+        Point2f::new(w, h),
+        Point2f::new(0.0, h),
+    ]);
     let dst = Vector::<Point2f>::from_slice(&[
         Point2f::new(w * 0.12, h * 0.05),
         Point2f::new(w * 0.92, 0.0),
@@ -74,7 +95,15 @@ fn perspective(img: &Mat) -> opencv::Result<Mat> {
     ]);
     let m = imgproc::get_perspective_transform(&src, &dst, core::DECOMP_LU)?;
     let mut out = Mat::default();
-    imgproc::warp_perspective(img, &mut out, &m, Size::new(w as i32, h as i32), imgproc::INTER_LINEAR, core::BORDER_CONSTANT, Scalar::all(0.0))?;
+    imgproc::warp_perspective(
+        img,
+        &mut out,
+        &m,
+        Size::new(w as i32, h as i32),
+        imgproc::INTER_LINEAR,
+        core::BORDER_CONSTANT,
+        Scalar::all(0.0),
+    )?;
     Ok(out)
 }
 
@@ -83,7 +112,13 @@ fn noise_frame(img: &Mat, seed: u64) -> opencv::Result<Mat> {
     let (w, h) = (img.cols(), img.rows());
     let mut canvas = Mat::new_rows_cols_with_default(h, w, img.typ(), Scalar::all(0.0))?;
     let mut rng = core::RNG::new(seed)?;
-    rng.fill(&mut canvas, core::RNG_UNIFORM, &Scalar::all(0.0), &Scalar::all(255.0), false)?;
+    rng.fill(
+        &mut canvas,
+        core::RNG_UNIFORM,
+        &Scalar::all(0.0),
+        &Scalar::all(255.0),
+        false,
+    )?;
     let (x, y) = ((w - inner.cols()) / 3, (h - inner.rows()) / 2);
     let mut roi = Mat::roi_mut(&mut canvas, Rect::new(x, y, inner.cols(), inner.rows()))?;
     inner.copy_to(&mut roi)?;
@@ -120,7 +155,11 @@ pub fn apply(img: &Mat, attack: &str, seed: u64) -> opencv::Result<Option<Vec<u8
 
 /// Writes every attack of every image in `catalogue` (top level) to `out`; returns the
 /// written query paths.
-pub fn write_attack_set(catalogue: &Path, out: &Path, attacks: &[&str]) -> std::io::Result<Vec<PathBuf>> {
+pub fn write_attack_set(
+    catalogue: &Path,
+    out: &Path,
+    attacks: &[&str],
+) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out)?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(catalogue)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -160,10 +199,17 @@ mod tests {
 
     #[test]
     fn every_attack_produces_a_decodable_image() {
-        let img = Mat::new_rows_cols_with_default(120, 160, core::CV_8UC3, Scalar::new(10.0, 200.0, 90.0, 0.0)).unwrap();
+        let img = Mat::new_rows_cols_with_default(
+            120,
+            160,
+            core::CV_8UC3,
+            Scalar::new(10.0, 200.0, 90.0, 0.0),
+        )
+        .unwrap();
         for a in ATTACKS {
             let bytes = apply(&img, a, 1).unwrap().unwrap();
-            let m = imgcodecs::imdecode(&Vector::<u8>::from_slice(&bytes), imgcodecs::IMREAD_COLOR).unwrap();
+            let m = imgcodecs::imdecode(&Vector::<u8>::from_slice(&bytes), imgcodecs::IMREAD_COLOR)
+                .unwrap();
             assert!(!m.empty(), "{a}");
         }
         assert!(apply(&img, "nope", 1).unwrap().is_none());
@@ -171,7 +217,10 @@ mod tests {
 
     #[test]
     fn expected_stem_reads_the_name() {
-        assert_eq!(expected_stem(Path::new("/q/cat_photo__crop40.jpg")).as_deref(), Some("cat_photo"));
+        assert_eq!(
+            expected_stem(Path::new("/q/cat_photo__crop40.jpg")).as_deref(),
+            Some("cat_photo")
+        );
         assert_eq!(expected_stem(Path::new("/q/distractor__blank.jpg")), None);
         assert_eq!(expected_stem(Path::new("/q/plain.jpg")), None);
     }

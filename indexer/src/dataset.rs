@@ -53,7 +53,10 @@ fn is_image_name(name: &str) -> bool {
 
 /// Lists the image files under `root` (following symlinks, detecting loops).
 pub fn list(root: &Path) -> Result<Listing> {
-    let meta = std::fs::metadata(root).map_err(|e| IndexError::Dataset { path: root.to_path_buf(), source: e })?;
+    let meta = std::fs::metadata(root).map_err(|e| IndexError::Dataset {
+        path: root.to_path_buf(),
+        source: e,
+    })?;
     if !meta.is_dir() {
         return Err(IndexError::Dataset {
             path: root.to_path_buf(),
@@ -62,12 +65,20 @@ pub fn list(root: &Path) -> Result<Listing> {
     }
     let mut files = Vec::new();
     let mut skipped = Vec::new();
-    let rel = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/");
-    for entry in walkdir::WalkDir::new(root).follow_links(true).sort_by_file_name() {
+    let rel = |p: &Path| {
+        p.strip_prefix(root)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .replace('\\', "/")
+    };
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let path = e.path().map(|p| rel(p)).unwrap_or_default();
+                let path = e.path().map(rel).unwrap_or_default();
                 let reason = if e.loop_ancestor().is_some() {
                     "symlink loop".to_string()
                 } else if let Some(io) = e.io_error() {
@@ -81,7 +92,11 @@ pub fn list(root: &Path) -> Result<Listing> {
                 };
                 // Only report entries that would have been images (or directories we lost).
                 let name = path.rsplit('/').next().unwrap_or("");
-                if is_image_name(name) || e.loop_ancestor().is_some() || e.depth() == 0 || !name.contains('.') {
+                if is_image_name(name)
+                    || e.loop_ancestor().is_some()
+                    || e.depth() == 0
+                    || !name.contains('.')
+                {
                     skipped.push(Skipped { path, reason });
                 }
                 continue;
@@ -96,22 +111,39 @@ pub fn list(root: &Path) -> Result<Listing> {
             continue;
         }
         if raw_name.to_str().is_none() || entry.path().to_str().is_none() {
-            skipped.push(Skipped { path: rel(entry.path()), reason: "file name is not valid UTF-8".into() });
+            skipped.push(Skipped {
+                path: rel(entry.path()),
+                reason: "file name is not valid UTF-8".into(),
+            });
             continue;
         }
         let md = match entry.metadata() {
             Ok(m) => m,
             Err(e) => {
-                skipped.push(Skipped { path: rel(entry.path()), reason: format!("unreadable: {e}") });
+                skipped.push(Skipped {
+                    path: rel(entry.path()),
+                    reason: format!("unreadable: {e}"),
+                });
                 continue;
             }
         };
         if !md.is_file() {
-            skipped.push(Skipped { path: rel(entry.path()), reason: "not a regular file".into() });
+            skipped.push(Skipped {
+                path: rel(entry.path()),
+                reason: "not a regular file".into(),
+            });
             continue;
         }
-        let mtime = md.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs() as i64);
-        files.push(FileEntry { path: rel(entry.path()), bytes: md.len(), mtime });
+        let mtime = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        files.push(FileEntry {
+            path: rel(entry.path()),
+            bytes: md.len(),
+            mtime,
+        });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
@@ -123,7 +155,11 @@ pub fn list(root: &Path) -> Result<Listing> {
         h.update(&f.mtime.to_le_bytes());
     }
     let fingerprint = h.finalize().to_hex()[..32].to_string();
-    Ok(Listing { files, skipped, fingerprint })
+    Ok(Listing {
+        files,
+        skipped,
+        fingerprint,
+    })
 }
 
 /// Reads the headers of up to `sample` files (the largest files first, then evenly spread)
@@ -149,7 +185,9 @@ pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u6
     let mut max_pixels = 0u64;
     for i in chosen {
         let path = root.join(&listing.files[i].path);
-        let Some((format, w, h)) = header_of_file(&path) else { continue };
+        let Some((format, w, h)) = header_of_file(&path) else {
+            continue;
+        };
         read += 1;
         let px = w as u64 * h as u64;
         if px > max_pixels {
@@ -166,7 +204,11 @@ pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u6
 pub fn header_of_file(path: &Path) -> Option<(Format, u32, u32)> {
     use std::io::Read;
     let mut head = Vec::with_capacity(64 * 1024);
-    std::fs::File::open(path).ok()?.take(256 * 1024).read_to_end(&mut head).ok()?;
+    std::fs::File::open(path)
+        .ok()?
+        .take(256 * 1024)
+        .read_to_end(&mut head)
+        .ok()?;
     let format = imageguard::sniff(&head)?;
     let size = imagesize::size(path).ok()?;
     let (w, h) = (size.width as u64, size.height as u64);
@@ -202,10 +244,22 @@ mod tests {
         let l = list(root).unwrap();
         let paths: Vec<&str> = l.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["a.png", "b/sub/z.JPG"]);
-        let reasons: Vec<(&str, &str)> = l.skipped.iter().map(|s| (s.path.as_str(), s.reason.as_str())).collect();
+        let reasons: Vec<(&str, &str)> = l
+            .skipped
+            .iter()
+            .map(|s| (s.path.as_str(), s.reason.as_str()))
+            .collect();
         assert!(reasons.contains(&("b/loop", "symlink loop")), "{reasons:?}");
-        assert!(reasons.contains(&("dangling.jpg", "broken symlink")), "{reasons:?}");
-        assert!(reasons.iter().any(|(_, r)| *r == "file name is not valid UTF-8"), "{reasons:?}");
+        assert!(
+            reasons.contains(&("dangling.jpg", "broken symlink")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|(_, r)| *r == "file name is not valid UTF-8"),
+            "{reasons:?}"
+        );
         assert_eq!(l.fingerprint.len(), 32);
     }
 
@@ -221,6 +275,9 @@ mod tests {
 
     #[test]
     fn missing_root_is_a_dataset_error() {
-        assert!(matches!(list(Path::new("/nonexistent/dataset")), Err(IndexError::Dataset { .. })));
+        assert!(matches!(
+            list(Path::new("/nonexistent/dataset")),
+            Err(IndexError::Dataset { .. })
+        ));
     }
 }

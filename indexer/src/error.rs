@@ -80,7 +80,9 @@ impl IndexError {
             IndexError::Dataset { .. } => code::DATASET,
             IndexError::NoSpace { .. } => code::NO_SPACE,
             IndexError::Lmdb(heed::Error::Mdb(heed::MdbError::MapFull)) => code::NO_SPACE,
-            IndexError::Lmdb(heed::Error::Io(e)) if e.raw_os_error() == Some(libc::ENOSPC) => code::NO_SPACE,
+            IndexError::Lmdb(heed::Error::Io(e)) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                code::NO_SPACE
+            }
             IndexError::DoesNotFit(_) => code::DOES_NOT_FIT,
             IndexError::Interrupted => code::INTERRUPTED,
             IndexError::Usage(_) | IndexError::Locked(_) => code::USAGE,

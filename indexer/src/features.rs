@@ -19,6 +19,8 @@ use thiserror::Error;
 pub const DESCRIPTOR_BYTES: usize = 32;
 /// One ORB descriptor.
 pub type Descriptor = [u8; DESCRIPTOR_BYTES];
+/// Keypoints (quarter pixels), descriptors and the adaptation of one working image.
+pub type WorkFeatures = (Vec<[u16; 2]>, Vec<Descriptor>, Adaptation);
 /// Images whose working image is smaller than this (long side) are upscaled to it, so that
 /// small thumbnails and scaled-down copies still have room for ORB's 31-pixel patches.
 pub const MIN_SIDE: u32 = 480;
@@ -34,19 +36,83 @@ pub struct ExtractParams {
     pub nfeatures: u32,
     /// Longest side of the working image.
     pub max_side: u32,
+    /// Features below which the detector is adapted further (the same for catalogue images
+    /// and queries, so both take the same ladder step).
+    pub enough: u32,
 }
 
 impl From<&Preset> for ExtractParams {
     fn from(p: &Preset) -> Self {
-        ExtractParams { nfeatures: p.nfeatures, max_side: p.max_side }
+        ExtractParams {
+            nfeatures: p.nfeatures,
+            max_side: p.max_side,
+            enough: enough_for(p.nfeatures),
+        }
     }
 }
 
+/// Query images keep this many times the catalogue's features: a query may show the
+/// catalogue image small, cropped or framed by clutter, and lookups are cheap.
+pub const QUERY_FEATURE_FACTOR: u32 = 2;
+
+fn enough_for(nfeatures: u32) -> u32 {
+    ((nfeatures * 3) / 10).max(16).min(nfeatures)
+}
+
 impl ExtractParams {
+    /// Settings for query images of an index built with `p`.
+    pub fn for_query(p: &Preset) -> Self {
+        ExtractParams {
+            nfeatures: p.nfeatures * QUERY_FEATURE_FACTOR,
+            max_side: p.max_side,
+            enough: enough_for(p.nfeatures),
+        }
+    }
+
     /// Features below which the detector is adapted further.
     pub fn enough(&self) -> usize {
-        ((self.nfeatures as usize * 3) / 10).max(16).min(self.nfeatures as usize)
+        self.enough as usize
     }
+}
+
+/// ORB is asked for this many times the features kept, and the keepers are chosen spread
+/// over a grid: clutter (noise, texture) cannot take every slot from the image's content.
+pub const OVERSAMPLE: u32 = 3;
+/// Grid cells per side for spreading features.
+pub const GRID: usize = 4;
+
+/// Stretches a low-contrast image so its 0.5–99.5 percentile range spans 0–255 (a monotonic
+/// map: ORB's pixel comparisons keep their meaning). Returns the gain applied (1 = none).
+pub fn stretch_contrast(img: &Mat) -> Result<(Mat, f32), opencv::Error> {
+    let bytes = img.data_bytes()?;
+    let mut hist = [0u64; 256];
+    for &b in bytes {
+        hist[b as usize] += 1;
+    }
+    let total = bytes.len() as u64;
+    let cut = total / 200;
+    let (mut lo, mut acc) = (0usize, 0u64);
+    while lo < 255 && acc + hist[lo] <= cut {
+        acc += hist[lo];
+        lo += 1;
+    }
+    let (mut hi, mut acc) = (255usize, 0u64);
+    while hi > lo && acc + hist[hi] <= cut {
+        acc += hist[hi];
+        hi -= 1;
+    }
+    let range = (hi - lo).max(1);
+    if range >= 160 {
+        return Ok((img.clone(), 1.0));
+    }
+    let gain = 255.0 / range as f32;
+    let lut: Vec<u8> = (0..256)
+        .map(|v| (((v as f32 - lo as f32) * gain).round().clamp(0.0, 255.0)) as u8)
+        .collect();
+    let lut = Mat::from_slice(&lut)?;
+    let mut out = Mat::default();
+    core::lut(img, &lut, &mut out)?;
+    Ok((out, gain))
 }
 
 /// Contrast normalisation applied before detection.
@@ -72,6 +138,9 @@ pub struct Adaptation {
     pub contrast: Contrast,
     /// Factor the image was resized by before ORB (<1 shrunk, >1 upscaled small images).
     pub resize: f32,
+    /// Contrast gain of the percentile stretch (1 = the image already spanned the range).
+    #[serde(default = "one")]
+    pub stretch: f32,
     /// JPEG reduced-decode factor (1, 2, 4 or 8).
     pub decode_scale: u8,
 }
@@ -81,6 +150,10 @@ impl Adaptation {
     pub fn adapted(&self) -> bool {
         self.step > 0
     }
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// The ladder: (FAST threshold, contrast) tried in order until enough features are found.
@@ -138,10 +211,20 @@ fn reduced_flag(scale: u32) -> i32 {
 
 /// Decodes to grayscale, at reduced size for large JPEGs. `header` must come from
 /// [`imageguard::check`] (or [`imageguard::header`] for lenient decoding).
-pub fn decode_gray(bytes: &[u8], header: &Header, max_side: u32) -> Result<(Mat, u32), ExtractError> {
-    let scale = estimate::decode_scale(header.width, header.height, max_side, header.format == Format::Jpeg);
+pub fn decode_gray(
+    bytes: &[u8],
+    header: &Header,
+    max_side: u32,
+) -> Result<(Mat, u32), ExtractError> {
+    let scale = estimate::decode_scale(
+        header.width,
+        header.height,
+        max_side,
+        header.format == Format::Jpeg,
+    );
     let buf = Vector::<u8>::from_slice(bytes);
-    let mat = imgcodecs::imdecode(&buf, reduced_flag(scale)).map_err(|_| ExtractError::Corrupt(header.format))?;
+    let mat = imgcodecs::imdecode(&buf, reduced_flag(scale))
+        .map_err(|_| ExtractError::Corrupt(header.format))?;
     if mat.empty() || mat.rows() <= 0 || mat.cols() <= 0 {
         return Err(ExtractError::Corrupt(header.format));
     }
@@ -162,9 +245,16 @@ pub fn to_work_size(gray: &Mat, max_side: u32) -> Result<(Mat, f64), opencv::Err
     if (factor - 1.0).abs() < 1e-9 {
         return Ok((gray.clone(), 1.0));
     }
-    let size = Size::new(((w * factor).round() as i32).max(1), ((h * factor).round() as i32).max(1));
+    let size = Size::new(
+        ((w * factor).round() as i32).max(1),
+        ((h * factor).round() as i32).max(1),
+    );
     let mut out = Mat::default();
-    let interp = if factor < 1.0 { imgproc::INTER_AREA } else { imgproc::INTER_LINEAR };
+    let interp = if factor < 1.0 {
+        imgproc::INTER_AREA
+    } else {
+        imgproc::INTER_LINEAR
+    };
     imgproc::resize(gray, &mut out, size, 0.0, 0.0, interp)?;
     Ok((out, factor))
 }
@@ -173,13 +263,36 @@ pub fn to_work_size(gray: &Mat, max_side: u32) -> Result<(Mat, f64), opencv::Err
 pub struct Detector {
     orb: Ptr<ORB>,
     params: ExtractParams,
+    union_variants: bool,
 }
 
 impl Detector {
     /// Makes a detector for these parameters.
     pub fn new(params: ExtractParams) -> Result<Self, opencv::Error> {
-        let orb = ORB::create(params.nfeatures as i32, 1.2, 8, 31, 0, 2, ORB_ScoreType::HARRIS_SCORE, 31, 20)?;
-        Ok(Detector { orb, params })
+        let orb = ORB::create(
+            (params.nfeatures * OVERSAMPLE) as i32,
+            1.2,
+            8,
+            31,
+            0,
+            2,
+            ORB_ScoreType::HARRIS_SCORE,
+            31,
+            20,
+        )?;
+        Ok(Detector {
+            orb,
+            params,
+            union_variants: false,
+        })
+    }
+
+    /// A detector for query images: keeps the features of every image variant the ladder
+    /// visited (see [`Detector::features_of_work_image`]).
+    pub fn for_queries(params: ExtractParams) -> Result<Self, opencv::Error> {
+        let mut d = Self::new(params)?;
+        d.union_variants = true;
+        Ok(d)
     }
 
     /// The parameters.
@@ -187,49 +300,94 @@ impl Detector {
         self.params
     }
 
-    fn detect(&mut self, img: &Mat, fast: u8) -> Result<(Vector<core::KeyPoint>, Mat), opencv::Error> {
+    fn detect(
+        &mut self,
+        img: &Mat,
+        fast: u8,
+    ) -> Result<(Vector<core::KeyPoint>, Mat), opencv::Error> {
         self.orb.set_fast_threshold(fast as i32)?;
         let mut kps = Vector::<core::KeyPoint>::new();
         let mut desc = Mat::default();
-        self.orb.detect_and_compute(img, &core::no_array(), &mut kps, &mut desc, false)?;
+        self.orb
+            .detect_and_compute(img, &core::no_array(), &mut kps, &mut desc, false)?;
         Ok((kps, desc))
     }
 
     /// Runs the adaptive ladder on a working image.
-    pub fn features_of_work_image(&mut self, work: &Mat) -> Result<(Vec<[u16; 2]>, Vec<Descriptor>, Adaptation), opencv::Error> {
+    pub fn features_of_work_image(&mut self, work: &Mat) -> Result<WorkFeatures, opencv::Error> {
         let enough = self.params.enough();
-        let mut best: Option<(Vector<core::KeyPoint>, Mat, usize)> = None;
+        let (stretched, gain) = stretch_contrast(work)?;
+        let (w, h) = (work.cols().max(1) as f32, work.rows().max(1) as f32);
+        let keep = self.params.nfeatures as usize;
+        // The last result of each image variant (plain, CLAHE) the ladder visited.
+        let mut visited: [Option<(Vector<core::KeyPoint>, Mat, usize)>; 2] = [None, None];
         let mut clahe_img: Option<Mat> = None;
+        let mut chosen = 0;
         for (step, (fast, contrast)) in LADDER.iter().enumerate() {
             let img = match contrast {
-                Contrast::None => work,
+                Contrast::None => &stretched,
                 Contrast::Clahe => {
                     if clahe_img.is_none() {
                         let mut c = imgproc::create_clahe(3.0, Size::new(8, 8))?;
                         let mut out = Mat::default();
-                        c.apply(work, &mut out)?;
+                        c.apply(&stretched, &mut out)?;
                         clahe_img = Some(out);
                     }
-                    clahe_img.as_ref().unwrap_or(work)
+                    clahe_img.as_ref().unwrap_or(&stretched)
                 }
             };
             let (kps, desc) = self.detect(img, *fast)?;
             let n = kps.len();
-            let better = best.as_ref().is_none_or(|(b, _, _)| n > b.len());
-            if better {
-                best = Some((kps, desc, step));
+            let slot = usize::from(*contrast == Contrast::Clahe);
+            let best_n = visited
+                .iter()
+                .flatten()
+                .map(|(k, _, _)| k.len())
+                .max()
+                .unwrap_or(0);
+            if n > best_n || visited.iter().all(Option::is_none) {
+                chosen = step;
             }
-            if n >= enough {
+            visited[slot] = Some((kps, desc, step));
+            // Queries always take one CLAHE variant too: a low-contrast original framed by
+            // texture (or noise) took CLAHE in the catalogue but not here.
+            if n >= enough && (!self.union_variants || visited[1].is_some()) {
+                break;
+            }
+            if n >= enough && step < 2 {
+                let (fast, _) = LADDER[2];
+                let img = {
+                    let mut c = imgproc::create_clahe(3.0, Size::new(8, 8))?;
+                    let mut out = Mat::default();
+                    c.apply(&stretched, &mut out)?;
+                    out
+                };
+                let (kps, desc) = self.detect(&img, fast)?;
+                visited[1] = Some((kps, desc, 2));
                 break;
             }
         }
-        let Some((kps, desc, step)) = best else {
-            return Ok((Vec::new(), Vec::new(), Adaptation::default()));
+        let (fast, contrast) = LADDER[chosen];
+        let adaptation = Adaptation {
+            step: chosen as u8,
+            fast_threshold: fast,
+            contrast,
+            resize: 1.0,
+            stretch: gain,
+            decode_scale: 1,
         };
-        let (fast, contrast) = LADDER[step];
-        let adaptation = Adaptation { step: step as u8, fast_threshold: fast, contrast, resize: 1.0, decode_scale: 1 };
-        let (k, d) = sorted_by_response(&kps, &desc)?;
-        Ok((k, d, adaptation))
+        let mut keypoints = Vec::new();
+        let mut descriptors = Vec::new();
+        for (kps, desc, step) in visited.iter().flatten() {
+            // Catalogue images keep the features of their chosen step only; queries keep every
+            // variant the ladder visited, so they cover whichever step their original took.
+            if self.union_variants || *step == chosen {
+                let (k, d) = spread_by_response(kps, desc, keep, w, h)?;
+                keypoints.extend(k);
+                descriptors.extend(d);
+            }
+        }
+        Ok((keypoints, descriptors, adaptation))
     }
 
     /// Full extraction from encoded bytes: check, decode, resize, adaptive ORB.
@@ -239,7 +397,11 @@ impl Detector {
     }
 
     /// Extraction after the caller checked the header (queries may accept truncated data).
-    pub fn extract_checked(&mut self, bytes: &[u8], header: &Header) -> Result<Features, ExtractError> {
+    pub fn extract_checked(
+        &mut self,
+        bytes: &[u8],
+        header: &Header,
+    ) -> Result<Features, ExtractError> {
         let (gray, scale) = decode_gray(bytes, header, self.params.max_side)?;
         let (work, factor) = to_work_size(&gray, self.params.max_side)?;
         drop(gray);
@@ -259,17 +421,51 @@ impl Detector {
     }
 }
 
-fn sorted_by_response(kps: &Vector<core::KeyPoint>, desc: &Mat) -> Result<(Vec<[u16; 2]>, Vec<Descriptor>), opencv::Error> {
+/// Keeps `keep` keypoints: first the strongest of each grid cell up to an equal share, then
+/// the strongest of the rest; returned strongest first (ties by ORB's order: deterministic).
+fn spread_by_response(
+    kps: &Vector<core::KeyPoint>,
+    desc: &Mat,
+    keep: usize,
+    w: f32,
+    h: f32,
+) -> Result<(Vec<[u16; 2]>, Vec<Descriptor>), opencv::Error> {
     let n = kps.len().min(desc.rows().max(0) as usize);
-    let mut order: Vec<(f32, usize)> = Vec::with_capacity(n);
+    let mut order: Vec<(f32, usize, usize)> = Vec::with_capacity(n);
     for i in 0..n {
-        order.push((kps.get(i)?.response(), i));
+        let kp = kps.get(i)?;
+        let pt = kp.pt();
+        let cx = ((pt.x / w * GRID as f32) as usize).min(GRID - 1);
+        let cy = ((pt.y / h * GRID as f32) as usize).min(GRID - 1);
+        order.push((kp.response(), i, cy * GRID + cx));
     }
-    // Strongest first; ties by position in ORB's output, so the order is deterministic.
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut keypoints = Vec::with_capacity(n);
-    let mut descriptors = Vec::with_capacity(n);
-    for (_, i) in order {
+    let share = keep.div_ceil(GRID * GRID);
+    let mut per_cell = [0usize; GRID * GRID];
+    let mut chosen = vec![false; order.len()];
+    let mut picked = Vec::with_capacity(keep.min(n));
+    for (j, &(_, i, cell)) in order.iter().enumerate() {
+        if picked.len() >= keep {
+            break;
+        }
+        if per_cell[cell] < share {
+            per_cell[cell] += 1;
+            chosen[j] = true;
+            picked.push((j, i));
+        }
+    }
+    for (j, &(_, i, _)) in order.iter().enumerate() {
+        if picked.len() >= keep {
+            break;
+        }
+        if !chosen[j] {
+            picked.push((j, i));
+        }
+    }
+    picked.sort_unstable();
+    let mut keypoints = Vec::with_capacity(picked.len());
+    let mut descriptors = Vec::with_capacity(picked.len());
+    for (_, i) in picked {
         let kp = kps.get(i)?;
         let pt = kp.pt();
         let q = |v: f32| (v * KEYPOINT_SUBPIXELS).round().clamp(0.0, u16::MAX as f32) as u16;
@@ -300,31 +496,62 @@ mod tests {
     }
 
     fn noise_image(w: i32, h: i32, seed: u64) -> Mat {
-        let mut m = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, core::Scalar::all(0.0)).unwrap();
+        let mut m =
+            Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, core::Scalar::all(0.0)).unwrap();
         let mut rng = core::RNG::new(seed).unwrap();
-        rng.fill(&mut m, core::RNG_UNIFORM, &core::Scalar::all(0.0), &core::Scalar::all(255.0), false).unwrap();
+        rng.fill(
+            &mut m,
+            core::RNG_UNIFORM,
+            &core::Scalar::all(0.0),
+            &core::Scalar::all(255.0),
+            false,
+        )
+        .unwrap();
         let mut blurred = Mat::default();
         imgproc::gaussian_blur_def(&m, &mut blurred, Size::new(5, 5), 1.5).unwrap();
         blurred
     }
 
     fn gradient(w: i32, h: i32) -> Mat {
-        let mut m = Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, core::Scalar::all(0.0)).unwrap();
+        let mut m =
+            Mat::new_rows_cols_with_default(h, w, core::CV_8UC1, core::Scalar::all(0.0)).unwrap();
         for y in 0..h {
             for x in 0..w {
                 *m.at_2d_mut::<u8>(y, x).unwrap() = (100 + (x * 40 / w) + (y * 10 / h)) as u8;
             }
         }
         // a faint, low-contrast shape: the only structure in the image
-        imgproc::circle(&mut m, core::Point::new(w / 3, h / 2), h / 6, core::Scalar::all(118.0), -1, imgproc::LINE_8, 0).unwrap();
-        imgproc::rectangle(&mut m, core::Rect::new(w / 2, h / 4, w / 5, h / 3), core::Scalar::all(104.0), -1, imgproc::LINE_8, 0).unwrap();
+        imgproc::circle(
+            &mut m,
+            core::Point::new(w / 3, h / 2),
+            h / 6,
+            core::Scalar::all(118.0),
+            -1,
+            imgproc::LINE_8,
+            0,
+        )
+        .unwrap();
+        imgproc::rectangle(
+            &mut m,
+            core::Rect::new(w / 2, h / 4, w / 5, h / 3),
+            core::Scalar::all(104.0),
+            -1,
+            imgproc::LINE_8,
+            0,
+        )
+        .unwrap();
         m
     }
 
     #[test]
     fn textured_image_reaches_nfeatures_without_adaptation() {
         let bytes = encode(&noise_image(800, 600, 1), ".png");
-        let mut d = Detector::new(ExtractParams { nfeatures: 500, max_side: 1024 }).unwrap();
+        let mut d = Detector::new(ExtractParams {
+            nfeatures: 500,
+            max_side: 1024,
+            enough: 500 * 3 / 10,
+        })
+        .unwrap();
         let f = d.extract(&bytes).unwrap();
         assert!(f.descriptors.len() >= 450, "{}", f.descriptors.len());
         assert_eq!(f.adaptation.step, 0);
@@ -335,7 +562,12 @@ mod tests {
     #[test]
     fn low_texture_image_gets_an_adapted_detector() {
         let bytes = encode(&gradient(640, 480), ".png");
-        let mut d = Detector::new(ExtractParams { nfeatures: 1000, max_side: 1024 }).unwrap();
+        let mut d = Detector::new(ExtractParams {
+            nfeatures: 1000,
+            max_side: 1024,
+            enough: 1000 * 3 / 10,
+        })
+        .unwrap();
         let f = d.extract(&bytes).unwrap();
         assert!(f.adaptation.step > 0, "{:?}", f.adaptation);
         assert!(!f.descriptors.is_empty());
@@ -343,11 +575,20 @@ mod tests {
 
     #[test]
     fn large_images_are_worked_at_max_side_and_small_ones_upscaled() {
-        let mut d = Detector::new(ExtractParams { nfeatures: 300, max_side: 1000 }).unwrap();
-        let big = d.extract(&encode(&noise_image(2000, 1000, 2), ".jpg")).unwrap();
+        let mut d = Detector::new(ExtractParams {
+            nfeatures: 300,
+            max_side: 1000,
+            enough: 300 * 3 / 10,
+        })
+        .unwrap();
+        let big = d
+            .extract(&encode(&noise_image(2000, 1000, 2), ".jpg"))
+            .unwrap();
         assert_eq!(big.work_width, 1000);
         assert_eq!(big.adaptation.decode_scale, 2);
-        let small = d.extract(&encode(&noise_image(200, 100, 3), ".png")).unwrap();
+        let small = d
+            .extract(&encode(&noise_image(200, 100, 3), ".png"))
+            .unwrap();
         assert_eq!(small.work_width, MIN_SIDE);
         assert!(small.adaptation.resize > 2.0);
     }
@@ -355,7 +596,12 @@ mod tests {
     #[test]
     fn extraction_is_deterministic() {
         let bytes = encode(&noise_image(640, 480, 4), ".jpg");
-        let mut d = Detector::new(ExtractParams { nfeatures: 400, max_side: 1024 }).unwrap();
+        let mut d = Detector::new(ExtractParams {
+            nfeatures: 400,
+            max_side: 1024,
+            enough: 400 * 3 / 10,
+        })
+        .unwrap();
         assert_eq!(d.extract(&bytes).unwrap(), d.extract(&bytes).unwrap());
     }
 
@@ -365,7 +611,12 @@ mod tests {
         for b in bytes.iter_mut().skip(60).take(200) {
             *b ^= 0x5A;
         }
-        let mut d = Detector::new(ExtractParams { nfeatures: 100, max_side: 1024 }).unwrap();
+        let mut d = Detector::new(ExtractParams {
+            nfeatures: 100,
+            max_side: 1024,
+            enough: 100 * 3 / 10,
+        })
+        .unwrap();
         assert!(d.extract(&bytes).is_err());
     }
 }

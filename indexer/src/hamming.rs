@@ -30,14 +30,21 @@ pub fn words(d: &Descriptor) -> Words {
 /// Hamming distance between word forms.
 #[inline]
 pub fn distance_words(a: &Words, b: &Words) -> u32 {
-    (a[0] ^ b[0]).count_ones() + (a[1] ^ b[1]).count_ones() + (a[2] ^ b[2]).count_ones() + (a[3] ^ b[3]).count_ones()
+    (a[0] ^ b[0]).count_ones()
+        + (a[1] ^ b[1]).count_ones()
+        + (a[2] ^ b[2]).count_ones()
+        + (a[3] ^ b[3]).count_ones()
 }
 
 /// The descriptor as arroy's vector: a set bit is +1, a clear bit −1, so arroy's
 /// `BinaryQuantizedManhattan` distance is twice the Hamming distance.
 pub fn to_arroy_vector(d: &Descriptor, out: &mut [f32; 256]) {
     for (i, v) in out.iter_mut().enumerate() {
-        *v = if d[i / 8] >> (i % 8) & 1 == 1 { 1.0 } else { -1.0 };
+        *v = if d[i / 8] >> (i % 8) & 1 == 1 {
+            1.0
+        } else {
+            -1.0
+        };
     }
 }
 

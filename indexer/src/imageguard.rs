@@ -93,7 +93,10 @@ pub fn header(bytes: &[u8]) -> Result<Header, Refusal> {
     let size = imagesize::blob_size(bytes).map_err(|_| Refusal::BadHeader(format))?;
     let (width, height) = (size.width as u64, size.height as u64);
     if width == 0 || height == 0 {
-        return Err(Refusal::ZeroSize { width: width as u32, height: height as u32 });
+        return Err(Refusal::ZeroSize {
+            width: width as u32,
+            height: height as u32,
+        });
     }
     if width * height > MAX_PIXELS || width > MAX_SIDE as u64 || height > MAX_SIDE as u64 {
         return Err(Refusal::TooLarge {
@@ -102,7 +105,11 @@ pub fn header(bytes: &[u8]) -> Result<Header, Refusal> {
             max: MAX_PIXELS,
         });
     }
-    Ok(Header { format, width: width as u32, height: height as u32 })
+    Ok(Header {
+        format,
+        width: width as u32,
+        height: height as u32,
+    })
 }
 
 /// Whether the data ends like a complete file of its format (JPEG end-of-image marker,
@@ -131,7 +138,10 @@ mod tests {
 
     fn jpeg_header(width: u16, height: u16) -> Vec<u8> {
         // SOI, APP0 JFIF, SOF0 with the size, then EOI.
-        let mut v = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0, 1, 1, 0, 0, 1, 0, 1, 0, 0];
+        let mut v = vec![
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0, 1, 1, 0, 0, 1, 0, 1, 0,
+            0,
+        ];
         v.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08]);
         v.extend_from_slice(&height.to_be_bytes());
         v.extend_from_slice(&width.to_be_bytes());
@@ -143,19 +153,39 @@ mod tests {
     #[test]
     fn refuses_a_decompression_bomb_by_header() {
         let bomb = jpeg_header(50_000, 50_000);
-        assert!(matches!(check(&bomb), Err(Refusal::TooLarge { width: 50_000, height: 50_000, .. })));
+        assert!(matches!(
+            check(&bomb),
+            Err(Refusal::TooLarge {
+                width: 50_000,
+                height: 50_000,
+                ..
+            })
+        ));
         let ok = jpeg_header(640, 480);
-        assert_eq!(check(&ok), Ok(Header { format: Format::Jpeg, width: 640, height: 480 }));
+        assert_eq!(
+            check(&ok),
+            Ok(Header {
+                format: Format::Jpeg,
+                width: 640,
+                height: 480
+            })
+        );
     }
 
     #[test]
     fn refuses_empty_text_and_truncated() {
         assert_eq!(check(b""), Err(Refusal::Empty));
-        assert_eq!(check(b"hello, I am a text file named photo.jpg"), Err(Refusal::NotAnImage));
+        assert_eq!(
+            check(b"hello, I am a text file named photo.jpg"),
+            Err(Refusal::NotAnImage)
+        );
         let mut cut = jpeg_header(640, 480);
         cut.truncate(cut.len() - 2);
         assert_eq!(check(&cut), Err(Refusal::Truncated(Format::Jpeg)));
-        assert!(matches!(check(&[0xFF, 0xD8, 0xFF, 0xE0]), Err(Refusal::BadHeader(Format::Jpeg))));
+        assert!(matches!(
+            check(&[0xFF, 0xD8, 0xFF, 0xE0]),
+            Err(Refusal::BadHeader(Format::Jpeg))
+        ));
     }
 
     #[test]

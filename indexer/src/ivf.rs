@@ -56,7 +56,12 @@ impl Centroids {
     /// The `n` nearest centroids, nearest first (ties by index).
     pub fn nearest_n(&self, q: &Words, n: usize, out: &mut Vec<(u32, u32)>) {
         out.clear();
-        out.extend(self.words.iter().enumerate().map(|(i, c)| (distance_words(q, c), i as u32)));
+        out.extend(
+            self.words
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (distance_words(q, c), i as u32)),
+        );
         let n = n.min(out.len());
         if n == 0 {
             out.clear();
@@ -71,12 +76,15 @@ impl Centroids {
 
     /// Serialises as 32 bytes per centroid.
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.words.iter().flat_map(|w| w.iter().flat_map(|x| x.to_le_bytes())).collect()
+        self.words
+            .iter()
+            .flat_map(|w| w.iter().flat_map(|x| x.to_le_bytes()))
+            .collect()
     }
 
     /// Reads centroids written by [`Centroids::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Option<Centroids> {
-        if bytes.len() % 32 != 0 {
+        if !bytes.len().is_multiple_of(32) {
             return None;
         }
         let words = bytes
@@ -97,7 +105,9 @@ pub fn train(samples: &[Descriptor], k: u32, iterations: u32, seed: u64) -> Cent
     let samples: Vec<Words> = samples.iter().map(words).collect();
     let k = (k as usize).min(samples.len()).max(1);
     if samples.is_empty() {
-        return Centroids { words: vec![[0; 4]] };
+        return Centroids {
+            words: vec![[0; 4]],
+        };
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     // Distinct initial centroids where possible.
@@ -108,7 +118,9 @@ pub fn train(samples: &[Descriptor], k: u32, iterations: u32, seed: u64) -> Cent
     }
     let mut centroids: Vec<Words> = order[..k].iter().map(|&i| samples[i]).collect();
     for _ in 0..iterations {
-        let cs = Centroids { words: centroids.clone() };
+        let cs = Centroids {
+            words: centroids.clone(),
+        };
         let assign: Vec<u32> = samples.par_iter().map(|s| cs.nearest(s)).collect();
         let mut counts = vec![[0u32; 256]; k];
         let mut sizes = vec![0u32; k];
@@ -166,9 +178,16 @@ pub fn entries(chunk: &[u8]) -> impl Iterator<Item = (u32, Words)> + '_ {
 mod tests {
     use super::*;
 
-    fn clustered(n_clusters: usize, per: usize, flip: f64, seed: u64) -> (Vec<Descriptor>, Vec<usize>) {
+    fn clustered(
+        n_clusters: usize,
+        per: usize,
+        flip: f64,
+        seed: u64,
+    ) -> (Vec<Descriptor>, Vec<usize>) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let centers: Vec<Descriptor> = (0..n_clusters).map(|_| std::array::from_fn(|_| rng.random())).collect();
+        let centers: Vec<Descriptor> = (0..n_clusters)
+            .map(|_| std::array::from_fn(|_| rng.random()))
+            .collect();
         let mut out = Vec::new();
         let mut label = Vec::new();
         for (ci, c) in centers.iter().enumerate() {

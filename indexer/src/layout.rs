@@ -82,7 +82,11 @@ impl IndexDir {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix(GEN_PREFIX)).and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(n) = name
+                .to_str()
+                .and_then(|s| s.strip_prefix(GEN_PREFIX))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 if entry.path().join("data.mdb").is_file() {
                     gens.push(n);
                 }
@@ -111,14 +115,17 @@ impl IndexDir {
     pub fn switch_current(&self, n: u64) -> Result<()> {
         let tmp = self.root.join(format!("{CURRENT}.tmp"));
         let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(format!("{GEN_PREFIX}{n:06}"), &tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        std::os::unix::fs::symlink(format!("{GEN_PREFIX}{n:06}"), &tmp)
+            .map_err(|e| IndexError::io(&tmp, e))?;
         fs::rename(&tmp, self.root.join(CURRENT)).map_err(|e| IndexError::io(&self.root, e))?;
         sync_dir(&self.root)
     }
 
     /// Removes generations older than the current one's predecessor.
     pub fn prune(&self) -> Result<Vec<u64>> {
-        let Some((current, _)) = self.current() else { return Ok(Vec::new()) };
+        let Some((current, _)) = self.current() else {
+            return Ok(Vec::new());
+        };
         let gens = self.generations()?;
         let keep_previous = gens.iter().rev().find(|g| **g < current).copied();
         let mut removed = Vec::new();
@@ -133,7 +140,10 @@ impl IndexDir {
         if let Ok(entries) = fs::read_dir(&self.root) {
             for e in entries.flatten() {
                 let name = e.file_name();
-                if name.to_str().is_some_and(|s| s.starts_with(GEN_PREFIX) && s.ends_with(".tmp")) {
+                if name
+                    .to_str()
+                    .is_some_and(|s| s.starts_with(GEN_PREFIX) && s.ends_with(".tmp"))
+                {
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -144,7 +154,9 @@ impl IndexDir {
 
 /// fsyncs a directory so renames in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| IndexError::io(dir, e))
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| IndexError::io(dir, e))
 }
 
 #[cfg(test)]

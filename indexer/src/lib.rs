@@ -4,7 +4,9 @@
 #![warn(missing_docs)]
 
 pub mod attacks;
+pub mod bench;
 pub mod build;
+pub mod cgroup;
 pub mod dataset;
 pub mod error;
 pub mod features;

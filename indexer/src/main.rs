@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "indexer", version, about = "Memory-bounded ORB image index: scan, build, search, serve")]
+#[command(
+    name = "indexer",
+    version,
+    about = "Memory-bounded ORB image index: scan, build, search, serve"
+)]
 struct Cli {
     /// Log format: text (default on a terminal) or json.
     #[arg(long, global = true, default_value = "text")]
@@ -95,11 +99,127 @@ enum Command {
         #[arg(long)]
         nprobe: Option<usize>,
     },
+    /// Benchmarks printed as tables (speed, memory, disk, recall; the old system beside ours).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Run a command inside a fresh cgroup with a real memory limit (used by local mode).
+    ExecLimited {
+        /// Memory limit of the cgroup (e.g. 512Mi).
+        #[arg(long)]
+        memory_limit: String,
+        /// Name of the cgroup (created under imageindex/).
+        #[arg(long)]
+        name: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Build an index of generated ORB-like descriptors (benchmarks).
+    #[command(hide = true)]
+    BuildSynthetic {
+        /// Index directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Descriptors to generate (rounded to whole synthetic images of 1000).
+        #[arg(long)]
+        descriptors: u64,
+        /// Preset (its trees and search settings; 1000 descriptors per image).
+        #[arg(long, default_value = "full")]
+        preset: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Real images: build under a limit, attack every image, recall and latency per engine,
+    /// plus the old Python + Annoy setup on the same files.
+    Images {
+        /// Catalogue directory.
+        #[arg(long, default_value = "samples/catalogue")]
+        catalogue: PathBuf,
+        /// Query directory (default: attacks generated from the catalogue).
+        #[arg(long)]
+        queries: Option<PathBuf>,
+        /// Images that must not match anything, added to the queries.
+        #[arg(long)]
+        distractors: Option<PathBuf>,
+        /// Scratch directory.
+        #[arg(long, default_value = "/tmp/imageindex-bench")]
+        work: PathBuf,
+        /// Presets to build, comma-separated.
+        #[arg(long, default_value = "full", value_delimiter = ',')]
+        presets: Vec<String>,
+        /// Real cgroup memory limit for the builds.
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Engines to measure, comma-separated (ivf, arroy).
+        #[arg(long, default_value = "ivf,arroy", value_delimiter = ',')]
+        engines: Vec<String>,
+        /// Old-system feature counts to run (comma-separated).
+        #[arg(long, default_value = "150,1000", value_delimiter = ',')]
+        baseline: Vec<u32>,
+        /// Skip the old system's setup.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Python interpreter for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// Inverted lists probed per descriptor.
+        #[arg(long, default_value_t = SearchParams::default().nprobe)]
+        nprobe: usize,
+        /// Also print the rows as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Synthetic ORB-like descriptors at the given sizes, built inside a real cgroup limit.
+    Synthetic {
+        /// Sizes, comma-separated (e.g. 1M,2M,16M).
+        #[arg(long, default_value = "1M", value_delimiter = ',')]
+        sizes: Vec<String>,
+        /// Real cgroup memory limit for the builds.
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Scratch directory.
+        #[arg(long, default_value = "/tmp/imageindex-bench")]
+        work: PathBuf,
+        /// Preset (trees, search effort).
+        #[arg(long, default_value = "full")]
+        preset: String,
+        /// Single-descriptor queries per size.
+        #[arg(long, default_value_t = 2000)]
+        queries: usize,
+        /// Inverted lists probed per descriptor.
+        #[arg(long, default_value_t = SearchParams::default().nprobe)]
+        nprobe: usize,
+        /// Also print the rows as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_count(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1_000.0),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1_000_000.0),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1_000_000_000.0),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num.parse().with_context(|| format!("size {text:?}"))?;
+    Ok((v * mult) as u64)
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,arroy=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,arroy=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -108,7 +228,8 @@ fn init_logging(format: &str) {
 }
 
 fn parse_limit(text: Option<&str>) -> anyhow::Result<Option<u64>> {
-    text.map(|t| quantity::parse_bytes(t).with_context(|| format!("--memory-limit {t:?}"))).transpose()
+    text.map(|t| quantity::parse_bytes(t).with_context(|| format!("--memory-limit {t:?}")))
+        .transpose()
 }
 
 fn default_threads() -> usize {
@@ -122,7 +243,9 @@ fn main() {
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            let code = e.downcast_ref::<IndexError>().map_or(1, IndexError::exit_code);
+            let code = e
+                .downcast_ref::<IndexError>()
+                .map_or(1, IndexError::exit_code);
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             code
@@ -133,15 +256,30 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Scan { dir, json, json_out, memory_limit, threads, sample } => {
+        Command::Scan {
+            dir,
+            json,
+            json_out,
+            memory_limit,
+            threads,
+            sample,
+        } => {
             let limit = parse_limit(memory_limit.as_deref())?;
             let threads = threads.unwrap_or_else(default_threads);
             let listing = dataset::list(&dir)?;
             let (shape, sampled) = dataset::shape(&dir, &listing, sample);
-            let report = ScanReport::new(shape, listing.skipped.len() as u64, sampled, listing.fingerprint.clone(), limit, threads as u32);
+            let report = ScanReport::new(
+                shape,
+                listing.skipped.len() as u64,
+                sampled,
+                listing.fingerprint.clone(),
+                limit,
+                threads as u32,
+            );
             let text = serde_json::to_string(&report)?;
             if let Some(path) = json_out {
-                std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, &text)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             if json {
                 println!("{text}");
@@ -150,12 +288,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Build { dir, out, preset, memory_limit, threads, metrics_addr, strict_memory, json } => {
-            let preset = PresetChoice::parse(&preset)
-                .ok_or_else(|| IndexError::Usage(format!("unknown preset {preset:?} (auto, full, small, medium, large, xlarge)")))?;
+        Command::Build {
+            dir,
+            out,
+            preset,
+            memory_limit,
+            threads,
+            metrics_addr,
+            strict_memory,
+            json,
+        } => {
+            let preset = PresetChoice::parse(&preset).ok_or_else(|| {
+                IndexError::Usage(format!(
+                    "unknown preset {preset:?} (auto, full, small, medium, large, xlarge)"
+                ))
+            })?;
             let limit = parse_limit(memory_limit.as_deref())?;
             let threads = threads.unwrap_or_else(default_threads).max(1);
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global();
             let memory = Arc::new(MemorySource::detect(limit));
             let progress = BuildProgress::new();
             install_signal_handlers(progress.clone())?;
@@ -164,8 +316,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 build_metrics.set_info(&p);
             }
             if let Some(addr) = metrics_addr {
-                let bound = metrics::serve_build_metrics(addr, build_metrics.clone(), progress.clone(), memory.clone())
-                    .with_context(|| format!("binding metrics on {addr}"))?;
+                let bound = metrics::serve_build_metrics(
+                    addr,
+                    build_metrics.clone(),
+                    progress.clone(),
+                    memory.clone(),
+                )
+                .with_context(|| format!("binding metrics on {addr}"))?;
                 tracing::info!(%bound, "metrics at http://{bound}/metrics");
             }
             let display = {
@@ -175,8 +332,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (s.working_set, s.limit)
                 })
             };
-            let opts = BuildOptions { dataset: dir, out, preset, threads, strict_memory, sample: 512 };
-            let ctx = BuildContext { progress: progress.clone(), memory: memory.clone() };
+            let opts = BuildOptions {
+                dataset: dir,
+                out,
+                preset,
+                threads,
+                strict_memory,
+                sample: 512,
+            };
+            let ctx = BuildContext {
+                progress: progress.clone(),
+                memory: memory.clone(),
+            };
             let summary = build::run(&opts, &ctx);
             drop(display);
             let summary = summary?;
@@ -206,18 +373,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Search { index, images, k, json, no_verify, engine, nprobe } => {
+        Command::Search {
+            index,
+            images,
+            k,
+            json,
+            no_verify,
+            engine,
+            nprobe,
+        } => {
             let idx = Index::open(&index)?;
-            let mut params = SearchParams { k, verify: !no_verify, ..Default::default() };
+            let mut params = SearchParams {
+                k,
+                verify: !no_verify,
+                ..Default::default()
+            };
             params.engine = match engine.as_str() {
                 "ivf" => Engine::Ivf,
                 "arroy" => Engine::Arroy,
-                other => return Err(IndexError::Usage(format!("unknown engine {other:?} (ivf, arroy)")).into()),
+                other => {
+                    return Err(
+                        IndexError::Usage(format!("unknown engine {other:?} (ivf, arroy)")).into(),
+                    )
+                }
             };
             if let Some(n) = nprobe {
                 params.nprobe = n.max(1);
             }
-            let mut detector = Detector::new(ExtractParams::from(&idx.meta.preset))?;
+            let mut detector = Detector::for_queries(ExtractParams::for_query(&idx.meta.preset))?;
             let mut results = Vec::new();
             for image in &images {
                 let r = indexer::search::search_file(&idx, &mut detector, image, &params);
@@ -236,7 +419,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for (path, r) in &results {
                     println!("{}", path.display());
                     match r {
-                        Ok(a) if a.matches.is_empty() => println!("  no match ({} query features)", a.features),
+                        Ok(a) if a.matches.is_empty() => {
+                            println!("  no match ({} query features)", a.features)
+                        }
                         Ok(a) => {
                             for (rank, m) in a.matches.iter().enumerate() {
                                 println!(
@@ -244,7 +429,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                                     rank + 1,
                                     m.path,
                                     m.score,
-                                    m.inliers.map_or(String::new(), |n| format!(", inliers {n}{}", if m.verified { "" } else { " (unverified)" }))
+                                    m.inliers.map_or(String::new(), |n| format!(
+                                        ", inliers {n}{}",
+                                        if m.verified { "" } else { " (unverified)" }
+                                    ))
                                 );
                             }
                         }
@@ -254,7 +442,139 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench { what } => bench(what),
+        Command::ExecLimited {
+            memory_limit,
+            name,
+            command,
+        } => {
+            let limit = quantity::parse_bytes(&memory_limit)
+                .with_context(|| format!("--memory-limit {memory_limit:?}"))?;
+            let group = indexer::cgroup::LimitedGroup::create(&name, limit)?;
+            group.add(std::process::id())?;
+            use std::os::unix::process::CommandExt;
+            let err = std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .exec();
+            Err(anyhow::anyhow!("cannot run {:?}: {err}", command[0]))
+        }
+        Command::BuildSynthetic {
+            out,
+            descriptors,
+            preset,
+            json,
+        } => {
+            let preset = imageindex_crds::Preset::from_label(&preset)
+                .ok_or_else(|| IndexError::Usage(format!("unknown preset {preset:?}")))?;
+            let memory = Arc::new(MemorySource::detect(None));
+            let progress = BuildProgress::new();
+            install_signal_handlers(progress.clone())?;
+            let generator = indexer::bench::synthetic::Generator::new(1);
+            let per = indexer::bench::synthetic::PER_IMAGE;
+            let generate = move |i: u32| generator.image(i);
+            let source = build::SyntheticSource {
+                images: descriptors.div_ceil(per as u64) as u32,
+                per_image: per,
+                generate: &generate,
+                fingerprint: format!("synthetic-{descriptors}-seed1"),
+            };
+            let ctx = BuildContext {
+                progress: progress.clone(),
+                memory: memory.clone(),
+            };
+            let display = {
+                let memory = memory.clone();
+                ProgressDisplay::start(progress.clone(), move || {
+                    let s = memory.snapshot();
+                    (s.working_set, s.limit)
+                })
+            };
+            let summary = build::run_synthetic(&out, &source, &preset, &ctx);
+            drop(display);
+            let summary = summary?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "published {} descriptors at {}",
+                    summary.meta.descriptors,
+                    summary.path.display()
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+fn bench(what: BenchCommand) -> anyhow::Result<()> {
+    use indexer::bench::{images, synthetic};
+    match what {
+        BenchCommand::Images {
+            catalogue,
+            queries,
+            distractors,
+            work,
+            presets,
+            memory_limit,
+            engines,
+            baseline,
+            no_baseline,
+            python,
+            nprobe,
+            json,
+        } => {
+            let engines = engines
+                .iter()
+                .map(|e| match e.as_str() {
+                    "ivf" => Ok(Engine::Ivf),
+                    "arroy" => Ok(Engine::Arroy),
+                    other => Err(IndexError::Usage(format!("unknown engine {other:?}"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let b = images::ImagesBench {
+                catalogue,
+                queries,
+                distractors,
+                work,
+                presets,
+                memory_limit: parse_limit(memory_limit.as_deref())?,
+                engines,
+                baseline_features: if no_baseline { Vec::new() } else { baseline },
+                python,
+                nprobe,
+            };
+            let rows = images::run(&b)?;
+            images::print(&rows);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+        }
+        BenchCommand::Synthetic {
+            sizes,
+            memory_limit,
+            work,
+            preset,
+            queries,
+            nprobe,
+            json,
+        } => {
+            let limit = parse_limit(memory_limit.as_deref())?;
+            std::fs::create_dir_all(&work)?;
+            let mut rows = Vec::new();
+            for s in &sizes {
+                let n = parse_count(s)?;
+                let row = synthetic::run_size(&work, n, limit, &preset, queries, nprobe)?;
+                synthetic::print(std::slice::from_ref(&row), limit);
+                rows.push(row);
+            }
+            println!();
+            synthetic::print(&rows, limit);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn install_signal_handlers(progress: Arc<BuildProgress>) -> anyhow::Result<()> {
@@ -262,14 +582,16 @@ fn install_signal_handlers(progress: Arc<BuildProgress>) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
     }
-    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        if flag.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!("stop requested: finishing the current checkpoint");
-            progress.cancel();
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("stop requested: finishing the current checkpoint");
+                progress.cancel();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        })?;
     Ok(())
 }
 
@@ -281,10 +603,17 @@ fn print_scan(r: &ScanReport) {
         r.skipped,
         r.shape.max_width,
         r.shape.max_height,
-        if r.shape.max_is_jpeg { "jpeg" } else { "not jpeg" },
+        if r.shape.max_is_jpeg {
+            "jpeg"
+        } else {
+            "not jpeg"
+        },
         r.fingerprint
     );
-    println!("{:<12} {:>12} {:>16} {:>14} {:>12}", "preset", "min memory", "full-speed memory", "descriptors", "disk");
+    println!(
+        "{:<12} {:>12} {:>16} {:>14} {:>12}",
+        "preset", "min memory", "full-speed memory", "descriptors", "disk"
+    );
     for e in &r.estimates {
         println!(
             "{:<12} {:>12} {:>16} {:>14} {:>12}",

@@ -59,7 +59,11 @@ impl Cgroup {
                 let mount = sys.join("memory");
                 let dir = resolve(&mount, path);
                 if dir.join("memory.limit_in_bytes").exists() {
-                    return Some(Cgroup { version: CgroupVersion::V1, dir, mount });
+                    return Some(Cgroup {
+                        version: CgroupVersion::V1,
+                        dir,
+                        mount,
+                    });
                 }
             }
         }
@@ -68,7 +72,11 @@ impl Cgroup {
                 let mount = sys.to_path_buf();
                 let dir = resolve(&mount, path);
                 if dir.join("memory.current").exists() || dir.join("memory.max").exists() {
-                    return Some(Cgroup { version: CgroupVersion::V2, dir, mount });
+                    return Some(Cgroup {
+                        version: CgroupVersion::V2,
+                        dir,
+                        mount,
+                    });
                 }
             }
         }
@@ -149,7 +157,11 @@ pub fn process_memory() -> ProcessMemory {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |v| v * 1024)
     };
-    ProcessMemory { rss: kb("VmRSS:"), peak_rss: kb("VmHWM:"), rss_anon: kb("RssAnon:") }
+    ProcessMemory {
+        rss: kb("VmRSS:"),
+        peak_rss: kb("VmHWM:"),
+        rss_anon: kb("RssAnon:"),
+    }
 }
 
 /// One reading of everything memory-related the metrics and the build's decisions use.
@@ -190,7 +202,12 @@ impl MemorySource {
             (None, Some(f)) => (f, false),
             (None, None) => (total, false),
         };
-        MemorySource { cgroup, limit, limited_by_cgroup: by_cgroup, system: system.map(Mutex::new) }
+        MemorySource {
+            cgroup,
+            limit,
+            limited_by_cgroup: by_cgroup,
+            system: system.map(Mutex::new),
+        }
     }
 
     /// The effective memory limit (budget) in bytes.
@@ -218,16 +235,25 @@ impl MemorySource {
             if cg_ws.is_some() {
                 by_limit
             } else {
-                let sys = self.system.as_ref().and_then(|m| m.lock().ok()).map(|mut s| {
-                    s.refresh_memory();
-                    s.available_memory()
-                });
+                let sys = self
+                    .system
+                    .as_ref()
+                    .and_then(|m| m.lock().ok())
+                    .map(|mut s| {
+                        s.refresh_memory();
+                        s.available_memory()
+                    });
                 by_limit.min(sys.unwrap_or(by_limit))
             }
         } else {
             self.limit.saturating_sub(working_set)
         };
-        MemorySnapshot { process, working_set, limit: self.limit, available }
+        MemorySnapshot {
+            process,
+            working_set,
+            limit: self.limit,
+            available,
+        }
     }
 }
 
@@ -266,12 +292,28 @@ mod tests {
         // v1: limit on the parent is tighter than on the child
         let v1 = sys.join("memory/kubepods/pod1");
         fs::create_dir_all(&v1).unwrap();
-        fs::write(sys.join("memory/memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        fs::write(sys.join("memory/kubepods/memory.limit_in_bytes"), "536870912\n").unwrap();
+        fs::write(
+            sys.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .unwrap();
+        fs::write(
+            sys.join("memory/kubepods/memory.limit_in_bytes"),
+            "536870912\n",
+        )
+        .unwrap();
         fs::write(v1.join("memory.limit_in_bytes"), "1073741824\n").unwrap();
         fs::write(v1.join("memory.usage_in_bytes"), "300000000\n").unwrap();
-        fs::write(v1.join("memory.stat"), "cache 10\ntotal_inactive_file 100000000\n").unwrap();
-        fs::write(v1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").unwrap();
+        fs::write(
+            v1.join("memory.stat"),
+            "cache 10\ntotal_inactive_file 100000000\n",
+        )
+        .unwrap();
+        fs::write(
+            v1.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
         let cg = Cgroup::from_proc("4:memory:/kubepods/pod1\n0::/\n", sys).unwrap();
         assert_eq!(cg.version, CgroupVersion::V1);
         assert_eq!(cg.limit(), Some(536_870_912));
@@ -286,7 +328,11 @@ mod tests {
         fs::write(sys2.join("memory.max"), "268435456\n").unwrap();
         fs::write(v2.join("memory.current"), "150000000\n").unwrap();
         fs::write(v2.join("memory.stat"), "anon 1\ninactive_file 50000000\n").unwrap();
-        fs::write(v2.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        fs::write(
+            v2.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         let cg = Cgroup::from_proc("0::/pod2\n", sys2).unwrap();
         assert_eq!(cg.version, CgroupVersion::V2);
         assert_eq!(cg.limit(), Some(268_435_456));

@@ -35,15 +35,31 @@ impl MemoryMetrics {
     /// Registers the memory gauges.
     pub fn register(registry: &Registry) -> Self {
         MemoryMetrics {
-            rss: gauge(registry, "imageindex_memory_rss_bytes", "Resident set size of the process"),
-            peak_rss: gauge(registry, "imageindex_memory_peak_rss_bytes", "Peak resident set size of the process (VmHWM)"),
+            rss: gauge(
+                registry,
+                "imageindex_memory_rss_bytes",
+                "Resident set size of the process",
+            ),
+            peak_rss: gauge(
+                registry,
+                "imageindex_memory_peak_rss_bytes",
+                "Peak resident set size of the process (VmHWM)",
+            ),
             working_set: gauge(
                 registry,
                 "imageindex_memory_working_set_bytes",
                 "cgroup usage minus inactive file cache (what the OOM killer and kubelet count)",
             ),
-            available: gauge(registry, "imageindex_memory_available_bytes", "Memory limit minus working set"),
-            limit: gauge(registry, "imageindex_memory_limit_bytes", "Effective memory limit (cgroup or flag)"),
+            available: gauge(
+                registry,
+                "imageindex_memory_available_bytes",
+                "Memory limit minus working set",
+            ),
+            limit: gauge(
+                registry,
+                "imageindex_memory_limit_bytes",
+                "Effective memory limit (cgroup or flag)",
+            ),
             peak_working_set: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -55,7 +71,9 @@ impl MemoryMetrics {
         self.working_set.set(s.working_set as i64);
         self.available.set(s.available as i64);
         self.limit.set(s.limit as i64);
-        self.peak_working_set.fetch_max(s.working_set, Ordering::Relaxed) .max(s.working_set)
+        self.peak_working_set
+            .fetch_max(s.working_set, Ordering::Relaxed)
+            .max(s.working_set)
     }
 
     /// Highest working set observed.
@@ -90,17 +108,40 @@ impl BuildMetrics {
             c
         };
         let vec = |name: &str, help: &str, labels: &[&str]| {
-            let v = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| std::process::abort());
+            let v = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|_| std::process::abort());
             let _ = registry.register(Box::new(v.clone()));
             v
         };
         BuildMetrics {
-            images_total: gauge(&registry, "imageindex_images_total", "Image files in the dataset"),
-            images_processed: counter("imageindex_images_processed_total", "Images extracted or skipped"),
-            images_failed: counter("imageindex_images_failed_total", "Images skipped (corrupt, not an image, too large, unreadable)"),
-            descriptors: gauge(&registry, "imageindex_descriptors_total", "Descriptors stored"),
-            phase: vec("imageindex_build_phase", "1 for the build's current phase", &["phase"]),
-            info: vec("imageindex_build_info", "Build parameters", &["preset", "nfeatures", "n_trees", "search_k", "version"]),
+            images_total: gauge(
+                &registry,
+                "imageindex_images_total",
+                "Image files in the dataset",
+            ),
+            images_processed: counter(
+                "imageindex_images_processed_total",
+                "Images extracted or skipped",
+            ),
+            images_failed: counter(
+                "imageindex_images_failed_total",
+                "Images skipped (corrupt, not an image, too large, unreadable)",
+            ),
+            descriptors: gauge(
+                &registry,
+                "imageindex_descriptors_total",
+                "Descriptors stored",
+            ),
+            phase: vec(
+                "imageindex_build_phase",
+                "1 for the build's current phase",
+                &["phase"],
+            ),
+            info: vec(
+                "imageindex_build_info",
+                "Build parameters",
+                &["preset", "nfeatures", "n_trees", "search_k", "version"],
+            ),
             memory,
             registry,
         }
@@ -134,7 +175,9 @@ impl BuildMetrics {
         bump(&self.images_failed, s.images_failed);
         self.descriptors.set(s.descriptors as i64);
         for p in Phase::ALL {
-            self.phase.with_label_values(&[p.as_str()]).set(i64::from(p == s.phase));
+            self.phase
+                .with_label_values(&[p.as_str()])
+                .set(i64::from(p == s.phase));
         }
         self.memory.observe(memory);
     }
@@ -169,33 +212,46 @@ pub fn serve_build_metrics(
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the metrics runtime");
-                return;
-            }
-        };
-        rt.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            let app = axum::Router::new()
-                .route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let (m, p, mem) = (metrics.clone(), progress.clone(), memory.clone());
-                        async move {
-                            m.observe(&p, &mem.snapshot());
-                            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
-                        }
-                    }),
-                )
-                .route("/healthz", axum::routing::get(|| async { "ok" }));
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
-    })?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the metrics runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new()
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let (m, p, mem) = (metrics.clone(), progress.clone(), memory.clone());
+                            async move {
+                                m.observe(&p, &mem.snapshot());
+                                (
+                                    [(
+                                        axum::http::header::CONTENT_TYPE,
+                                        "text/plain; version=0.0.4",
+                                    )],
+                                    m.render(),
+                                )
+                            }
+                        }),
+                    )
+                    .route("/healthz", axum::routing::get(|| async { "ok" }));
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+        })?;
     Ok(bound)
 }
 
@@ -211,7 +267,15 @@ mod tests {
         p.set_total(5);
         p.image_done(10, false);
         p.set_phase(Phase::Extract);
-        m.observe(&p, &MemorySnapshot { working_set: 7, limit: 9, available: 2, ..Default::default() });
+        m.observe(
+            &p,
+            &MemorySnapshot {
+                working_set: 7,
+                limit: 9,
+                available: 2,
+                ..Default::default()
+            },
+        );
         let text = m.render();
         for name in [
             "imageindex_memory_rss_bytes",

@@ -24,7 +24,13 @@ pub enum Phase {
 
 impl Phase {
     /// All phases in order.
-    pub const ALL: [Phase; 5] = [Phase::Scan, Phase::Extract, Phase::Index, Phase::Publish, Phase::Done];
+    pub const ALL: [Phase; 5] = [
+        Phase::Scan,
+        Phase::Extract,
+        Phase::Index,
+        Phase::Publish,
+        Phase::Done,
+    ];
 
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
@@ -155,7 +161,10 @@ pub struct ProgressDisplay {
 
 impl ProgressDisplay {
     /// Starts the display thread. `memory` returns (working set, limit) for the log lines.
-    pub fn start(progress: Arc<BuildProgress>, memory: impl Fn() -> (u64, u64) + Send + 'static) -> ProgressDisplay {
+    pub fn start(
+        progress: Arc<BuildProgress>,
+        memory: impl Fn() -> (u64, u64) + Send + 'static,
+    ) -> ProgressDisplay {
         use std::io::IsTerminal;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -241,7 +250,10 @@ mod tests {
         p.image_done(0, true);
         p.set_phase(Phase::Index);
         let s = p.snapshot();
-        assert_eq!((s.images_processed, s.images_failed, s.descriptors), (6, 2, 500));
+        assert_eq!(
+            (s.images_processed, s.images_failed, s.descriptors),
+            (6, 2, 500)
+        );
         assert_eq!(s.phase, Phase::Index);
         assert!(!p.is_cancelled());
         p.cancel();

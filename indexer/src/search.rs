@@ -17,6 +17,9 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The best four (Hamming distance, descriptor id) of one query descriptor, closest first.
+pub type Candidates = [(u32, u32); 4];
+
 /// Which structure answers descriptor lookups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -49,7 +52,15 @@ pub struct SearchParams {
 
 impl Default for SearchParams {
     fn default() -> Self {
-        SearchParams { k: 5, verify: true, nprobe: 16, max_distance: 64, ratio: 0.8, verify_candidates: 10, engine: Engine::Ivf }
+        SearchParams {
+            k: 5,
+            verify: true,
+            nprobe: 16,
+            max_distance: 64,
+            ratio: 0.8,
+            verify_candidates: 10,
+            engine: Engine::Ivf,
+        }
     }
 }
 
@@ -65,7 +76,7 @@ pub struct Match {
     /// RANSAC inliers (when verified).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inliers: Option<u32>,
-    /// Whether verification found at least [`verify::MIN_INLIERS`] inliers.
+    /// Whether verification found enough inliers ([`verify::is_verified`]).
     pub verified: bool,
 }
 
@@ -98,7 +109,9 @@ pub struct Index {
 impl Index {
     /// Opens the generation `current` points to under an index directory.
     pub fn open(root: &Path) -> Result<Index> {
-        let (n, dir) = IndexDir::new(root).current().ok_or_else(|| IndexError::NoIndex(root.to_path_buf()))?;
+        let (n, dir) = IndexDir::new(root)
+            .current()
+            .ok_or_else(|| IndexError::NoIndex(root.to_path_buf()))?;
         Self::open_generation(&dir, n)
     }
 
@@ -106,16 +119,42 @@ impl Index {
     pub fn open_generation(dir: &Path, generation: u64) -> Result<Index> {
         let store = Store::open_read_only(dir)?;
         let rtxn = store.env.read_txn()?;
-        let bad = |reason: &str| IndexError::BadIndex { path: dir.to_path_buf(), reason: reason.to_string() };
-        let meta: BuildMeta = store.get_json(&rtxn, store::keys::BUILD)?.ok_or_else(|| bad("no build metadata"))?;
+        let bad = |reason: &str| IndexError::BadIndex {
+            path: dir.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let meta: BuildMeta = store
+            .get_json(&rtxn, store::keys::BUILD)?
+            .ok_or_else(|| bad("no build metadata"))?;
         if meta.format_version != store::FORMAT_VERSION {
-            return Err(bad(&format!("format version {} (this indexer reads {})", meta.format_version, store::FORMAT_VERSION)));
+            return Err(bad(&format!(
+                "format version {} (this indexer reads {})",
+                meta.format_version,
+                store::FORMAT_VERSION
+            )));
         }
-        let centroids = Centroids::from_bytes(store.meta.get(&rtxn, store::keys::CENTROIDS)?.ok_or_else(|| bad("no centroids"))?)
-            .ok_or_else(|| bad("centroids"))?;
-        let offsets = crate::build::read_offsets(store.meta.get(&rtxn, store::keys::OFFSETS)?.ok_or_else(|| bad("no offsets"))?);
+        let centroids = Centroids::from_bytes(
+            store
+                .meta
+                .get(&rtxn, store::keys::CENTROIDS)?
+                .ok_or_else(|| bad("no centroids"))?,
+        )
+        .ok_or_else(|| bad("centroids"))?;
+        let offsets = crate::build::read_offsets(
+            store
+                .meta
+                .get(&rtxn, store::keys::OFFSETS)?
+                .ok_or_else(|| bad("no offsets"))?,
+        );
         drop(rtxn);
-        Ok(Index { dir: dir.to_path_buf(), generation, meta, store, centroids, offsets })
+        Ok(Index {
+            dir: dir.to_path_buf(),
+            generation,
+            meta,
+            store,
+            centroids,
+            offsets,
+        })
     }
 
     /// Images in the catalogue table (indexed and failed).
@@ -157,7 +196,10 @@ impl Index {
 
     /// The image holding a descriptor id.
     pub fn image_of(&self, desc: u32) -> u32 {
-        (self.offsets.partition_point(|&o| o <= desc as u64).saturating_sub(1)) as u32
+        (self
+            .offsets
+            .partition_point(|&o| o <= desc as u64)
+            .saturating_sub(1)) as u32
     }
 
     /// Total bytes of the generation on disk.
@@ -166,10 +208,10 @@ impl Index {
     }
 
     /// Best few (distance, descriptor id) for each query descriptor.
-    fn lookup(&self, descriptors: &[Descriptor], params: &SearchParams) -> Result<Vec<[(u32, u32); 4]>> {
+    fn lookup(&self, descriptors: &[Descriptor], params: &SearchParams) -> Result<Vec<Candidates>> {
         const NONE: (u32, u32) = (u32::MAX, u32::MAX);
         let chunks: Vec<&[Descriptor]> = descriptors.chunks(32).collect();
-        let results: Vec<Result<Vec<[(u32, u32); 4]>>> = chunks
+        let results: Vec<Result<Vec<Candidates>>> = chunks
             .par_iter()
             .map(|chunk| {
                 let rtxn = self.store.env.read_txn()?;
@@ -188,7 +230,8 @@ impl Index {
                                     let (_, bytes) = r?;
                                     for (id, code) in ivf::entries(bytes) {
                                         let dist = distance_words(&q, &code);
-                                        if dist < best[3].0 || (dist == best[3].0 && id < best[3].1) {
+                                        if dist < best[3].0 || (dist == best[3].0 && id < best[3].1)
+                                        {
                                             insert_best(&mut best, (dist, id));
                                         }
                                     }
@@ -199,10 +242,15 @@ impl Index {
                     }
                     Engine::Arroy => {
                         let mut vector = [0f32; 256];
-                        let readers: Vec<arroy::Reader<BinaryQuantizedManhattan>> = (0..self.meta.arroy_shards)
-                            .filter_map(|s| arroy::Reader::open(&rtxn, s as u16, self.store.arroy).ok())
-                            .collect();
-                        let search_k = NonZeroUsize::new((self.meta.preset.search_k as usize * 4).max(4)).unwrap_or(NonZeroUsize::MIN);
+                        let readers: Vec<arroy::Reader<BinaryQuantizedManhattan>> =
+                            (0..self.meta.arroy_shards)
+                                .filter_map(|s| {
+                                    arroy::Reader::open(&rtxn, s as u16, self.store.arroy).ok()
+                                })
+                                .collect();
+                        let search_k =
+                            NonZeroUsize::new((self.meta.preset.search_k as usize * 4).max(4))
+                                .unwrap_or(NonZeroUsize::MIN);
                         for d in chunk.iter() {
                             to_arroy_vector(d, &mut vector);
                             let mut best = [NONE; 4];
@@ -229,73 +277,134 @@ impl Index {
 
     /// Searches with already-extracted query features. Returns matches and the lookup and
     /// verification times.
-    pub fn search_features(&self, f: &Features, params: &SearchParams) -> Result<(Vec<Match>, f64, f64)> {
+    pub fn search_features(
+        &self,
+        f: &Features,
+        params: &SearchParams,
+    ) -> Result<(Vec<Match>, f64, f64)> {
         let t = Instant::now();
         let best = self.lookup(&f.descriptors, params)?;
-        // Votes per image, with the (query keypoint, catalogue descriptor) pairs behind them.
-        let mut votes: HashMap<u32, Vec<(usize, u32)>> = HashMap::new();
+        // Resolve the image of every candidate once.
+        let images: Vec<[u32; 4]> = best
+            .iter()
+            .map(|c| {
+                std::array::from_fn(|i| {
+                    if c[i].0 == u32::MAX {
+                        u32::MAX
+                    } else {
+                        self.image_of(c[i].1)
+                    }
+                })
+            })
+            .collect();
+        // One vote per query descriptor, for the image of its best match when that match is
+        // close and clearly better than the best match in any other image (Lowe's ratio).
+        let mut votes: HashMap<u32, u32> = HashMap::new();
         for (qi, cands) in best.iter().enumerate() {
-            let (d1, id1) = cands[0];
+            let (d1, _) = cands[0];
             if d1 == u32::MAX || d1 > params.max_distance {
                 continue;
             }
-            let img1 = self.image_of(id1);
-            let d2 = cands[1..]
-                .iter()
-                .filter(|(d, _)| *d != u32::MAX)
-                .find(|(_, id)| self.image_of(*id) != img1)
-                .map_or(u32::MAX, |(d, _)| *d);
+            let img1 = images[qi][0];
+            let d2 = (1..4)
+                .find(|&i| cands[i].0 != u32::MAX && images[qi][i] != img1)
+                .map_or(u32::MAX, |i| cands[i].0);
             if d2 != u32::MAX && (d1 as f32) >= params.ratio * d2 as f32 {
                 continue;
             }
-            votes.entry(img1).or_default().push((qi, id1));
+            *votes.entry(img1).or_default() += 1;
         }
-        let mut ranked: Vec<(u32, Vec<(usize, u32)>)> = votes.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        let mut ranked: Vec<(u32, u32)> = votes.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let lookup_ms = t.elapsed().as_secs_f64() * 1000.0;
 
         let t = Instant::now();
-        let keep = if params.verify { params.verify_candidates.max(params.k) } else { params.k };
+        let keep = if params.verify {
+            params.verify_candidates.max(params.k)
+        } else {
+            params.k
+        };
         ranked.truncate(keep);
         let rtxn = self.store.env.read_txn()?;
         let mut matches = Vec::with_capacity(ranked.len());
-        for (image, pairs) in &ranked {
-            let rec = self.store.images.get(&rtxn, image)?.unwrap_or_default();
-            let inliers = if params.verify {
-                let kps = self.store.kps.get(&rtxn, image)?.unwrap_or_default();
-                let first = self.offsets[*image as usize];
-                let mut q = Vec::with_capacity(pairs.len());
-                let mut c = Vec::with_capacity(pairs.len());
-                for &(qi, desc) in pairs {
-                    let [x, y] = f.keypoints[qi];
-                    if let Some(p) = store::keypoint_at(kps, (desc as u64 - first) as usize) {
-                        q.push((x as f32 / crate::features::KEYPOINT_SUBPIXELS, y as f32 / crate::features::KEYPOINT_SUBPIXELS));
-                        c.push(p);
-                    }
-                }
-                Some(verify::inliers(&q, &c)?)
+        for &(image, score) in &ranked {
+            let rec = self.store.images.get(&rtxn, &image)?.unwrap_or_default();
+            let (inliers, verified) = if params.verify {
+                let (inliers, pairs) =
+                    self.verify_image(&rtxn, f, &best, &images, image, params)?;
+                (Some(inliers), verify::is_verified(inliers, pairs))
             } else {
-                None
+                (None, false)
             };
             matches.push(Match {
-                id: *image,
+                id: image,
                 path: rec.path,
-                score: pairs.len() as u32,
-                verified: inliers.is_some_and(|n| n >= verify::MIN_INLIERS),
+                score,
+                verified,
                 inliers,
             });
         }
         if params.verify {
+            // Verified candidates first, by inliers; then the rest by votes, boosted by what
+            // geometric support they have (too little to verify, but not nothing).
+            let soft = |m: &Match| {
+                m.score as f64 * (1.0 + m.inliers.unwrap_or(0) as f64 / verify::MIN_INLIERS as f64)
+            };
             matches.sort_by(|a, b| {
-                b.verified
-                    .cmp(&a.verified)
-                    .then(b.inliers.unwrap_or(0).cmp(&a.inliers.unwrap_or(0)))
-                    .then(b.score.cmp(&a.score))
+                b.verified.cmp(&a.verified).then_with(|| {
+                    if a.verified {
+                        b.inliers.cmp(&a.inliers).then(b.score.cmp(&a.score))
+                    } else {
+                        soft(b).total_cmp(&soft(a))
+                    }
                     .then(a.id.cmp(&b.id))
+                })
             });
         }
         matches.truncate(params.k);
         Ok((matches, lookup_ms, t.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// RANSAC inliers between the query and one catalogue image. Every close candidate of a
+    /// query descriptor in that image is a hypothesis (repetitive structure makes the single
+    /// best one unreliable); RANSAC keeps the consistent ones.
+    fn verify_image(
+        &self,
+        rtxn: &heed::RoTxn,
+        f: &Features,
+        best: &[[(u32, u32); 4]],
+        images: &[[u32; 4]],
+        image: u32,
+        params: &SearchParams,
+    ) -> Result<(u32, usize)> {
+        let kps = self.store.kps.get(rtxn, &image)?.unwrap_or_default();
+        let first = self.offsets[image as usize];
+        // The closest candidate of each query descriptor inside the image, best pairs first
+        // (PROSAC samples the most similar pairs first).
+        let mut pairs: Vec<(u32, usize, u32)> = Vec::new();
+        for (qi, cands) in best.iter().enumerate() {
+            let Some(i) = (0..4).find(|&i| images[qi][i] == image) else {
+                continue;
+            };
+            let (d, id) = cands[i];
+            if d <= params.max_distance {
+                pairs.push((d, qi, id));
+            }
+        }
+        pairs.sort_unstable();
+        let mut q = Vec::with_capacity(pairs.len());
+        let mut c = Vec::with_capacity(pairs.len());
+        for (_, qi, id) in pairs {
+            if let Some(p) = store::keypoint_at(kps, (id as u64 - first) as usize) {
+                let [x, y] = f.keypoints[qi];
+                q.push((
+                    x as f32 / crate::features::KEYPOINT_SUBPIXELS,
+                    y as f32 / crate::features::KEYPOINT_SUBPIXELS,
+                ));
+                c.push(p);
+            }
+        }
+        Ok((verify::inliers(&q, &c)?, q.len()))
     }
 
     /// Read access to the store (for tests and tools).
@@ -367,15 +476,23 @@ pub enum QueryError {
 }
 
 /// Searches encoded image bytes.
-pub fn search_bytes(index: &Index, detector: &mut crate::features::Detector, bytes: &[u8], params: &SearchParams) -> Result<Answer, QueryError> {
+pub fn search_bytes(
+    index: &Index,
+    detector: &mut crate::features::Detector,
+    bytes: &[u8],
+    params: &SearchParams,
+) -> Result<Answer, QueryError> {
     let t = Instant::now();
     let header = crate::imageguard::header(bytes).map_err(crate::features::ExtractError::from)?;
     let (gray, scale) = crate::features::decode_gray(bytes, &header, detector.params().max_side)?;
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
     let t = Instant::now();
-    let (work, factor) = crate::features::to_work_size(&gray, detector.params().max_side).map_err(IndexError::from)?;
+    let (work, factor) = crate::features::to_work_size(&gray, detector.params().max_side)
+        .map_err(IndexError::from)?;
     drop(gray);
-    let (keypoints, descriptors, mut adaptation) = detector.features_of_work_image(&work).map_err(IndexError::from)?;
+    let (keypoints, descriptors, mut adaptation) = detector
+        .features_of_work_image(&work)
+        .map_err(IndexError::from)?;
     adaptation.resize = factor as f32;
     adaptation.decode_scale = scale as u8;
     use opencv::prelude::MatTraitConst;
@@ -395,12 +512,34 @@ pub fn search_bytes(index: &Index, detector: &mut crate::features::Detector, byt
         matches,
         features: f.descriptors.len(),
         adaptation: f.adaptation,
-        timings: Timings { decode_ms, extract_ms, lookup_ms, verify_ms },
+        timings: Timings {
+            decode_ms,
+            extract_ms,
+            lookup_ms,
+            verify_ms,
+        },
     })
 }
 
 /// Searches an image file.
-pub fn search_file(index: &Index, detector: &mut crate::features::Detector, path: &Path, params: &SearchParams) -> Result<Answer, QueryError> {
+pub fn search_file(
+    index: &Index,
+    detector: &mut crate::features::Detector,
+    path: &Path,
+    params: &SearchParams,
+) -> Result<Answer, QueryError> {
     let bytes = std::fs::read(path).map_err(|e| QueryError::Read(path.to_path_buf(), e))?;
     search_bytes(index, detector, &bytes, params)
+}
+
+impl Index {
+    /// The nearest stored descriptor to one query descriptor (for lookup benchmarks).
+    pub fn nearest(&self, d: &Descriptor, params: &SearchParams) -> Result<Option<u32>> {
+        let best = self.lookup(std::slice::from_ref(d), params)?;
+        Ok(best
+            .first()
+            .map(|b| b[0])
+            .filter(|(dist, _)| *dist != u32::MAX)
+            .map(|(_, id)| id))
+    }
 }

@@ -14,7 +14,10 @@ use crate::error::{IndexError, Result};
 use crate::features::Adaptation;
 use arroy::distances::BinaryQuantizedManhattan;
 use heed::types::{Bytes, SerdeJson, Str, U32, U64};
-use heed::{byteorder::BigEndian, CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{
+    byteorder::BigEndian, CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn,
+    WithoutTls,
+};
 use imageindex_crds::preset::Preset;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::Path;
@@ -213,7 +216,15 @@ impl Store {
                 )))
             })?
             .unwrap_commit();
-        Ok(Store { env, meta, images, descs, kps, lists, arroy })
+        Ok(Store {
+            env,
+            meta,
+            images,
+            descs,
+            kps,
+            lists,
+            arroy,
+        })
     }
 
     /// Opens a published generation read-only (no lock file: generations never change).
@@ -234,7 +245,10 @@ impl Store {
                 )))
             })?
             .unwrap_commit();
-        let missing = |name: &str| IndexError::BadIndex { path: dir.to_path_buf(), reason: format!("database {name} missing") };
+        let missing = |name: &str| IndexError::BadIndex {
+            path: dir.to_path_buf(),
+            reason: format!("database {name} missing"),
+        };
         Ok(Store {
             meta: meta.ok_or_else(|| missing("meta"))?,
             images: images.ok_or_else(|| missing("images"))?,
@@ -249,17 +263,22 @@ impl Store {
     /// Reads a JSON metadata value.
     pub fn get_json<T: DeserializeOwned>(&self, rtxn: &RoTxn, key: &str) -> Result<Option<T>> {
         match self.meta.get(rtxn, key)? {
-            Some(bytes) => serde_json::from_slice(bytes).map(Some).map_err(|e| IndexError::BadIndex {
-                path: self.env.path().to_path_buf(),
-                reason: format!("metadata {key}: {e}"),
-            }),
+            Some(bytes) => {
+                serde_json::from_slice(bytes)
+                    .map(Some)
+                    .map_err(|e| IndexError::BadIndex {
+                        path: self.env.path().to_path_buf(),
+                        reason: format!("metadata {key}: {e}"),
+                    })
+            }
             None => Ok(None),
         }
     }
 
     /// Writes a JSON metadata value.
     pub fn put_json<T: Serialize>(&self, wtxn: &mut RwTxn, key: &str, value: &T) -> Result<()> {
-        let bytes = serde_json::to_vec(value).map_err(|e| IndexError::Usage(format!("cannot encode {key}: {e}")))?;
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| IndexError::Usage(format!("cannot encode {key}: {e}")))?;
         self.meta.put(wtxn, key, &bytes)?;
         Ok(())
     }
@@ -277,7 +296,9 @@ pub fn descriptors_blob(descs: &[crate::features::Descriptor]) -> Vec<u8> {
 
 /// Encodes keypoints as one blob (u16 little-endian x, y).
 pub fn keypoints_blob(kps: &[[u16; 2]]) -> Vec<u8> {
-    kps.iter().flat_map(|[x, y]| x.to_le_bytes().into_iter().chain(y.to_le_bytes())).collect()
+    kps.iter()
+        .flat_map(|[x, y]| x.to_le_bytes().into_iter().chain(y.to_le_bytes()))
+        .collect()
 }
 
 /// Reads keypoint `i` of a keypoint blob, in working-image pixels.
@@ -310,8 +331,15 @@ mod tests {
 
     #[test]
     fn checkpoint_json_is_tagged() {
-        let c = Checkpoint::Assign { preset: "full".into(), next: 3, chunk: 1 };
+        let c = Checkpoint::Assign {
+            preset: "full".into(),
+            next: 3,
+            chunk: 1,
+        };
         let j = serde_json::to_string(&c).unwrap();
-        assert_eq!(j, r#"{"phase":"assign","preset":"full","next":3,"chunk":1}"#);
+        assert_eq!(
+            j,
+            r#"{"phase":"assign","preset":"full","next":3,"chunk":1}"#
+        );
     }
 }

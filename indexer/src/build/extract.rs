@@ -29,7 +29,11 @@ struct ByteBudget {
 
 impl ByteBudget {
     fn new(capacity: u64) -> Self {
-        ByteBudget { capacity: capacity.max(1), available: Mutex::new(capacity.max(1)), freed: Condvar::new() }
+        ByteBudget {
+            capacity: capacity.max(1),
+            available: Mutex::new(capacity.max(1)),
+            freed: Condvar::new(),
+        }
     }
 
     /// Takes `want` bytes (capped at the capacity, so one huge image runs alone).
@@ -79,23 +83,38 @@ struct Job {
 }
 
 /// Extracts one image under the byte budget.
-fn process(root: &Path, job: &Job, detector: &mut Detector, budget: &ByteBudget, preset: &Preset) -> Outcome {
+fn process(
+    root: &Path,
+    job: &Job,
+    detector: &mut Detector,
+    budget: &ByteBudget,
+    preset: &Preset,
+) -> Outcome {
     let full: PathBuf = root.join(&job.path);
     let md = match std::fs::metadata(&full) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !root.is_dir() {
-                return Outcome::Fatal(IndexError::Dataset { path: root.to_path_buf(), source: e });
+                return Outcome::Fatal(IndexError::Dataset {
+                    path: root.to_path_buf(),
+                    source: e,
+                });
             }
             return Outcome::Skipped("file disappeared during the build".into());
         }
         Err(e) => return Outcome::Skipped(format!("unreadable: {e}")),
     };
     if md.len() > MAX_FILE_BYTES {
-        return Outcome::Skipped(format!("file is {} MiB, above the {} MiB limit", md.len() >> 20, MAX_FILE_BYTES >> 20));
+        return Outcome::Skipped(format!(
+            "file is {} MiB, above the {} MiB limit",
+            md.len() >> 20,
+            MAX_FILE_BYTES >> 20
+        ));
     }
     let predicted = crate::dataset::header_of_file(&full)
-        .map(|(format, w, h)| estimate::image_bytes(preset, w, h, format == crate::imageguard::Format::Jpeg))
+        .map(|(format, w, h)| {
+            estimate::image_bytes(preset, w, h, format == crate::imageguard::Format::Jpeg)
+        })
         .unwrap_or(0);
     let held = budget.acquire(md.len() + predicted);
     let outcome = match std::fs::read(&full) {
@@ -104,7 +123,10 @@ fn process(root: &Path, job: &Job, detector: &mut Detector, budget: &ByteBudget,
             Err(e) => Outcome::Skipped(e.to_string()),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !root.is_dir() => {
-            Outcome::Fatal(IndexError::Dataset { path: root.to_path_buf(), source: e })
+            Outcome::Fatal(IndexError::Dataset {
+                path: root.to_path_buf(),
+                source: e,
+            })
         }
         Err(e) => Outcome::Skipped(format!("unreadable: {e}")),
     };
@@ -113,9 +135,18 @@ fn process(root: &Path, job: &Job, detector: &mut Detector, budget: &ByteBudget,
 }
 
 /// Runs (or resumes) extraction. Returns how many images this call extracted.
-pub(super) fn run(store: &Store, root: &Path, preset: &Preset, plan: &BuildPlan, threads: usize, ctx: &BuildContext) -> Result<u64> {
+pub(super) fn run(
+    store: &Store,
+    root: &Path,
+    preset: &Preset,
+    plan: &BuildPlan,
+    threads: usize,
+    ctx: &BuildContext,
+) -> Result<u64> {
     let rtxn = store.env.read_txn()?;
-    let checkpoint: Checkpoint = store.get_json(&rtxn, store::keys::CHECKPOINT)?.unwrap_or(Checkpoint::Extract { next: 0 });
+    let checkpoint: Checkpoint = store
+        .get_json(&rtxn, store::keys::CHECKPOINT)?
+        .unwrap_or(Checkpoint::Extract { next: 0 });
     let mut jobs = Vec::new();
     let (mut processed, mut failed, mut descriptors) = (0u64, 0u64, 0u64);
     let next = match checkpoint {
@@ -137,7 +168,13 @@ pub(super) fn run(store: &Store, root: &Path, preset: &Preset, plan: &BuildPlan,
     if jobs.is_empty() {
         if matches!(checkpoint, Checkpoint::Extract { .. }) {
             let mut wtxn = store.env.write_txn()?;
-            store.put_json(&mut wtxn, store::keys::CHECKPOINT, &Checkpoint::Train { preset: preset.label() })?;
+            store.put_json(
+                &mut wtxn,
+                store::keys::CHECKPOINT,
+                &Checkpoint::Train {
+                    preset: preset.label(),
+                },
+            )?;
             wtxn.commit()?;
         }
         return Ok(0);
@@ -200,7 +237,9 @@ pub(super) fn run(store: &Store, root: &Path, preset: &Preset, plan: &BuildPlan,
         let commit = |wtxn: heed::RwTxn<'_>, next_id: u32| -> Result<()> {
             let mut wtxn = wtxn;
             let cp = if next_id as usize >= first as usize + total_jobs {
-                Checkpoint::Train { preset: preset.label() }
+                Checkpoint::Train {
+                    preset: preset.label(),
+                }
             } else {
                 Checkpoint::Extract { next: next_id }
             };
@@ -252,7 +291,8 @@ pub(super) fn run(store: &Store, root: &Path, preset: &Preset, plan: &BuildPlan,
                 done_now += 1;
                 written += 1;
                 window.release();
-                if batch_bytes >= plan.write_batch_bytes || last_commit.elapsed() >= COMMIT_INTERVAL {
+                if batch_bytes >= plan.write_batch_bytes || last_commit.elapsed() >= COMMIT_INTERVAL
+                {
                     commit(wtxn, next_id)?;
                     wtxn = store.env.write_txn()?;
                     batch_bytes = 0;

@@ -12,24 +12,38 @@ use std::time::Duration;
 pub struct MemoryGovernor {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
+    peak_anon: Arc<AtomicU64>,
     reclaims: Arc<AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MemoryGovernor {
     /// Starts watching; `env` is the LMDB environment whose pages may be released.
-    pub fn start(memory: Arc<MemorySource>, reclaim_at: u64, env: Option<Env<WithoutTls>>) -> MemoryGovernor {
+    pub fn start(
+        memory: Arc<MemorySource>,
+        reclaim_at: u64,
+        env: Option<Env<WithoutTls>>,
+    ) -> MemoryGovernor {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
+        let peak_anon = Arc::new(AtomicU64::new(0));
         let reclaims = Arc::new(AtomicU64::new(0));
-        let (stop2, peak2, reclaims2) = (stop.clone(), peak.clone(), reclaims.clone());
-        let data_file = env.as_ref().and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
+        let (stop2, peak2, anon2, reclaims2) = (
+            stop.clone(),
+            peak.clone(),
+            peak_anon.clone(),
+            reclaims.clone(),
+        );
+        let data_file = env
+            .as_ref()
+            .and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
         let handle = std::thread::Builder::new()
             .name("memory".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Relaxed) {
                     let s = memory.snapshot();
                     peak2.fetch_max(s.working_set, Ordering::Relaxed);
+                    anon2.fetch_max(s.process.rss_anon, Ordering::Relaxed);
                     if s.working_set > reclaim_at {
                         let map = env.as_ref().map(|e| {
                             let info = e.info();
@@ -42,12 +56,29 @@ impl MemoryGovernor {
                 }
             })
             .ok();
-        MemoryGovernor { stop, peak, reclaims, handle }
+        MemoryGovernor {
+            stop,
+            peak,
+            peak_anon,
+            reclaims,
+            handle,
+        }
     }
 
     /// Highest working set seen.
     pub fn peak_working_set(&self) -> u64 {
         self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The peaks so far (VmHWM read now).
+    pub fn memory(&self) -> super::BuildMemory {
+        let now = crate::memory::process_memory();
+        super::BuildMemory {
+            peak_working_set: self.peak_working_set(),
+            peak_rss: now.peak_rss,
+            peak_rss_anon: self.peak_anon.load(Ordering::Relaxed).max(now.rss_anon),
+            reclaims: self.reclaims(),
+        }
     }
 
     /// Times file pages were released.

@@ -32,7 +32,9 @@ pub(super) struct IndexStats {
 
 fn checkpoint(store: &Store) -> Result<Checkpoint> {
     let rtxn = store.env.read_txn()?;
-    Ok(store.get_json(&rtxn, store::keys::CHECKPOINT)?.unwrap_or(Checkpoint::Extract { next: 0 }))
+    Ok(store
+        .get_json(&rtxn, store::keys::CHECKPOINT)?
+        .unwrap_or(Checkpoint::Extract { next: 0 }))
 }
 
 fn set_checkpoint(store: &Store, wtxn: &mut heed::RwTxn, cp: &Checkpoint) -> Result<()> {
@@ -45,7 +47,11 @@ fn offsets(store: &Store, preset: &Preset) -> Result<Vec<u64>> {
     let mut out = vec![0u64];
     for r in store.images.iter(&rtxn)? {
         let (_, rec) = r?;
-        let kept = if rec.error.is_some() { 0 } else { rec.count.min(preset.nfeatures) };
+        let kept = if rec.error.is_some() {
+            0
+        } else {
+            rec.count.min(preset.nfeatures)
+        };
         out.push(out.last().copied().unwrap_or(0) + kept as u64);
     }
     Ok(out)
@@ -57,7 +63,10 @@ fn offsets_blob(o: &[u64]) -> Vec<u8> {
 
 /// Reads the offsets table of an index.
 pub fn read_offsets(bytes: &[u8]) -> Vec<u64> {
-    bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
 }
 
 /// Calls `f(image, first_descriptor_id, kept descriptors)` for images `from..to`.
@@ -88,14 +97,21 @@ fn descriptor(chunk: &[u8]) -> Descriptor {
 }
 
 /// Runs (or resumes) the index phases.
-pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildContext, timings: &mut Timings) -> Result<IndexStats> {
+pub(super) fn run(
+    store: &Store,
+    preset: &Preset,
+    plan: &BuildPlan,
+    ctx: &BuildContext,
+    timings: &mut Timings,
+) -> Result<IndexStats> {
     let label = preset.label();
     let mut cp = checkpoint(store)?;
     // A checkpoint from another preset's index phases: redo them (extraction is kept).
     let other_preset = match &cp {
-        Checkpoint::Train { preset } | Checkpoint::Assign { preset, .. } | Checkpoint::Arroy { preset, .. } | Checkpoint::Publish { preset } => {
-            *preset != label
-        }
+        Checkpoint::Train { preset }
+        | Checkpoint::Assign { preset, .. }
+        | Checkpoint::Arroy { preset, .. }
+        | Checkpoint::Publish { preset } => *preset != label,
         Checkpoint::Extract { .. } => false,
     };
     if other_preset {
@@ -103,7 +119,9 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
         let mut wtxn = store.env.write_txn()?;
         store.lists.clear(&mut wtxn)?;
         store.arroy.clear(&mut wtxn)?;
-        cp = Checkpoint::Train { preset: label.clone() };
+        cp = Checkpoint::Train {
+            preset: label.clone(),
+        };
         set_checkpoint(store, &mut wtxn, &cp)?;
         wtxn.commit()?;
     }
@@ -117,7 +135,10 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
     if matches!(cp, Checkpoint::Train { .. }) {
         let t = Instant::now();
         ctx.progress.start_step(total);
-        let target = total.min(n_lists as u64 * ivf::SAMPLES_PER_LIST).min(plan.ivf_train_samples).max(1);
+        let target = total
+            .min(n_lists as u64 * ivf::SAMPLES_PER_LIST)
+            .min(plan.ivf_train_samples)
+            .max(1);
         let mut samples: Vec<Descriptor> = Vec::with_capacity(target as usize);
         let mut next_pick = 0u64;
         let mut picked = 0u64;
@@ -136,14 +157,26 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
         let centroids = ivf::train(&samples, n_lists, ivf::TRAIN_ITERATIONS, TRAIN_SEED);
         drop(samples);
         let mut wtxn = store.env.write_txn()?;
-        store.meta.put(&mut wtxn, store::keys::CENTROIDS, &centroids.to_bytes())?;
-        store.meta.put(&mut wtxn, store::keys::OFFSETS, &offsets_blob(&offsets))?;
+        store
+            .meta
+            .put(&mut wtxn, store::keys::CENTROIDS, &centroids.to_bytes())?;
+        store
+            .meta
+            .put(&mut wtxn, store::keys::OFFSETS, &offsets_blob(&offsets))?;
         store.lists.clear(&mut wtxn)?;
-        cp = Checkpoint::Assign { preset: label.clone(), next: 0, chunk: 0 };
+        cp = Checkpoint::Assign {
+            preset: label.clone(),
+            next: 0,
+            chunk: 0,
+        };
         set_checkpoint(store, &mut wtxn, &cp)?;
         wtxn.commit()?;
         timings.train += t.elapsed().as_secs_f64();
-        tracing::info!(lists = centroids.len(), secs = t.elapsed().as_secs_f64(), "coarse quantizer trained");
+        tracing::info!(
+            lists = centroids.len(),
+            secs = t.elapsed().as_secs_f64(),
+            "coarse quantizer trained"
+        );
     }
 
     // Assign.
@@ -151,8 +184,14 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
         let t = Instant::now();
         let centroids = {
             let rtxn = store.env.read_txn()?;
-            let bytes = store.meta.get(&rtxn, store::keys::CENTROIDS)?.unwrap_or_default();
-            Centroids::from_bytes(bytes).ok_or_else(|| IndexError::BadIndex { path: store.env.path().to_path_buf(), reason: "centroids".into() })?
+            let bytes = store
+                .meta
+                .get(&rtxn, store::keys::CENTROIDS)?
+                .unwrap_or_default();
+            Centroids::from_bytes(bytes).ok_or_else(|| IndexError::BadIndex {
+                path: store.env.path().to_path_buf(),
+                reason: "centroids".into(),
+            })?
         };
         ctx.progress.start_step(total);
         ctx.progress.set_step_done(offsets[next as usize]);
@@ -173,7 +212,10 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
                 }
                 Ok(())
             })?;
-            let lists: Vec<u32> = batch.par_iter().map(|(_, d)| centroids.nearest(&words(d))).collect();
+            let lists: Vec<u32> = batch
+                .par_iter()
+                .map(|(_, d)| centroids.nearest(&words(d)))
+                .collect();
             for ((id, d), l) in batch.iter().zip(lists) {
                 ivf::push_entry(&mut buffers[l as usize], *id, d);
             }
@@ -184,16 +226,26 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
                 let mut wtxn = store.env.write_txn()?;
                 for (l, buf) in buffers.iter_mut().enumerate() {
                     if !buf.is_empty() {
-                        store.lists.put(&mut wtxn, &Store::list_key(l as u32, chunk), buf)?;
+                        store
+                            .lists
+                            .put(&mut wtxn, &Store::list_key(l as u32, chunk), buf)?;
                         buf.clear();
                         buf.shrink_to(0);
                     }
                 }
                 chunk += 1;
                 cp = if image == n_images {
-                    Checkpoint::Arroy { preset: label.clone(), shard: 0, added: 0 }
+                    Checkpoint::Arroy {
+                        preset: label.clone(),
+                        shard: 0,
+                        added: 0,
+                    }
                 } else {
-                    Checkpoint::Assign { preset: label.clone(), next: image, chunk }
+                    Checkpoint::Assign {
+                        preset: label.clone(),
+                        next: image,
+                        chunk,
+                    }
                 };
                 set_checkpoint(store, &mut wtxn, &cp)?;
                 wtxn.commit()?;
@@ -202,7 +254,11 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
         }
         if n_images == 0 || matches!(cp, Checkpoint::Assign { .. }) {
             let mut wtxn = store.env.write_txn()?;
-            cp = Checkpoint::Arroy { preset: label.clone(), shard: 0, added: 0 };
+            cp = Checkpoint::Arroy {
+                preset: label.clone(),
+                shard: 0,
+                added: 0,
+            };
             set_checkpoint(store, &mut wtxn, &cp)?;
             wtxn.commit()?;
         }
@@ -243,15 +299,25 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
                 let from = lo + added;
                 let to = (from + ARROY_ADD_BATCH).min(hi);
                 let mut wtxn = store.env.write_txn()?;
-                let writer = arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
+                let writer =
+                    arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
                 add_range(store, &offsets, &writer, &mut wtxn, from, to)?;
                 added = to - lo;
-                set_checkpoint(store, &mut wtxn, &Checkpoint::Arroy { preset: label.clone(), shard: s, added })?;
+                set_checkpoint(
+                    store,
+                    &mut wtxn,
+                    &Checkpoint::Arroy {
+                        preset: label.clone(),
+                        shard: s,
+                        added,
+                    },
+                )?;
                 wtxn.commit()?;
                 ctx.progress.set_step_done(to);
             }
             let mut wtxn = store.env.write_txn()?;
-            let mut writer = arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
+            let mut writer =
+                arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
             writer.set_tmpdir(&tmp);
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xA770 + s as u64);
             let cancel = ctx.progress.clone();
@@ -268,9 +334,15 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
             }
             added = 0;
             let next = if s + 1 == shards {
-                Checkpoint::Publish { preset: label.clone() }
+                Checkpoint::Publish {
+                    preset: label.clone(),
+                }
             } else {
-                Checkpoint::Arroy { preset: label.clone(), shard: s + 1, added: 0 }
+                Checkpoint::Arroy {
+                    preset: label.clone(),
+                    shard: s + 1,
+                    added: 0,
+                }
             };
             set_checkpoint(store, &mut wtxn, &next)?;
             wtxn.commit()?;
@@ -279,12 +351,23 @@ pub(super) fn run(store: &Store, preset: &Preset, plan: &BuildPlan, ctx: &BuildC
         }
         if shards == 0 {
             let mut wtxn = store.env.write_txn()?;
-            set_checkpoint(store, &mut wtxn, &Checkpoint::Publish { preset: label.clone() })?;
+            set_checkpoint(
+                store,
+                &mut wtxn,
+                &Checkpoint::Publish {
+                    preset: label.clone(),
+                },
+            )?;
             wtxn.commit()?;
         }
         timings.arroy += t.elapsed().as_secs_f64();
     }
-    Ok(IndexStats { descriptors: total, lists: n_lists, shards, shard_items })
+    Ok(IndexStats {
+        descriptors: total,
+        lists: n_lists,
+        shards,
+        shard_items,
+    })
 }
 
 /// Adds descriptors `from..to` (global ids) to an arroy shard.

@@ -73,6 +73,22 @@ pub struct BuildSummary {
     pub resumed: bool,
     /// Images extracted by this run (not taken from the checkpoint).
     pub extracted_now: u64,
+    /// Memory peaks of this run.
+    pub memory: BuildMemory,
+}
+
+/// Memory peaks of a build run, as sampled by its governor and read from `/proc`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildMemory {
+    /// Highest cgroup working set (or RSS outside a cgroup).
+    pub peak_working_set: u64,
+    /// VmHWM: the process's peak resident set.
+    pub peak_rss: u64,
+    /// Highest anonymous resident memory sampled.
+    pub peak_rss_anon: u64,
+    /// Times LMDB's clean pages were handed back to the kernel.
+    pub reclaims: u64,
 }
 
 /// Shared services of a build: progress, memory, cancellation.
@@ -97,7 +113,9 @@ pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let preset = match opts.preset {
         PresetChoice::Exact(p) => p,
         PresetChoice::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
-            *Preset::ladder().last().unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
+            *Preset::ladder()
+                .last()
+                .unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
         }),
     };
     let plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
@@ -114,10 +132,13 @@ pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
 
     let build_dir = dir.build_dir();
     let (store, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
-    let governor = MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
+    let governor =
+        MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
     let mut timings = {
         let rtxn = store.env.read_txn()?;
-        store.get_json::<Timings>(&rtxn, "timings")?.unwrap_or_default()
+        store
+            .get_json::<Timings>(&rtxn, "timings")?
+            .unwrap_or_default()
     };
     timings.scan += scan_secs;
 
@@ -152,20 +173,36 @@ pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         peak_working_set: governor.peak_working_set(),
         started_at,
         finished_at: now_rfc3339(),
-        timings: Timings { publish: 0.0, ..timings.clone() },
+        timings: Timings {
+            publish: 0.0,
+            ..timings.clone()
+        },
         indexer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let path = publish::run(&dir, &store, &meta, &listing)?;
     let mut meta = meta;
     meta.timings.publish = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Done);
+    let memory = governor.memory();
     drop(governor);
-    Ok(BuildSummary { generation, path, meta, resumed, extracted_now })
+    Ok(BuildSummary {
+        generation,
+        path,
+        meta,
+        resumed,
+        extracted_now,
+        memory,
+    })
 }
 
 /// Plans the budget; with `strict`, a preset that does not fit is an error, otherwise the
 /// build tries with the smallest plan (the operator downgrades if the kernel disagrees).
-pub fn plan_for(preset: &Preset, shape: &estimate::DatasetShape, budget: u64, strict: bool) -> Result<BuildPlan> {
+pub fn plan_for(
+    preset: &Preset,
+    shape: &estimate::DatasetShape,
+    budget: u64,
+    strict: bool,
+) -> Result<BuildPlan> {
     match estimate::plan(preset, shape, budget) {
         Ok(p) => Ok(p),
         Err(e) if strict => Err(e.into()),
@@ -183,7 +220,11 @@ pub fn plan_for(preset: &Preset, shape: &estimate::DatasetShape, budget: u64, st
 
 /// Opens the in-progress build, discarding it when the dataset changed or when it was
 /// extracted with fewer features than this preset wants.
-fn open_or_reset(build_dir: &std::path::Path, listing: &dataset::Listing, preset: &Preset) -> Result<(Store, bool)> {
+fn open_or_reset(
+    build_dir: &std::path::Path,
+    listing: &dataset::Listing,
+    preset: &Preset,
+) -> Result<(Store, bool)> {
     if build_dir.join("data.mdb").exists() {
         let store = Store::create(build_dir)?;
         let rtxn = store.env.read_txn()?;
@@ -193,9 +234,16 @@ fn open_or_reset(build_dir: &std::path::Path, listing: &dataset::Listing, preset
             .images
             .iter(&rtxn)?
             .filter_map(|r| r.ok())
-            .any(|(_, rec)| rec.extracted_with != 0 && rec.extracted_with < preset.nfeatures && rec.count >= rec.extracted_with);
+            .any(|(_, rec)| {
+                rec.extracted_with != 0
+                    && rec.extracted_with < preset.nfeatures
+                    && rec.count >= rec.extracted_with
+            });
         drop(rtxn);
-        if fingerprint.as_deref() == Some(listing.fingerprint.as_str()) && checkpoint.is_some() && !poorer_extraction {
+        if fingerprint.as_deref() == Some(listing.fingerprint.as_str())
+            && checkpoint.is_some()
+            && !poorer_extraction
+        {
             tracing::info!(checkpoint = ?checkpoint, "resuming the build from its checkpoint");
             return Ok((store, true));
         }
@@ -213,11 +261,20 @@ fn open_or_reset(build_dir: &std::path::Path, listing: &dataset::Listing, preset
     let store = Store::create(build_dir)?;
     let mut wtxn = store.env.write_txn()?;
     for (i, f) in listing.files.iter().enumerate() {
-        let rec = ImageRecord { path: f.path.clone(), bytes: f.bytes, mtime: f.mtime, ..Default::default() };
+        let rec = ImageRecord {
+            path: f.path.clone(),
+            bytes: f.bytes,
+            mtime: f.mtime,
+            ..Default::default()
+        };
         store.images.put(&mut wtxn, &(i as u32), &rec)?;
     }
     store.put_json(&mut wtxn, store::keys::FINGERPRINT, &listing.fingerprint)?;
-    store.put_json(&mut wtxn, store::keys::CHECKPOINT, &Checkpoint::Extract { next: 0 })?;
+    store.put_json(
+        &mut wtxn,
+        store::keys::CHECKPOINT,
+        &Checkpoint::Extract { next: 0 },
+    )?;
     wtxn.commit()?;
     Ok((store, false))
 }
@@ -246,4 +303,148 @@ fn count_images(store: &Store) -> Result<(u64, u64)> {
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// A build from generated descriptors instead of images (for benchmarks at sizes no sample
+/// dataset reaches): `images` groups of `per_image` descriptors from `generate(image)`.
+pub struct SyntheticSource<'a> {
+    /// Number of synthetic images.
+    pub images: u32,
+    /// Descriptors per image.
+    pub per_image: u32,
+    /// Makes the descriptors of one image (deterministic).
+    pub generate: &'a (dyn Fn(u32) -> Vec<crate::features::Descriptor> + Sync),
+    /// Identifies the generated set (its fingerprint).
+    pub fingerprint: String,
+}
+
+/// Builds and publishes an index of synthetic descriptors through the same index phases,
+/// checkpoints and publish step as an image build.
+pub fn run_synthetic(
+    out: &std::path::Path,
+    source: &SyntheticSource,
+    preset: &Preset,
+    ctx: &BuildContext,
+) -> Result<BuildSummary> {
+    let started_at = now_rfc3339();
+    let dir = IndexDir::new(out);
+    let _lock = dir.lock()?;
+    let budget = ctx.memory.limit();
+    let shape = estimate::DatasetShape {
+        images: source.images as u64,
+        bytes: 0,
+        max_width: 640,
+        max_height: 480,
+        max_is_jpeg: true,
+    };
+    let plan = plan_for(preset, &shape, budget, false)?;
+    let listing = dataset::Listing {
+        files: (0..source.images)
+            .map(|i| dataset::FileEntry {
+                path: format!("synthetic/{i:08}"),
+                bytes: 0,
+                mtime: 0,
+            })
+            .collect(),
+        skipped: Vec::new(),
+        fingerprint: source.fingerprint.clone(),
+    };
+    let (store, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
+    drop(listing);
+    let governor =
+        MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
+    ctx.progress.set_total(source.images as u64);
+    ctx.progress.set_phase(Phase::Extract);
+    let mut timings = Timings::default();
+    let t = Instant::now();
+    let cp: Option<Checkpoint> = {
+        let rtxn = store.env.read_txn()?;
+        store.get_json(&rtxn, store::keys::CHECKPOINT)?
+    };
+    if let Some(Checkpoint::Extract { next }) = cp {
+        let mut wtxn = store.env.write_txn()?;
+        let mut bytes = 0u64;
+        for i in next..source.images {
+            if ctx.progress.is_cancelled() {
+                store.put_json(
+                    &mut wtxn,
+                    store::keys::CHECKPOINT,
+                    &Checkpoint::Extract { next: i },
+                )?;
+                wtxn.commit()?;
+                return Err(IndexError::Interrupted);
+            }
+            let descs = (source.generate)(i);
+            let kps: Vec<[u16; 2]> = (0..descs.len())
+                .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
+                .collect();
+            let mut rec: ImageRecord = store.images.get(&wtxn, &i)?.unwrap_or_default();
+            rec.count = descs.len() as u32;
+            rec.extracted_with = preset.nfeatures;
+            rec.width = 640;
+            rec.height = 480;
+            rec.work_width = 640;
+            rec.work_height = 480;
+            store.images.put(&mut wtxn, &i, &rec)?;
+            let d = store::descriptors_blob(&descs);
+            bytes += d.len() as u64;
+            store.descs.put(&mut wtxn, &i, &d)?;
+            store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
+            ctx.progress.image_done(descs.len() as u64, false);
+            if bytes >= plan.write_batch_bytes {
+                store.put_json(
+                    &mut wtxn,
+                    store::keys::CHECKPOINT,
+                    &Checkpoint::Extract { next: i + 1 },
+                )?;
+                wtxn.commit()?;
+                wtxn = store.env.write_txn()?;
+                bytes = 0;
+            }
+        }
+        store.put_json(
+            &mut wtxn,
+            store::keys::CHECKPOINT,
+            &Checkpoint::Train {
+                preset: preset.label(),
+            },
+        )?;
+        wtxn.commit()?;
+    }
+    timings.extract = t.elapsed().as_secs_f64();
+    ctx.progress.set_phase(Phase::Index);
+    let stats = index::run(&store, preset, &plan, ctx, &mut timings)?;
+    ctx.progress.set_phase(Phase::Publish);
+    let generation = dir.next_generation()?;
+    let meta = BuildMeta {
+        format_version: store::FORMAT_VERSION,
+        generation,
+        preset: *preset,
+        dataset: "synthetic".into(),
+        fingerprint: source.fingerprint.clone(),
+        images_total: source.images as u64,
+        images_indexed: source.images as u64,
+        images_failed: 0,
+        descriptors: stats.descriptors,
+        ivf_lists: stats.lists,
+        arroy_shards: stats.shards,
+        shard_items: stats.shard_items,
+        memory_budget: budget,
+        peak_working_set: governor.peak_working_set(),
+        started_at,
+        finished_at: now_rfc3339(),
+        timings,
+        indexer_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let path = publish::run(&dir, &store, &meta, &dataset::Listing::default())?;
+    ctx.progress.set_phase(Phase::Done);
+    let memory = governor.memory();
+    Ok(BuildSummary {
+        generation,
+        path,
+        meta,
+        resumed,
+        extracted_now: 0,
+        memory,
+    })
 }

@@ -9,7 +9,12 @@ use heed::CompactionOption;
 use std::path::PathBuf;
 
 /// Publishes the build in `store` as generation `meta.generation`; returns its directory.
-pub(super) fn run(dir: &IndexDir, store: &Store, meta: &BuildMeta, listing: &Listing) -> Result<PathBuf> {
+pub(super) fn run(
+    dir: &IndexDir,
+    store: &Store,
+    meta: &BuildMeta,
+    listing: &Listing,
+) -> Result<PathBuf> {
     let n = meta.generation;
     {
         let mut wtxn = store.env.write_txn()?;
@@ -17,7 +22,11 @@ pub(super) fn run(dir: &IndexDir, store: &Store, meta: &BuildMeta, listing: &Lis
         // Files the listing skipped (symlink loops, bad names…) are recorded as failed images.
         let rtxn_len = store.images.len(&wtxn)? as u32;
         for (i, s) in listing.skipped.iter().enumerate() {
-            let rec = ImageRecord { path: s.path.clone(), error: Some(s.reason.clone()), ..Default::default() };
+            let rec = ImageRecord {
+                path: s.path.clone(),
+                error: Some(s.reason.clone()),
+                ..Default::default()
+            };
             store.images.put(&mut wtxn, &(rtxn_len + i as u32), &rec)?;
         }
         // Readers use the inverted lists, keypoints and arroy; the per-image descriptor
