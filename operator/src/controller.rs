@@ -111,11 +111,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                 Api::all(client),
             ),
         };
-    let ours =
-        watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let ours = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+    // Only scan and build pods are owned by an ImageIndex (query pods belong to a ReplicaSet).
+    let our_pods = format!(
+        "{ours},{} in ({},{})",
+        labels::COMPONENT,
+        Component::Scan.as_str(),
+        Component::Build.as_str()
+    );
     Controller::new(indexes, watcher::Config::default())
-        .owns(pods, ours.clone())
-        .owns(deployments, ours)
+        .owns(pods, watcher::Config::default().labels(&our_pods))
+        .owns(deployments, watcher::Config::default().labels(&ours))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -619,7 +625,7 @@ impl<'a> Reconciliation<'a> {
             }
         };
         if let Some((reason, message)) = why {
-            self.note(EventType::Normal, reason, "Downgrade", message);
+            self.note(EventType::Normal, reason, "StartAttempt", message);
         }
         self.status
             .attempts

@@ -260,6 +260,8 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
         .connect_timeout(timeout)
         .no_proxy()
         .build()
+        // Building only fails when the TLS backend cannot start; plain-HTTP scraping still
+        // works with the default client (whose requests then have no timeout).
         .unwrap_or_default()
 }
 
