@@ -1,0 +1,100 @@
+//! Support for the end-to-end tests: the built binaries, the bundled sample, scratch
+//! directories, attacked images and real cgroups. Test-only code, not shipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The bundled sample catalogue.
+pub fn sample_catalogue() -> PathBuf {
+    repo().join("samples/catalogue")
+}
+
+/// A built binary of the workspace (`indexer`, `operator`), next to the test executable's
+/// target directory. The README's test command builds them first (`cargo build --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("IMAGEINDEX_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let p = profile_dir.join(name);
+    assert!(p.is_file(), "{} is not built: run `cargo build --workspace --bins` before the tests", p.display());
+    p
+}
+
+/// Runs a binary with arguments and returns its output.
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name)).args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
+}
+
+/// A copy of `n` sample images (sorted by name) in a fresh directory.
+pub fn sample_subset(dir: &Path, n: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(sample_catalogue()).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    files.truncate(n);
+    files
+        .iter()
+        .map(|f| {
+            let to = dir.join(f.file_name().unwrap());
+            std::fs::copy(f, &to).unwrap();
+            to
+        })
+        .collect()
+}
+
+/// Whether this process may create cgroups (root on a host with a memory controller).
+pub fn cgroups_writable() -> bool {
+    let v1 = Path::new("/sys/fs/cgroup/memory");
+    let root = if v1.join("cgroup.procs").exists() { v1.to_path_buf() } else { PathBuf::from("/sys/fs/cgroup") };
+    let probe = root.join(format!("imageindex-probe-{}", std::process::id()));
+    let ok = std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+/// Parses a command's stdout as JSON, with its stderr in the panic message.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}); status {:?}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Writes attacked copies of a catalogue image (rotation, crop, rescale, JPEG) to `dir`.
+pub fn attacked_copies(image: &Path, dir: &Path) -> Vec<PathBuf> {
+    use opencv::core::{Mat, Point2f, Rect, Scalar, Size, Vector};
+    use opencv::prelude::*;
+    use opencv::{imgcodecs, imgproc};
+    std::fs::create_dir_all(dir).unwrap();
+    let img = imgcodecs::imread(image.to_str().unwrap(), imgcodecs::IMREAD_COLOR).unwrap();
+    let stem = image.file_stem().unwrap().to_str().unwrap().to_string();
+    let (w, h) = (img.cols(), img.rows());
+    let mut out = Vec::new();
+    let mut save = |name: &str, m: &Mat, q: i32| {
+        let p = dir.join(format!("{stem}__{name}.jpg"));
+        let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, q]);
+        imgcodecs::imwrite(p.to_str().unwrap(), m, &params).unwrap();
+        out.push(p);
+    };
+    let crop = Mat::roi(&img, Rect::new(w / 5, h / 6, w * 3 / 5, h * 3 / 5)).unwrap().try_clone().unwrap();
+    save("crop", &crop, 90);
+    let rot = imgproc::get_rotation_matrix_2d(Point2f::new(w as f32 / 2.0, h as f32 / 2.0), 20.0, 0.9).unwrap();
+    let mut rotated = Mat::default();
+    imgproc::warp_affine(&img, &mut rotated, &rot, Size::new(w, h), imgproc::INTER_LINEAR, opencv::core::BORDER_CONSTANT, Scalar::all(0.0)).unwrap();
+    save("rotate", &rotated, 90);
+    let mut small = Mat::default();
+    imgproc::resize(&img, &mut small, Size::new(w / 2, h / 2), 0.0, 0.0, imgproc::INTER_AREA).unwrap();
+    save("half_jpeg30", &small, 30);
+    out
+}
