@@ -21,10 +21,19 @@ fn checked_in_crd_matches_the_types() {
 #[test]
 fn crd_avoids_what_kube_apiserver_1_20_rejects() {
     // An empty-string default is rejected as `null`; CEL rules do not exist before 1.25.
-    assert!(!CHECKED_IN.contains("default: ''"), "empty-string default in the schema");
-    assert!(!CHECKED_IN.contains("x-kubernetes-validations"), "CEL rules in the schema");
+    assert!(
+        !CHECKED_IN.contains("default: ''"),
+        "empty-string default in the schema"
+    );
+    assert!(
+        !CHECKED_IN.contains("x-kubernetes-validations"),
+        "CEL rules in the schema"
+    );
     for column in ["Phase", "Preset", "Progress", "Memory", "Age"] {
-        assert!(CHECKED_IN.contains(&format!("name: {column}")), "printer column {column}");
+        assert!(
+            CHECKED_IN.contains(&format!("name: {column}")),
+            "printer column {column}"
+        );
     }
     assert!(CHECKED_IN.contains("- imgidx"));
 }
@@ -37,7 +46,13 @@ fn example(name: &str) -> ImageIndex {
 
 /// 116k photos of up to 6000x4000, as the catalogue this project was made for.
 fn catalogue() -> DatasetShape {
-    DatasetShape { images: 116_085, bytes: 250_000_000_000, max_width: 6000, max_height: 4000, max_is_jpeg: true }
+    DatasetShape {
+        images: 116_085,
+        bytes: 250_000_000_000,
+        max_width: 6000,
+        max_height: 4000,
+        max_is_jpeg: true,
+    }
 }
 
 #[test]
@@ -46,7 +61,12 @@ fn good_example_is_valid_and_fits() {
     let v = validate(&ii.spec, Mode::Cluster).unwrap();
     assert_eq!(v.memory_limit, 512 << 20);
     assert!(matches!(
-        choose_preset(ii.spec.preset, &catalogue(), v.memory_limit, v.storage_bytes),
+        choose_preset(
+            ii.spec.preset,
+            &catalogue(),
+            v.memory_limit,
+            v.storage_bytes
+        ),
         PresetChoice::Fits { .. }
     ));
 }
@@ -56,7 +76,13 @@ fn invalid_example_names_every_bad_field() {
     let ii = example("instance-invalid.yaml");
     let errors = validate(&ii.spec, Mode::Cluster).unwrap_err();
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-    for f in ["spec.memoryLimit", "spec.dataset.claimName", "spec.dataset.path", "spec.maxAttempts", "spec.cpu"] {
+    for f in [
+        "spec.memoryLimit",
+        "spec.dataset.claimName",
+        "spec.dataset.path",
+        "spec.maxAttempts",
+        "spec.cpu",
+    ] {
         assert!(fields.contains(&f), "{f} not reported: {fields:?}");
     }
 }
@@ -66,10 +92,18 @@ fn too_small_example_is_valid_but_nothing_fits() {
     let ii = example("instance-too-small.yaml");
     let v = validate(&ii.spec, Mode::Cluster).unwrap();
     assert_eq!(ii.spec.preset, PresetSelector::Auto);
-    match choose_preset(ii.spec.preset, &catalogue(), v.memory_limit, v.storage_bytes) {
+    match choose_preset(
+        ii.spec.preset,
+        &catalogue(),
+        v.memory_limit,
+        v.storage_bytes,
+    ) {
         PresetChoice::NothingFits { message } => {
             assert!(message.contains("32Mi"), "{message}");
-            assert!(message.contains("smallest limit that would fit"), "{message}");
+            assert!(
+                message.contains("smallest limit that would fit"),
+                "{message}"
+            );
         }
         other => panic!("{other:?}"),
     }
