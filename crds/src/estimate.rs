@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1 << 20;
 
-/// Resident memory of an idle indexer process: runtime, OpenCV, LMDB handles, metrics.
-pub const BASE_BYTES: u64 = 40 * MIB;
-/// Working memory of ORB per pixel of the working image (pyramid, blurred copy, resize and
-/// contrast-normalisation buffers).
-pub const ORB_BYTES_PER_WORK_PIXEL: u64 = 9;
+/// Resident memory of an idle indexer process: runtime, OpenCV, LMDB handles, metrics
+/// (measured: ~21 MB anonymous; rounded up).
+pub const BASE_BYTES: u64 = 28 * MIB;
+/// Working memory of ORB per pixel of the working image: pyramid and its blurred copy for
+/// 3× oversampled features, contrast-stretched and CLAHE copies, keypoint candidates
+/// (measured: ~18 bytes; rounded up).
+pub const ORB_BYTES_PER_WORK_PIXEL: u64 = 20;
 /// Per wanted feature: keypoint candidates before retention, descriptors, the result rows.
 pub const BYTES_PER_FEATURE: u64 = 400;
 /// Fraction of the budget left for LMDB pages the kernel has not reclaimed yet and for

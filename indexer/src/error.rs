@@ -73,6 +73,22 @@ impl IndexError {
         }
     }
 
+    /// Reclassifies a write failure as [`IndexError::NoSpace`] when the index's file system
+    /// is (nearly) full: LMDB reports a full disk as EIO or ENOSPC depending on where it fails.
+    pub fn or_no_space(self, dir: &std::path::Path) -> Self {
+        let io_like = matches!(
+            self,
+            IndexError::Io { .. } | IndexError::Lmdb(heed::Error::Io(_)) | IndexError::Arroy(_)
+        );
+        if io_like && free_bytes(dir).is_some_and(|free| free < 16 << 20) {
+            IndexError::NoSpace {
+                path: dir.to_path_buf(),
+            }
+        } else {
+            self
+        }
+    }
+
     /// The process exit code for this error (see `imageindex_crds::policy::exit_code`).
     pub fn exit_code(&self) -> i32 {
         use imageindex_crds::policy::exit_code as code;
@@ -89,6 +105,21 @@ impl IndexError {
             _ => code::ERROR,
         }
     }
+}
+
+/// Bytes available to unprivileged writers on the file system holding `dir` (or its
+/// nearest existing ancestor).
+pub fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut d = dir;
+    while !d.exists() {
+        d = d.parent()?;
+    }
+    let c = std::ffi::CString::new(d.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Result with [`IndexError`].

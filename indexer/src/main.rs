@@ -99,6 +99,17 @@ enum Command {
         #[arg(long)]
         nprobe: Option<usize>,
     },
+    /// Show what a published index holds: generation, preset, counts, timings, failures.
+    Info {
+        /// Index directory.
+        index: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Failed images to list.
+        #[arg(long, default_value_t = 100)]
+        failures: usize,
+    },
     /// Benchmarks printed as tables (speed, memory, disk, recall; the old system beside ours).
     Bench {
         #[command(subcommand)]
@@ -443,6 +454,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench(what),
+        Command::Info {
+            index,
+            json,
+            failures,
+        } => {
+            let idx = Index::open(&index)?;
+            let failed: Vec<serde_json::Value> = idx
+                .failed_images(failures)?
+                .into_iter()
+                .map(|(path, reason)| serde_json::json!({"path": path, "reason": reason}))
+                .collect();
+            if json {
+                let v = serde_json::json!({
+                    "generation": idx.generation,
+                    "path": idx.dir,
+                    "diskBytes": idx.disk_bytes(),
+                    "meta": idx.meta,
+                    "failed": failed,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let m = &idx.meta;
+                println!(
+                    "generation {} at {} ({} MiB)",
+                    idx.generation,
+                    idx.dir.display(),
+                    idx.disk_bytes() >> 20
+                );
+                println!(
+                    "preset {} ({} features, {} trees); built {} → {}",
+                    m.preset, m.preset.nfeatures, m.preset.n_trees, m.started_at, m.finished_at
+                );
+                println!(
+                    "images {} indexed, {} failed of {}; {} descriptors; fingerprint {}",
+                    m.images_indexed, m.images_failed, m.images_total, m.descriptors, m.fingerprint
+                );
+                for f in &failed {
+                    println!(
+                        "  failed: {}: {}",
+                        f["path"].as_str().unwrap_or(""),
+                        f["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::ExecLimited {
             memory_limit,
             name,

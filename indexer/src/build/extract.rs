@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Files larger than this are refused without being read.
 pub const MAX_FILE_BYTES: u64 = 512 << 20;
 /// Longest time between two checkpoint commits.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(1500);
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A counting semaphore over bytes.
 struct ByteBudget {

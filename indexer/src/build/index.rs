@@ -287,6 +287,8 @@ pub(super) fn run(
         let t = Instant::now();
         ctx.progress.start_step(total);
         let tmp = store.env.path().join("tmp");
+        // arroy's temporary node files of a killed run are useless: start clean.
+        let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
         let mut added = added;
         for s in shard..shards {

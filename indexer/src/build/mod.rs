@@ -102,6 +102,10 @@ pub struct BuildContext {
 
 /// Runs a build to completion (or to an error with the checkpoint intact).
 pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+    run_inner(opts, ctx).map_err(|e| e.or_no_space(&opts.out))
+}
+
+fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let started = Instant::now();
     let started_at = now_rfc3339();
     let dir = IndexDir::new(&opts.out);
@@ -164,7 +168,7 @@ pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         fingerprint: listing.fingerprint.clone(),
         images_total: listing.files.len() as u64 + listing.skipped.len() as u64,
         images_indexed,
-        images_failed,
+        images_failed: images_failed + listing.skipped.len() as u64,
         descriptors: index_stats.descriptors,
         ivf_lists: index_stats.lists,
         arroy_shards: index_stats.shards,

@@ -1,0 +1,160 @@
+//! `kill -9` at several points of a build, then the same command again: the build resumes
+//! without re-extracting finished images and ends with an index equivalent to an
+//! uninterrupted build (same images, same descriptors, same search results).
+
+use imageindex_e2e::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn build_cmd(dataset: &Path, out: &Path, port: Option<u16>) -> Command {
+    let mut c = Command::new(bin("indexer"));
+    c.args([
+        "build",
+        dataset.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "small",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    if let Some(p) = port {
+        c.args(["--metrics-addr", &format!("127.0.0.1:{p}")]);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::null());
+    c
+}
+
+/// Starts a build and SIGKILLs it once `ready(metrics)` holds; returns whether it was killed
+/// (false when the build finished first).
+fn kill_when(dataset: &Path, out: &Path, ready: impl Fn(&str) -> bool) -> bool {
+    let port = free_port();
+    let mut child: Child = build_cmd(dataset, out, Some(port)).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "build failed before the kill point: {status:?}"
+            );
+            return false;
+        }
+        if let Some(text) = http_get(port, "/metrics") {
+            if ready(&text) {
+                child.kill().unwrap(); // SIGKILL
+                let status = child.wait().unwrap();
+                assert!(!status.success());
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    panic!("kill point never reached");
+}
+
+fn search(out: &Path, queries: &[std::path::PathBuf]) -> serde_json::Value {
+    let mut args = vec![
+        "search".to_string(),
+        out.display().to_string(),
+        "--json".into(),
+        "-k".into(),
+        "5".into(),
+    ];
+    args.extend(queries.iter().map(|q| q.display().to_string()));
+    let o = Command::new(bin("indexer")).args(&args).output().unwrap();
+    let mut v = json_of(&o);
+    // Timings differ run to run; everything else must not.
+    for item in v.as_array_mut().unwrap() {
+        item.as_object_mut().unwrap().remove("timings");
+        item.as_object_mut().unwrap().remove("query");
+    }
+    v
+}
+
+fn info(out: &Path) -> serde_json::Value {
+    json_of(&run("indexer", &["info", out.to_str().unwrap(), "--json"]))
+}
+
+#[test]
+fn killed_builds_resume_to_an_equivalent_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dataset = tmp.path().join("photos");
+    let photos = make_photos(&dataset, 36, 1600);
+    let queries: Vec<_> = [&photos[3], &photos[20]]
+        .iter()
+        .flat_map(|p| attacked_copies(p, &tmp.path().join("q")))
+        .collect();
+
+    // Uninterrupted reference.
+    let reference = tmp.path().join("ref");
+    let o = build_cmd(&dataset, &reference, None).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+
+    // Killed during extraction (twice), during the index phases, then finished.
+    let out = tmp.path().join("idx");
+    let phase = |t: &str, p: &str| {
+        metric(t, &format!("imageindex_build_phase{{phase=\"{p}\"}}")) == Some(1.0)
+    };
+    let processed = |t: &str| metric(t, "imageindex_images_processed_total").unwrap_or(0.0);
+    assert!(
+        kill_when(&dataset, &out, |t| phase(t, "extract")
+            && processed(t) >= 6.0),
+        "first kill"
+    );
+    assert!(
+        kill_when(&dataset, &out, |t| phase(t, "extract")
+            && processed(t) >= 20.0),
+        "second kill"
+    );
+    let killed_in_index = kill_when(&dataset, &out, |t| phase(t, "index"));
+    let o = build_cmd(&dataset, &out, None).output().unwrap();
+    assert!(o.status.success());
+    let summary = json_of(&o);
+    assert_eq!(summary["resumed"], true);
+    if killed_in_index {
+        assert_eq!(
+            summary["extractedNow"], 0,
+            "the index phase must not re-extract: {summary}"
+        );
+    }
+
+    let (a, b) = (info(&reference), info(&out));
+    for key in [
+        "imagesIndexed",
+        "imagesFailed",
+        "imagesTotal",
+        "descriptors",
+        "fingerprint",
+        "ivfLists",
+        "arroyShards",
+    ] {
+        assert_eq!(a["meta"][key], b["meta"][key], "{key}");
+    }
+    assert!(a["meta"]["descriptors"].as_u64().unwrap() > 36 * 100);
+    assert_eq!(search(&reference, &queries), search(&out, &queries));
+    // Only one generation was published and no build directory is left behind.
+    assert_eq!(b["generation"], 1);
+    assert!(!out.join("build").exists());
+}
+
+#[test]
+fn a_resumed_extraction_does_not_redo_finished_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dataset = tmp.path().join("photos");
+    make_photos(&dataset, 30, 1600);
+    let out = tmp.path().join("idx");
+    let processed = |t: &str| metric(t, "imageindex_images_processed_total").unwrap_or(0.0);
+    assert!(kill_when(&dataset, &out, |t| processed(t) >= 20.0));
+    let o = build_cmd(&dataset, &out, None).output().unwrap();
+    assert!(o.status.success());
+    let s = json_of(&o);
+    let now = s["extractedNow"].as_u64().unwrap();
+    // Checkpoints commit every half second, so only the last uncommitted batch is redone.
+    assert!(
+        now < 30 && now >= 10,
+        "re-extracted {now} of 30 after a kill at 20"
+    );
+    assert_eq!(s["meta"]["imagesIndexed"], 30);
+}
