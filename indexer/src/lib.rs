@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod progress;
 pub mod search;
+pub mod serve;
 pub mod store;
 pub mod verify;
 

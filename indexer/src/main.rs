@@ -110,6 +110,41 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         failures: usize,
     },
+    /// Serve an index over HTTP: search by image, catalogue, rebuild, metrics, OpenAPI docs.
+    Serve {
+        /// Index directory (its `current` generation is served; it may not exist yet).
+        index: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        addr: SocketAddr,
+        /// Dataset directory, for POST /v1/index/rebuild.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// Memory limit (default: the cgroup limit, else the machine's memory).
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Bearer tokens, one `<token> <role>` per line (role: read or admin).
+        #[arg(long)]
+        auth_file: Option<PathBuf>,
+        /// Follow the index directory and serve every generation published into it.
+        #[arg(long)]
+        watch: bool,
+        /// How often to check the index directory.
+        #[arg(long, default_value = "2s")]
+        watch_interval: humantime::Duration,
+        /// Largest request body (e.g. 20MB, 8Mi).
+        #[arg(long, default_value = "20MB")]
+        max_body: String,
+        /// Queries decoding at once (default: cores, fewer if memory is short).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Requests that may wait for a slot before new ones get 503.
+        #[arg(long)]
+        queue: Option<usize>,
+        /// Extraction threads of a rebuild (default: cores - 1, at least 1).
+        #[arg(long)]
+        rebuild_threads: Option<usize>,
+    },
     /// Benchmarks printed as tables (speed, memory, disk, recall; the old system beside ours).
     Bench {
         #[command(subcommand)]
@@ -184,6 +219,31 @@ enum BenchCommand {
         #[arg(long, default_value_t = SearchParams::default().nprobe)]
         nprobe: usize,
         /// Also print the rows as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a running query service: concurrent clients searching for a while; prints the
+    /// status counts, latency percentiles and the server's peak memory.
+    Load {
+        /// The service's address (host:port or URL).
+        #[arg(long)]
+        addr: String,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Query images (files or directories).
+        #[arg(long, default_value = "samples/catalogue", value_delimiter = ',')]
+        images: Vec<PathBuf>,
+        /// Matches per query.
+        #[arg(short, long, default_value_t = 5)]
+        k: usize,
+        /// Bearer token.
+        #[arg(long, env = "IMAGEINDEX_TOKEN")]
+        token: Option<String>,
+        /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -397,7 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut params = SearchParams {
                 k,
                 verify: !no_verify,
-                ..Default::default()
+                ..SearchParams::for_index(&idx.meta)
             };
             params.engine = match engine.as_str() {
                 "ivf" => Engine::Ivf,
@@ -454,6 +514,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench(what),
+        Command::Serve {
+            index,
+            addr,
+            dataset,
+            memory_limit,
+            auth_file,
+            watch,
+            watch_interval,
+            max_body,
+            slots,
+            queue,
+            rebuild_threads,
+        } => {
+            let max_body = indexer::serve::limits::parse_size(&max_body)
+                .with_context(|| format!("--max-body {max_body:?}"))?;
+            indexer::serve::run(indexer::serve::ServeOptions {
+                index_dir: index,
+                addr,
+                dataset,
+                memory_limit: parse_limit(memory_limit.as_deref())?,
+                auth_file,
+                watch,
+                watch_interval: watch_interval.into(),
+                max_body,
+                slots,
+                queue,
+                rebuild_threads,
+            })?;
+            Ok(())
+        }
         Command::Info {
             index,
             json,
@@ -604,6 +694,43 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
             images::print(&rows);
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+        }
+        BenchCommand::Load {
+            addr,
+            clients,
+            seconds,
+            images,
+            k,
+            token,
+            json,
+        } => {
+            let mut files = Vec::new();
+            for p in images {
+                if p.is_dir() {
+                    let mut inside: Vec<PathBuf> = std::fs::read_dir(&p)
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|f| f.is_file())
+                        .collect();
+                    inside.sort();
+                    files.extend(inside);
+                } else {
+                    files.push(p);
+                }
+            }
+            let report = indexer::serve::load::run(&indexer::serve::load::LoadOptions {
+                addr,
+                clients,
+                duration: std::time::Duration::from_secs_f64(seconds.max(0.1)),
+                images: files,
+                k,
+                token,
+            })?;
+            indexer::serve::load::print(&report);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
             }
         }
         BenchCommand::Synthetic {

@@ -163,6 +163,9 @@ impl BuildMetrics {
 
     /// Copies progress and memory into the gauges.
     pub fn observe(&self, progress: &BuildProgress, memory: &MemorySnapshot) {
+        if let Some(p) = progress.preset() {
+            self.set_info(&p);
+        }
         let s = progress.snapshot();
         self.images_total.set(s.images_total as i64);
         let bump = |c: &IntCounter, v: u64| {

@@ -59,6 +59,7 @@ pub struct BuildProgress {
     step_done: AtomicU64,
     step_total: AtomicU64,
     cancelled: AtomicBool,
+    preset: std::sync::Mutex<Option<imageindex_crds::Preset>>,
 }
 
 /// A consistent-enough copy of the counters.
@@ -89,6 +90,18 @@ impl BuildProgress {
     /// Enters a phase.
     pub fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Ordering::Relaxed);
+    }
+
+    /// Records the preset the build runs with (for `imageindex_build_info`).
+    pub fn set_preset(&self, p: imageindex_crds::Preset) {
+        if let Ok(mut g) = self.preset.lock() {
+            *g = Some(p);
+        }
+    }
+
+    /// The preset the build runs with, once chosen.
+    pub fn preset(&self) -> Option<imageindex_crds::Preset> {
+        self.preset.lock().ok().and_then(|g| *g)
     }
 
     /// Sets the dataset size.

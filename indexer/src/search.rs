@@ -20,6 +20,8 @@ use std::time::Instant;
 /// The best four (Hamming distance, descriptor id) of one query descriptor, closest first.
 pub type Candidates = [(u32, u32); 4];
 
+const NONE: (u32, u32) = (u32::MAX, u32::MAX);
+
 /// Which structure answers descriptor lookups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +50,17 @@ pub struct SearchParams {
     pub verify_candidates: usize,
     /// Lookup structure.
     pub engine: Engine,
+}
+
+impl SearchParams {
+    /// The defaults for an index: inverted lists probed follow the preset's search effort
+    /// (`search_k` / 6: full and small probe 16, xlarge 5).
+    pub fn for_index(meta: &BuildMeta) -> Self {
+        SearchParams {
+            nprobe: (meta.preset.search_k as usize / 6).max(4),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for SearchParams {
@@ -209,61 +222,101 @@ impl Index {
 
     /// Best few (distance, descriptor id) for each query descriptor.
     fn lookup(&self, descriptors: &[Descriptor], params: &SearchParams) -> Result<Vec<Candidates>> {
-        const NONE: (u32, u32) = (u32::MAX, u32::MAX);
-        let chunks: Vec<&[Descriptor]> = descriptors.chunks(32).collect();
-        let results: Vec<Result<Vec<Candidates>>> = chunks
-            .par_iter()
+        match params.engine {
+            Engine::Ivf => self.lookup_ivf(descriptors, params.nprobe),
+            Engine::Arroy => self.lookup_arroy(descriptors),
+        }
+    }
+
+    /// Inverted-list lookup, list-major: every query descriptor picks its `nprobe` nearest
+    /// centroids, then each probed list is read once and compared with all the query
+    /// descriptors that probe it (the lists' codes are contiguous, the queries stay in cache).
+    fn lookup_ivf(&self, descriptors: &[Descriptor], nprobe: usize) -> Result<Vec<Candidates>> {
+        let queries: Vec<Words> = descriptors.iter().map(words).collect();
+        let probes: Vec<Vec<u32>> = queries
+            .par_chunks(64)
+            .flat_map_iter(|chunk| {
+                let mut tmp = Vec::new();
+                chunk
+                    .iter()
+                    .map(|q| {
+                        self.centroids.nearest_n(q, nprobe, &mut tmp);
+                        tmp.iter().map(|&(_, l)| l).collect::<Vec<u32>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut by_list: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (qi, lists) in probes.iter().enumerate() {
+            for &l in lists {
+                by_list.entry(l).or_default().push(qi as u32);
+            }
+        }
+        let mut work: Vec<(u32, Vec<u32>)> = by_list.into_iter().collect();
+        work.sort_unstable_by_key(|(l, _)| *l);
+        let partial: Vec<Result<Vec<(u32, Candidates)>>> = work
+            .par_chunks(8)
+            .map(|lists| {
+                let rtxn = self.store.env.read_txn()?;
+                let mut out = Vec::new();
+                for (list, qis) in lists {
+                    let mut best: Vec<Candidates> = vec![[NONE; 4]; qis.len()];
+                    let lo = Store::list_key(*list, 0);
+                    let hi = Store::list_key(*list, u32::MAX);
+                    for r in self.store.lists.range(&rtxn, &(lo..=hi))? {
+                        let (_, bytes) = r?;
+                        for (id, code) in ivf::entries(bytes) {
+                            for (b, &qi) in best.iter_mut().zip(qis.iter()) {
+                                let dist = distance_words(&queries[qi as usize], &code);
+                                if dist < b[3].0 || (dist == b[3].0 && id < b[3].1) {
+                                    insert_best(b, (dist, id));
+                                }
+                            }
+                        }
+                    }
+                    out.extend(qis.iter().copied().zip(best));
+                }
+                Ok(out)
+            })
+            .collect();
+        let mut all = vec![[NONE; 4]; descriptors.len()];
+        for r in partial {
+            for (qi, cands) in r? {
+                let b = &mut all[qi as usize];
+                for c in cands.into_iter().filter(|c| c.0 != u32::MAX) {
+                    insert_best(b, c);
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// arroy lookup: every shard's trees, the preset's `search_k` per tree.
+    fn lookup_arroy(&self, descriptors: &[Descriptor]) -> Result<Vec<Candidates>> {
+        let results: Vec<Result<Vec<Candidates>>> = descriptors
+            .par_chunks(32)
             .map(|chunk| {
                 let rtxn = self.store.env.read_txn()?;
                 let mut out = Vec::with_capacity(chunk.len());
-                let mut probe = Vec::new();
-                match params.engine {
-                    Engine::Ivf => {
-                        for d in chunk.iter() {
-                            let q: Words = words(d);
-                            let mut best = [NONE; 4];
-                            self.centroids.nearest_n(&q, params.nprobe, &mut probe);
-                            for &(_, list) in &probe {
-                                let lo = Store::list_key(list, 0);
-                                let hi = Store::list_key(list, u32::MAX);
-                                for r in self.store.lists.range(&rtxn, &(lo..=hi))? {
-                                    let (_, bytes) = r?;
-                                    for (id, code) in ivf::entries(bytes) {
-                                        let dist = distance_words(&q, &code);
-                                        if dist < best[3].0 || (dist == best[3].0 && id < best[3].1)
-                                        {
-                                            insert_best(&mut best, (dist, id));
-                                        }
-                                    }
-                                }
-                            }
-                            out.push(best);
+                let mut vector = [0f32; 256];
+                let readers: Vec<arroy::Reader<BinaryQuantizedManhattan>> =
+                    (0..self.meta.arroy_shards)
+                        .filter_map(|s| arroy::Reader::open(&rtxn, s as u16, self.store.arroy).ok())
+                        .collect();
+                let per_tree =
+                    self.meta.preset.search_k as usize * self.meta.preset.n_trees as usize;
+                let search_k = NonZeroUsize::new(per_tree.max(4)).unwrap_or(NonZeroUsize::MIN);
+                for d in chunk.iter() {
+                    to_arroy_vector(d, &mut vector);
+                    let mut best = [NONE; 4];
+                    for r in &readers {
+                        let mut qb = r.nns(4);
+                        qb.search_k(search_k);
+                        for (id, dist) in qb.by_vector(&rtxn, &vector)? {
+                            insert_best(&mut best, ((dist / 2.0).round() as u32, id));
                         }
                     }
-                    Engine::Arroy => {
-                        let mut vector = [0f32; 256];
-                        let readers: Vec<arroy::Reader<BinaryQuantizedManhattan>> =
-                            (0..self.meta.arroy_shards)
-                                .filter_map(|s| {
-                                    arroy::Reader::open(&rtxn, s as u16, self.store.arroy).ok()
-                                })
-                                .collect();
-                        let search_k =
-                            NonZeroUsize::new((self.meta.preset.search_k as usize * 4).max(4))
-                                .unwrap_or(NonZeroUsize::MIN);
-                        for d in chunk.iter() {
-                            to_arroy_vector(d, &mut vector);
-                            let mut best = [NONE; 4];
-                            for r in &readers {
-                                let mut qb = r.nns(4);
-                                qb.search_k(search_k);
-                                for (id, dist) in qb.by_vector(&rtxn, &vector)? {
-                                    insert_best(&mut best, (((dist / 2.0).round() as u32), id));
-                                }
-                            }
-                            out.push(best);
-                        }
-                    }
+                    out.push(best);
                 }
                 Ok(out)
             })

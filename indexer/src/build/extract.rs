@@ -134,13 +134,16 @@ fn process(
     outcome
 }
 
-/// Runs (or resumes) extraction. Returns how many images this call extracted.
+/// Runs (or resumes) extraction. Returns how many images this call extracted. `skipped`
+/// files were refused while listing (symlink loops, bad names): they count as processed and
+/// failed.
 pub(super) fn run(
     store: &Store,
     root: &Path,
     preset: &Preset,
     plan: &BuildPlan,
     threads: usize,
+    skipped: u64,
     ctx: &BuildContext,
 ) -> Result<u64> {
     let rtxn = store.env.read_txn()?;
@@ -164,7 +167,8 @@ pub(super) fn run(
         }
     }
     drop(rtxn);
-    ctx.progress.resume_at(processed, failed, descriptors);
+    ctx.progress
+        .resume_at(processed + skipped, failed + skipped, descriptors);
     if jobs.is_empty() {
         if matches!(checkpoint, Checkpoint::Extract { .. }) {
             let mut wtxn = store.env.write_txn()?;

@@ -123,6 +123,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         }),
     };
     let plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
+    ctx.progress.set_preset(preset);
     tracing::info!(
         preset = %preset,
         images = listing.files.len(),
@@ -146,9 +147,18 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     };
     timings.scan += scan_secs;
 
-    ctx.progress.set_total(listing.files.len() as u64);
+    ctx.progress
+        .set_total((listing.files.len() + listing.skipped.len()) as u64);
     let t = Instant::now();
-    let extracted_now = extract::run(&store, &opts.dataset, &preset, &plan, opts.threads, ctx)?;
+    let extracted_now = extract::run(
+        &store,
+        &opts.dataset,
+        &preset,
+        &plan,
+        opts.threads,
+        listing.skipped.len() as u64,
+        ctx,
+    )?;
     timings.extract += t.elapsed().as_secs_f64();
     save_timings(&store, &timings)?;
 

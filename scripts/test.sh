@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what it needs (packages,
+# Python tools, helm/kubectl, a real kube-apiserver built from Debian's source package,
+# cached), builds the binaries the end-to-end tests run, then runs every test.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+tests/controlplane/build.sh
+cargo build --workspace --bins --locked
+# End-to-end tests start real processes under real cgroup limits; two at a time keeps
+# timing-sensitive ones (kill -9 points, OOM kills) honest on a 2-core machine.
+cargo test --workspace --locked -- --test-threads=2
