@@ -556,10 +556,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(path, reason)| serde_json::json!({"path": path, "reason": reason}))
                 .collect();
             if json {
+                let dbs: serde_json::Map<String, serde_json::Value> = idx
+                    .database_bytes()?
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.into()))
+                    .collect();
                 let v = serde_json::json!({
                     "generation": idx.generation,
                     "path": idx.dir,
                     "diskBytes": idx.disk_bytes(),
+                    "databaseBytes": dbs,
                     "meta": idx.meta,
                     "failed": failed,
                 });
@@ -579,6 +585,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "images {} indexed, {} failed of {}; {} descriptors; fingerprint {}",
                     m.images_indexed, m.images_failed, m.images_total, m.descriptors, m.fingerprint
+                );
+                let per = |b: u64| b as f64 / m.descriptors.max(1) as f64;
+                let parts: Vec<String> = idx
+                    .database_bytes()?
+                    .iter()
+                    .map(|(k, b)| format!("{k} {:.1}", per(*b)))
+                    .collect();
+                println!(
+                    "bytes per descriptor: {:.1} on disk ({})",
+                    per(idx.disk_bytes()),
+                    parts.join(", ")
                 );
                 for f in &failed {
                     println!(

@@ -460,6 +460,22 @@ impl Index {
         Ok((verify::inliers(&q, &c)?, q.len()))
     }
 
+    /// Bytes per database (pages × page size), for `indexer info`.
+    pub fn database_bytes(&self) -> Result<Vec<(&'static str, u64)>> {
+        let rtxn = self.store.env.read_txn()?;
+        let page = 4096u64;
+        let pages = |st: heed::DatabaseStat| {
+            (st.branch_pages + st.leaf_pages + st.overflow_pages) as u64 * page
+        };
+        Ok(vec![
+            ("meta", pages(self.store.meta.stat(&rtxn)?)),
+            ("images", pages(self.store.images.stat(&rtxn)?)),
+            ("keypoints", pages(self.store.kps.stat(&rtxn)?)),
+            ("lists", pages(self.store.lists.stat(&rtxn)?)),
+            ("arroy", pages(self.store.arroy.stat(&rtxn)?)),
+        ])
+    }
+
     /// Read access to the store (for tests and tools).
     pub fn store(&self) -> &Store {
         &self.store
