@@ -19,13 +19,12 @@ use crate::pods::{self, PodState};
 use crate::resources::{self, Instance};
 use crate::scrape;
 use crate::settings::Settings;
+use crate::transitions::StatusDraft;
 use futures::StreamExt;
-use imageindex_crds::conditions::{
-    self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY,
-};
+use imageindex_crds::conditions::{self, PROGRESSING, READY};
 use imageindex_crds::labels::{self, Component};
-use imageindex_crds::policy::{self, NextStep, PresetChoice, PressureLevel};
-use imageindex_crds::types::{AttemptOutcome, MemoryStatus, Phase, Progress, ScanSummary};
+use imageindex_crds::policy::{self, NextStep, PressureLevel};
+use imageindex_crds::types::{AttemptOutcome, Phase, ScanSummary};
 use imageindex_crds::validate::{self, Mode, ValidSpec};
 use imageindex_crds::{ImageIndex, ImageIndexStatus, Preset, ScanReport};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -55,11 +54,6 @@ pub const REQUEUE_IDLE: Duration = Duration::from_secs(300);
 pub const REQUEUE_ERROR: Duration = Duration::from_secs(10);
 /// Timeout of one scrape of a build's metrics.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Progressing reason after the operator gave up on a build.
-const BUILD_FAILED: &str = "BuildFailed";
-/// Degraded reason of an invalid spec.
-const INVALID_SPEC: &str = "InvalidSpec";
 
 /// What every reconcile shares.
 pub struct Context {
@@ -174,17 +168,15 @@ pub fn error_policy(obj: Arc<ImageIndex>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(REQUEUE_ERROR)
 }
 
-/// The state of one reconcile: the object, the status being decided and the Events to send.
+/// The state of one reconcile: the object, and the status and Events being decided.
 struct Reconciliation<'a> {
     ctx: &'a Context,
     ii: &'a ImageIndex,
     name: String,
     ns: String,
     owner: OwnerReference,
-    now: Time,
     before: ImageIndexStatus,
-    status: ImageIndexStatus,
-    events: Vec<Event>,
+    draft: StatusDraft,
 }
 
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
@@ -229,10 +221,12 @@ impl<'a> Reconciliation<'a> {
             name,
             ns,
             owner,
-            now: Time(Timestamp::now()),
-            status: before.clone(),
+            draft: StatusDraft::new(
+                before.clone(),
+                ii.metadata.generation,
+                Time(Timestamp::now()),
+            ),
             before,
-            events: Vec::new(),
         })
     }
 
@@ -241,24 +235,11 @@ impl<'a> Reconciliation<'a> {
     }
 
     fn set_condition(&mut self, type_: &str, status: bool, reason: &str, message: &str) -> bool {
-        conditions::set(
-            &mut self.status.conditions,
-            type_,
-            status,
-            reason,
-            message,
-            self.ii.metadata.generation,
-            &self.now,
-        )
-    }
-
-    fn note(&mut self, type_: EventType, reason: &str, action: &str, message: String) {
-        info!(imageindex = %self.name, namespace = %self.ns, reason, "{message}");
-        self.events.push(event(type_, reason, action, message));
+        self.draft.set_condition(type_, status, reason, message)
     }
 
     fn served(&self) -> bool {
-        self.status.index_generation.unwrap_or(0) > 0
+        self.draft.served()
     }
 
     async fn drive(&mut self) -> Result<Action, Error> {
@@ -267,11 +248,7 @@ impl<'a> Reconciliation<'a> {
             Ok(valid) => valid,
             Err(message) => return Ok(self.invalid_spec(message)),
         };
-        if conditions::get(&self.status.conditions, DEGRADED)
-            .is_some_and(|c| c.reason == INVALID_SPEC)
-        {
-            self.set_condition(DEGRADED, false, "SpecValid", "the spec is valid");
-        }
+        self.draft.spec_valid();
         let settings = &self.ctx.settings;
         let (name, ns) = (self.name.clone(), self.ns.clone());
         let inst = Instance {
@@ -285,7 +262,7 @@ impl<'a> Reconciliation<'a> {
         let pods = self.list_pods().await?;
         let spec_changed = self.before.observed_generation != ii.metadata.generation;
         let token_changed = self.before.rebuild != ii.spec.rebuild;
-        match self.status.phase {
+        match self.draft.status.phase {
             None | Some(Phase::Pending) => self.begin_build(&inst, &pods).await,
             Some(Phase::Scanning) => self.scanning(&inst, &pods).await,
             Some(Phase::Building) => self.building(&inst, &pods).await,
@@ -322,29 +299,7 @@ impl<'a> Reconciliation<'a> {
     /// Invalid spec: say so in `Degraded` and start nothing. A build already running is
     /// left alone and watched again once the spec is fixed.
     fn invalid_spec(&mut self, message: String) -> Action {
-        if self.set_condition(DEGRADED, true, INVALID_SPEC, &message) {
-            self.note(
-                EventType::Warning,
-                INVALID_SPEC,
-                "Validate",
-                message.clone(),
-            );
-        }
-        if matches!(
-            self.status.phase,
-            None | Some(Phase::Pending) | Some(Phase::Failed)
-        ) {
-            self.status.phase = Some(Phase::Failed);
-            self.set_condition(
-                PROGRESSING,
-                false,
-                INVALID_SPEC,
-                "nothing is built until the spec is fixed",
-            );
-            if !self.served() {
-                self.set_condition(READY, false, INVALID_SPEC, &message);
-            }
-        }
+        self.draft.invalid_spec(&message);
         Action::requeue(REQUEUE_IDLE)
     }
 
@@ -427,18 +382,7 @@ impl<'a> Reconciliation<'a> {
     /// Starts a build (first one or a rebuild): clears what an earlier build left, makes
     /// the index claim and the scan pod.
     async fn begin_build(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
-        if self.status.phase != Some(Phase::Pending) {
-            self.status.phase = Some(Phase::Pending);
-            self.status.rebuild = self.ii.spec.rebuild.clone();
-            self.status.memory = None;
-            self.status.progress = None;
-            self.set_condition(PROGRESSING, true, "Starting", "starting a build");
-            self.set_condition(DEGRADED, false, "NewBuild", "a new build started");
-            self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
-            if conditions::get(&self.status.conditions, READY).is_none() {
-                self.set_condition(READY, false, "NotBuilt", "no index has been published yet");
-            }
-        }
+        self.draft.begin_build(self.ii.spec.rebuild.clone());
         // Scan and build pods of an earlier build go first (they may hold the index volume).
         if !pods.is_empty() {
             for pod in pods
@@ -452,21 +396,19 @@ impl<'a> Reconciliation<'a> {
         if inst.makes_index_claim() {
             self.ensure_index_claim(inst).await?;
         }
-        let n = attempts::next_number(&self.status.attempts);
+        let n = attempts::next_number(&self.draft.status.attempts);
         let pod = inst.scan_pod(n);
         let pod_name = pod.name_any();
         self.create_pod(&pod, Component::Scan).await?;
-        self.status.phase = Some(Phase::Scanning);
-        let message = format!("scan pod {pod_name} is counting the dataset");
-        self.set_condition(PROGRESSING, true, "Scanning", &message);
-        self.note(EventType::Normal, "ScanStarted", "Scan", message);
+        self.draft
+            .scanning(format!("scan pod {pod_name} is counting the dataset"));
         Ok(Action::requeue(REQUEUE_WATCH))
     }
 
     // ---------------------------------------------------------------- scan
 
     async fn scanning(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
-        let n = attempts::next_number(&self.status.attempts);
+        let n = attempts::next_number(&self.draft.status.attempts);
         let name = resources::scan_pod_name(&self.name, n);
         let Some(pod) = find(pods, &name) else {
             // Deleted from outside: make it again.
@@ -513,20 +455,7 @@ impl<'a> Reconciliation<'a> {
         let mut summary = ScanSummary::from_report(&report);
         summary.pod = Some(name);
         summary.first_attempt = Some(n);
-        self.note(
-            EventType::Normal,
-            "ScanComplete",
-            "Scan",
-            format!(
-                "{} images ({} bytes, {} skipped), largest {}x{}",
-                summary.images,
-                summary.bytes,
-                summary.skipped,
-                summary.max_width,
-                summary.max_height
-            ),
-        );
-        self.status.scan = Some(summary);
+        self.draft.scanned(summary);
         self.choose_and_start(inst, pods, n).await
     }
 
@@ -537,37 +466,12 @@ impl<'a> Reconciliation<'a> {
         pods: &[Pod],
         first: u32,
     ) -> Result<Action, Error> {
-        let Some(shape) = self.status.scan.as_ref().map(ScanSummary::shape) else {
-            return Ok(self.give_up("ScanReportMissing", "no scan result in status".into()));
-        };
-        let choice = policy::choose_preset(
+        let Some(preset) = self.draft.choose_preset(
             self.ii.spec.preset,
-            &shape,
             inst.valid.memory_limit,
             inst.disk_limit(),
-        );
-        let preset = match choice {
-            PresetChoice::NothingFits { message } => {
-                self.set_condition(PRESET_FITS, false, "NothingFits", &message);
-                return Ok(self.give_up("NothingFits", message));
-            }
-            PresetChoice::ExplicitTooLarge {
-                preset, message, ..
-            } => {
-                self.set_condition(PRESET_FITS, false, "ExplicitTooLarge", &message);
-                self.note(
-                    EventType::Warning,
-                    "PresetTooLarge",
-                    "ChoosePreset",
-                    message,
-                );
-                preset
-            }
-            PresetChoice::Fits { preset, message } => {
-                self.set_condition(PRESET_FITS, true, "Fits", &message);
-                self.note(EventType::Normal, "PresetChosen", "ChoosePreset", message);
-                preset
-            }
+        ) else {
+            return Ok(Action::requeue(REQUEUE_IDLE));
         };
         self.start_attempt(inst, pods, first, preset, None).await
     }
@@ -614,53 +518,37 @@ impl<'a> Reconciliation<'a> {
                 pod.metadata
                     .creation_timestamp
                     .clone()
-                    .unwrap_or_else(|| self.now.clone()),
+                    .unwrap_or_else(|| self.draft.now.clone()),
                 true,
             ),
             None => {
                 let created = self
                     .create_pod(&inst.build_pod(number, &preset), Component::Build)
                     .await?;
-                (preset.label(), self.now.clone(), !created)
+                (preset.label(), self.draft.now.clone(), !created)
             }
         };
-        if let Some((reason, message)) = why {
-            self.note(EventType::Normal, reason, "StartAttempt", message);
-        }
-        self.status
-            .attempts
-            .push(attempts::started(number, &label, &name, start));
-        self.status.preset = Some(label.clone());
-        self.status.phase = Some(Phase::Building);
-        self.status.memory = None;
-        self.status.progress = None;
-        let message = format!(
-            "attempt {number} builds with preset {label} under {} in pod {name}{}",
-            inst.spec.memory_limit,
-            if adopted { " (adopted)" } else { "" }
+        let place = format!("pod {name}{}", if adopted { " (adopted)" } else { "" });
+        self.draft.attempt_started(
+            attempts::started(number, &label, &name, start),
+            &inst.spec.memory_limit,
+            &place,
+            why,
         );
-        self.set_condition(PROGRESSING, true, "Building", &message);
-        self.set_condition(
-            MEMORY_PRESSURE,
-            false,
-            "NoSamples",
-            &format!("no memory samples of attempt {number} yet"),
-        );
-        self.note(EventType::Normal, "BuildStarted", "Build", message);
         Ok(Action::requeue(self.ctx.settings.scrape_interval))
     }
 
     async fn building(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
-        let Some(scan) = self.status.scan.clone() else {
+        let Some(scan) = self.draft.status.scan.clone() else {
             // Building without a scan result: start over.
             return self.begin_build(inst, pods).await;
         };
-        let current = attempts::of_current_build(&self.status.attempts, Some(&scan));
+        let current = attempts::of_current_build(&self.draft.status.attempts, Some(&scan));
         match current.last().map(|a| a.outcome) {
             None => {
                 let first = scan
                     .first_attempt
-                    .unwrap_or_else(|| attempts::next_number(&self.status.attempts));
+                    .unwrap_or_else(|| attempts::next_number(&self.draft.status.attempts));
                 self.choose_and_start(inst, pods, first).await
             }
             Some(None) => self.watch_attempt(inst, pods).await,
@@ -671,8 +559,9 @@ impl<'a> Reconciliation<'a> {
 
     /// Watches the running attempt: its pod's end, or its memory while it runs.
     async fn watch_attempt(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
-        let scan = self.status.scan.clone();
-        let Some(running) = attempts::running(&mut self.status.attempts, scan.as_ref()) else {
+        let scan = self.draft.status.scan.clone();
+        let Some(running) = attempts::running(&mut self.draft.status.attempts, scan.as_ref())
+        else {
             return Ok(Action::requeue(REQUEUE_SHORT));
         };
         let number = running.number;
@@ -740,40 +629,11 @@ impl<'a> Reconciliation<'a> {
                 return Ok(Action::requeue(interval));
             }
         };
-        let limit = m
-            .limit
-            .filter(|l| *l > 0)
-            .unwrap_or(inst.valid.memory_limit);
-        let working_set = m.working_set_or_rss().unwrap_or(0);
+        let (working_set, limit) = m.working_set_and_limit(inst.valid.memory_limit);
         let samples = self.ctx.history.record(&key, now, working_set, limit);
-        let images = self.status.scan.as_ref().map_or(0, |s| s.images);
-        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+        let Some(pressure) = self.draft.observe(number, &m, &samples) else {
             return Ok(Action::requeue(interval));
         };
-        attempts::raise_peaks(attempt, m.peak_rss.max(m.rss), Some(working_set));
-        let peak = attempt.peak_working_set.unwrap_or(working_set);
-        self.status.memory = Some(MemoryStatus::new(
-            m.rss.unwrap_or(0),
-            working_set,
-            m.available
-                .unwrap_or_else(|| limit.saturating_sub(working_set)),
-            limit,
-            peak,
-        ));
-        self.status.progress = Some(Progress::new(
-            m.images_processed.unwrap_or(0),
-            m.images_total.unwrap_or(images),
-            m.images_failed.unwrap_or(0),
-            m.descriptors.unwrap_or(0),
-            m.phase.clone(),
-        ));
-        let pressure = policy::classify_pressure(&samples);
-        self.set_condition(
-            MEMORY_PRESSURE,
-            pressure.level >= PressureLevel::Warning,
-            pressure.reason,
-            &pressure.message,
-        );
         if pressure.level == PressureLevel::Critical {
             self.delete_pod(pod).await?;
             self.end_attempt(
@@ -798,17 +658,13 @@ impl<'a> Reconciliation<'a> {
         message: String,
         end: Option<Time>,
     ) {
-        let end = end.unwrap_or_else(|| self.now.clone());
-        let limit = self.ii.spec.memory_limit.clone();
-        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+        let limit = &self.ii.spec.memory_limit;
+        if !self
+            .draft
+            .end_attempt(number, outcome, exit_code, message, end, limit)
+        {
             return;
-        };
-        attempts::finish(attempt, outcome, exit_code, message.clone(), end);
-        let preset = attempt.preset.clone();
-        let peak = attempt.peak_working_set.map_or_else(
-            || "unknown".to_string(),
-            imageindex_crds::quantity::format_mebibytes_ceil,
-        );
+        }
         self.ctx
             .metrics
             .attempts
@@ -818,52 +674,19 @@ impl<'a> Reconciliation<'a> {
             uid: self.uid().to_string(),
             attempt: number,
         });
-        let text = format!("attempt {number} with preset {preset} under {limit} (peak working set {peak}): {message}");
-        match outcome {
-            AttemptOutcome::Succeeded => {
-                self.status.index_generation = Some(self.status.index_generation.unwrap_or(0) + 1);
-                self.note(EventType::Normal, "BuildSucceeded", "Build", text);
-            }
-            AttemptOutcome::OomKilled => self.note(EventType::Warning, "OOMKilled", "Build", text),
-            AttemptOutcome::MemoryPressureRestart => {
-                self.note(EventType::Warning, "MemoryPressureRestart", "Build", text)
-            }
-            AttemptOutcome::Failed => self.note(EventType::Warning, "BuildFailed", "Build", text),
-            AttemptOutcome::Interrupted => {
-                self.note(EventType::Normal, "BuildInterrupted", "Build", text)
-            }
-        }
     }
 
     /// After an attempt ended (not successfully): the policy decides the next one.
     async fn next_attempt(&mut self, inst: &Instance<'_>, pods: &[Pod]) -> Result<Action, Error> {
-        let scan = self.status.scan.clone();
-        let current = attempts::owned_current_build(&self.status.attempts, scan.as_ref());
-        let (Some(last), Some(scan)) = (current.last(), scan) else {
+        let Some((step, last)) = self
+            .draft
+            .decide_next(inst.valid.max_attempts, inst.valid.memory_limit)
+        else {
             return self.begin_build(inst, pods).await;
         };
-        let Some(preset) = Preset::from_label(&last.preset) else {
-            return Ok(self.give_up(
-                "UnknownPreset",
-                format!(
-                    "attempt {} has an unknown preset {:?}",
-                    last.number, last.preset
-                ),
-            ));
-        };
-        let outcome = last.outcome.unwrap_or(AttemptOutcome::Failed);
-        let step = policy::after_attempt(
-            &preset,
-            outcome,
-            last.exit_code,
-            &current,
-            inst.valid.max_attempts,
-            inst.valid.memory_limit,
-            &scan.shape(),
-        );
         match step {
             NextStep::Done => self.publish(inst).await,
-            NextStep::GiveUp { reason, message } => Ok(self.give_up(reason, message)),
+            NextStep::GiveUp { .. } => Ok(Action::requeue(REQUEUE_IDLE)),
             NextStep::Start {
                 preset,
                 number,
@@ -871,19 +694,8 @@ impl<'a> Reconciliation<'a> {
                 reason,
                 message,
             } => {
-                if outcome != AttemptOutcome::Interrupted {
-                    self.set_condition(DEGRADED, true, reason, &message);
-                }
-                if let Some(wait) = attempts::wait_after(last, delay, &self.now) {
-                    self.set_condition(
-                        PROGRESSING,
-                        true,
-                        "WaitingToRetry",
-                        &format!(
-                            "{message}; attempt {number} starts in {}s",
-                            wait.as_secs().max(1)
-                        ),
-                    );
+                if let Some(wait) = attempts::wait_after(&last, delay, &self.draft.now) {
+                    self.draft.waiting_to_retry(&message, number, wait);
                     return Ok(Action::requeue(wait));
                 }
                 self.start_attempt(inst, pods, number, preset, Some((reason, message)))
@@ -895,21 +707,12 @@ impl<'a> Reconciliation<'a> {
     /// Gives up on the current build: `Degraded` with the reason; phase Failed unless an
     /// earlier index is still served.
     fn give_up(&mut self, reason: &str, message: String) -> Action {
-        self.set_condition(DEGRADED, true, reason, &message);
-        self.set_condition(PROGRESSING, false, BUILD_FAILED, &message);
-        if self.served() {
-            self.status.phase = Some(Phase::Ready);
-        } else {
-            self.status.phase = Some(Phase::Failed);
-            self.set_condition(READY, false, BUILD_FAILED, &message);
-        }
-        self.note(EventType::Warning, reason, "GiveUp", message);
+        self.draft.give_up(reason, message);
         Action::requeue(REQUEUE_IDLE)
     }
 
     fn build_gave_up(&self) -> bool {
-        conditions::get(&self.status.conditions, PROGRESSING)
-            .is_some_and(|c| c.status == "False" && c.reason == BUILD_FAILED)
+        self.draft.build_gave_up()
     }
 
     // ---------------------------------------------------------------- publish and serve
@@ -935,7 +738,7 @@ impl<'a> Reconciliation<'a> {
                 name: name.clone(),
                 source,
             })?;
-        self.status.endpoint = Some(resources::endpoint(&self.name, &self.ns));
+        self.draft.status.endpoint = Some(resources::endpoint(&self.name, &self.ns));
         let available = applied
             .status
             .as_ref()
@@ -947,48 +750,23 @@ impl<'a> Reconciliation<'a> {
     fn served_message(&self) -> String {
         format!(
             "index generation {} is served at {}",
-            self.status.index_generation.unwrap_or(0),
-            self.status.endpoint.clone().unwrap_or_default()
+            self.draft.status.index_generation.unwrap_or(0),
+            self.draft.status.endpoint.clone().unwrap_or_default()
         )
     }
 
     /// The build published an index: serve it and become Ready.
     async fn publish(&mut self, inst: &Instance<'_>) -> Result<Action, Error> {
         let available = self.apply_query(inst).await?;
-        let current = attempts::of_current_build(&self.status.attempts, self.status.scan.as_ref());
-        let first = current
-            .first()
-            .map(|a| a.preset.clone())
-            .unwrap_or_default();
-        let last = current.last().map(|a| a.preset.clone()).unwrap_or_default();
-        if first == last {
-            self.set_condition(
-                DEGRADED,
-                false,
-                "Published",
-                &format!("published with preset {last}"),
-            );
-        } else {
-            let message = format!("published with preset {last} after downgrading from {first}");
-            self.set_condition(DEGRADED, true, "Downgraded", &message);
-        }
-        if available || conditions::is_true(&self.status.conditions, READY) {
-            self.status.phase = Some(Phase::Ready);
+        self.draft.published();
+        if available || conditions::is_true(&self.draft.status.conditions, READY) {
             let message = self.served_message();
-            self.set_condition(READY, true, "IndexServed", &message);
-            self.set_condition(
-                PROGRESSING,
-                false,
-                "Published",
-                &format!("published with preset {last}"),
-            );
-            self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
-            self.note(EventType::Normal, "Ready", "Publish", message);
+            self.draft.ready("IndexServed", message, "Publish");
             Ok(Action::requeue(REQUEUE_IDLE))
         } else {
             let message = format!(
                 "index generation {} published; waiting for an available replica of {}",
-                self.status.index_generation.unwrap_or(0),
+                self.draft.status.index_generation.unwrap_or(0),
                 resources::query_name(&self.name)
             );
             self.set_condition(READY, false, "WaitingForQueryService", &message);
@@ -1010,7 +788,7 @@ impl<'a> Reconciliation<'a> {
         if available {
             let message = self.served_message();
             if self.set_condition(READY, true, "IndexServed", &message) {
-                self.note(EventType::Normal, "Ready", "Serve", message);
+                self.draft.note(false, "Ready", "Serve", message);
             }
         } else {
             let message = format!(
@@ -1018,12 +796,8 @@ impl<'a> Reconciliation<'a> {
                 resources::query_name(&self.name)
             );
             if self.set_condition(READY, false, "QueryServiceUnavailable", &message) {
-                self.note(
-                    EventType::Warning,
-                    "QueryServiceUnavailable",
-                    "Serve",
-                    message,
-                );
+                self.draft
+                    .note(true, "QueryServiceUnavailable", "Serve", message);
             }
         }
         Ok(Action::requeue(REQUEUE_IDLE))
@@ -1032,14 +806,14 @@ impl<'a> Reconciliation<'a> {
     // ---------------------------------------------------------------- status and events
 
     async fn write_status(&mut self, api: &Api<ImageIndex>) -> Result<(), Error> {
-        self.status.observed_generation = self.ii.metadata.generation;
-        if self.status == self.before {
+        self.draft.status.observed_generation = self.ii.metadata.generation;
+        if self.draft.status == self.before {
             return Ok(());
         }
         let patch = json!({
             "apiVersion": ImageIndex::api_version(&()),
             "kind": ImageIndex::kind(&()),
-            "status": self.status,
+            "status": self.draft.status,
         });
         api.patch_status(
             &self.name,
@@ -1056,7 +830,14 @@ impl<'a> Reconciliation<'a> {
 
     async fn publish_events(&mut self) {
         let reference = self.ii.object_ref(&());
-        for ev in std::mem::take(&mut self.events) {
+        for note in self.draft.take_notes() {
+            info!(imageindex = %self.name, namespace = %self.ns, reason = %note.reason, "{}", note.message);
+            let type_ = if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            let ev = event(type_, &note.reason, note.action, note.message);
             if let Err(error) = self.ctx.recorder.publish(&ev, &reference).await {
                 warn!(imageindex = %self.name, reason = %ev.reason, %error, "cannot publish event");
             }

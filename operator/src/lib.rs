@@ -22,6 +22,7 @@ pub mod resources;
 pub mod scrape;
 pub mod server;
 pub mod settings;
+pub mod transitions;
 
 #[cfg(test)]
 mod fixtures;

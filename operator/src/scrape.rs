@@ -242,6 +242,13 @@ impl BuildMetrics {
     pub fn working_set_or_rss(&self) -> Option<u64> {
         self.working_set.or(self.rss)
     }
+
+    /// The working set (0 when unknown) and the limit the build reports, else `fallback_limit`
+    /// (the spec's): what pressure is classified over.
+    pub fn working_set_and_limit(&self, fallback_limit: u64) -> (u64, u64) {
+        let limit = self.limit.filter(|l| *l > 0).unwrap_or(fallback_limit);
+        (self.working_set_or_rss().unwrap_or(0), limit)
+    }
 }
 
 /// The URL of a build pod's metrics: `http://<podIP>:<port>/metrics` (IPv6 in brackets).
@@ -335,6 +342,7 @@ process_open_fds 12
         let m = BuildMetrics::parse("imageindex_memory_rss_bytes 100\n").unwrap();
         assert_eq!(m.working_set, None);
         assert_eq!(m.working_set_or_rss(), Some(100));
+        assert_eq!(m.working_set_and_limit(512), (100, 512));
         assert_eq!(m.phase, None);
         assert_eq!(BuildMetrics::parse("").unwrap(), BuildMetrics::default());
     }

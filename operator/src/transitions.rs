@@ -1,0 +1,621 @@
+//! What each step of a build writes into an ImageIndex's status — phase, conditions,
+//! attempts, memory, progress — and the notes (Events) of the decisions taken.
+//!
+//! Pure code over [`ImageIndexStatus`], shared by the Kubernetes controller and local mode so
+//! that both report a build the same way: the decisions are `imageindex_crds::policy`'s, the
+//! wording and bookkeeping are here, and the callers only do I/O (pods or processes).
+
+use crate::attempts;
+use crate::scrape::BuildMetrics;
+use imageindex_crds::conditions::{
+    self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY,
+};
+use imageindex_crds::policy::{
+    self, MemorySample, NextStep, PresetChoice, Pressure, PressureLevel,
+};
+use imageindex_crds::quantity::format_mebibytes_ceil;
+use imageindex_crds::types::{Attempt, AttemptOutcome, MemoryStatus, Phase, Progress, ScanSummary};
+use imageindex_crds::{ImageIndexStatus, Preset, PresetSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::time::Duration;
+
+/// Progressing reason after the operator gave up on a build.
+pub const BUILD_FAILED: &str = "BuildFailed";
+/// Degraded reason of an invalid spec.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
+/// A decision worth telling the user about: an Event in a cluster, a log line locally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// A warning (something went wrong) rather than normal progress.
+    pub warning: bool,
+    /// Machine-readable reason, e.g. `OOMKilled`.
+    pub reason: String,
+    /// The step that took the decision, e.g. `Build`.
+    pub action: &'static str,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// The status being decided, stamped with the generation it describes and the time of the
+/// step, plus the notes of the decisions taken so far.
+#[derive(Clone, Debug)]
+pub struct StatusDraft {
+    /// The status as decided so far.
+    pub status: ImageIndexStatus,
+    /// `metadata.generation` of the ImageIndex (conditions' `observedGeneration`).
+    pub generation: Option<i64>,
+    /// The time of this step (conditions' `lastTransitionTime`, attempt start and end).
+    pub now: Time,
+    notes: Vec<Note>,
+}
+
+impl StatusDraft {
+    /// A draft starting from `status`.
+    pub fn new(status: ImageIndexStatus, generation: Option<i64>, now: Time) -> Self {
+        StatusDraft {
+            status,
+            generation,
+            now,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Sets a condition (see [`conditions::set`]); returns whether anything changed.
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: &str,
+    ) -> bool {
+        conditions::set(
+            &mut self.status.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            self.generation,
+            &self.now,
+        )
+    }
+
+    /// Records a decision for the user.
+    pub fn note(&mut self, warning: bool, reason: &str, action: &'static str, message: String) {
+        self.notes.push(Note {
+            warning,
+            reason: reason.to_string(),
+            action,
+            message,
+        });
+    }
+
+    /// The notes recorded since the last call.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
+    }
+
+    /// Whether an index has been published (and so may be served while a rebuild runs).
+    pub fn served(&self) -> bool {
+        self.status.index_generation.unwrap_or(0) > 0
+    }
+
+    /// Invalid spec: say so in `Degraded` and start nothing. A build already running is
+    /// left alone.
+    pub fn invalid_spec(&mut self, message: &str) {
+        if self.set_condition(DEGRADED, true, INVALID_SPEC, message) {
+            self.note(true, INVALID_SPEC, "Validate", message.to_string());
+        }
+        if matches!(
+            self.status.phase,
+            None | Some(Phase::Pending) | Some(Phase::Failed)
+        ) {
+            self.status.phase = Some(Phase::Failed);
+            self.set_condition(
+                PROGRESSING,
+                false,
+                INVALID_SPEC,
+                "nothing is built until the spec is fixed",
+            );
+            if !self.served() {
+                self.set_condition(READY, false, INVALID_SPEC, message);
+            }
+        }
+    }
+
+    /// The spec is valid (again): clears an earlier `InvalidSpec`.
+    pub fn spec_valid(&mut self) {
+        if conditions::get(&self.status.conditions, DEGRADED)
+            .is_some_and(|c| c.reason == INVALID_SPEC)
+        {
+            self.set_condition(DEGRADED, false, "SpecValid", "the spec is valid");
+        }
+    }
+
+    /// A new build begins (first one or a rebuild for `rebuild`): phase Pending, the
+    /// previous build's memory and progress cleared.
+    pub fn begin_build(&mut self, rebuild: Option<String>) {
+        if self.status.phase == Some(Phase::Pending) {
+            return;
+        }
+        self.status.phase = Some(Phase::Pending);
+        self.status.rebuild = rebuild;
+        self.status.memory = None;
+        self.status.progress = None;
+        self.set_condition(PROGRESSING, true, "Starting", "starting a build");
+        self.set_condition(DEGRADED, false, "NewBuild", "a new build started");
+        self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
+        if conditions::get(&self.status.conditions, READY).is_none() {
+            self.set_condition(READY, false, "NotBuilt", "no index has been published yet");
+        }
+    }
+
+    /// The scan started (`message` says where it runs).
+    pub fn scanning(&mut self, message: String) {
+        self.status.phase = Some(Phase::Scanning);
+        self.set_condition(PROGRESSING, true, "Scanning", &message);
+        self.note(false, "ScanStarted", "Scan", message);
+    }
+
+    /// The scan ended with `summary`.
+    pub fn scanned(&mut self, summary: ScanSummary) {
+        self.note(
+            false,
+            "ScanComplete",
+            "Scan",
+            format!(
+                "{} images ({} bytes, {} skipped), largest {}x{}",
+                summary.images,
+                summary.bytes,
+                summary.skipped,
+                summary.max_width,
+                summary.max_height
+            ),
+        );
+        self.status.scan = Some(summary);
+    }
+
+    /// Chooses the first preset of a build with the policy and records why in `PresetFits`.
+    /// `None`: nothing can be built (the draft has given up, phase Failed).
+    pub fn choose_preset(
+        &mut self,
+        selector: PresetSelector,
+        limit: u64,
+        disk_limit: Option<u64>,
+    ) -> Option<Preset> {
+        let Some(shape) = self.status.scan.as_ref().map(ScanSummary::shape) else {
+            self.give_up("ScanReportMissing", "no scan result in status".into());
+            return None;
+        };
+        match policy::choose_preset(selector, &shape, limit, disk_limit) {
+            PresetChoice::NothingFits { message } => {
+                self.set_condition(PRESET_FITS, false, "NothingFits", &message);
+                self.give_up("NothingFits", message);
+                None
+            }
+            PresetChoice::ExplicitTooLarge {
+                preset, message, ..
+            } => {
+                self.set_condition(PRESET_FITS, false, "ExplicitTooLarge", &message);
+                self.note(true, "PresetTooLarge", "ChoosePreset", message);
+                Some(preset)
+            }
+            PresetChoice::Fits { preset, message } => {
+                self.set_condition(PRESET_FITS, true, "Fits", &message);
+                self.note(false, "PresetChosen", "ChoosePreset", message);
+                Some(preset)
+            }
+        }
+    }
+
+    /// Attempt `number` with preset `label` started at `start` under `memory_limit`, running
+    /// in `place` (e.g. `pod cats-build-2`); `why` is the decision that led to it, if it
+    /// follows an earlier attempt.
+    pub fn attempt_started(
+        &mut self,
+        started: Attempt,
+        memory_limit: &str,
+        place: &str,
+        why: Option<(&'static str, String)>,
+    ) {
+        if let Some((reason, message)) = why {
+            self.note(false, reason, "StartAttempt", message);
+        }
+        let (number, label) = (started.number, started.preset.clone());
+        self.status.attempts.push(started);
+        self.status.preset = Some(label.clone());
+        self.status.phase = Some(Phase::Building);
+        self.status.memory = None;
+        self.status.progress = None;
+        let message =
+            format!("attempt {number} builds with preset {label} under {memory_limit} in {place}");
+        self.set_condition(PROGRESSING, true, "Building", &message);
+        self.set_condition(
+            MEMORY_PRESSURE,
+            false,
+            "NoSamples",
+            &format!("no memory samples of attempt {number} yet"),
+        );
+        self.note(false, "BuildStarted", "Build", message);
+    }
+
+    /// One scrape of attempt `number`'s metrics: raises its peaks, fills `memory` and
+    /// `progress`, and classifies pressure over the recent `samples` (oldest first, this
+    /// scrape's last) into `MemoryPressure`. `None` when the attempt is not recorded or there
+    /// is no sample.
+    pub fn observe(
+        &mut self,
+        number: u32,
+        m: &BuildMetrics,
+        samples: &[MemorySample],
+    ) -> Option<Pressure> {
+        let images = self.status.scan.as_ref().map_or(0, |s| s.images);
+        let &MemorySample {
+            working_set, limit, ..
+        } = samples.last()?;
+        let attempt = self
+            .status
+            .attempts
+            .iter_mut()
+            .find(|a| a.number == number)?;
+        attempts::raise_peaks(attempt, m.peak_rss.max(m.rss), Some(working_set));
+        let peak = attempt.peak_working_set.unwrap_or(working_set);
+        self.status.memory = Some(MemoryStatus::new(
+            m.rss.unwrap_or(0),
+            working_set,
+            m.available
+                .unwrap_or_else(|| limit.saturating_sub(working_set)),
+            limit,
+            peak,
+        ));
+        self.status.progress = Some(Progress::new(
+            m.images_processed.unwrap_or(0),
+            m.images_total.unwrap_or(images),
+            m.images_failed.unwrap_or(0),
+            m.descriptors.unwrap_or(0),
+            m.phase.clone(),
+        ));
+        let pressure = policy::classify_pressure(samples);
+        self.set_condition(
+            MEMORY_PRESSURE,
+            pressure.level >= PressureLevel::Warning,
+            pressure.reason,
+            &pressure.message,
+        );
+        Some(pressure)
+    }
+
+    /// Records how attempt `number` ended (at `end`, default now) and notes it; the build
+    /// ran under `memory_limit`. Returns whether the attempt was found.
+    pub fn end_attempt(
+        &mut self,
+        number: u32,
+        outcome: AttemptOutcome,
+        exit_code: Option<i32>,
+        message: String,
+        end: Option<Time>,
+        memory_limit: &str,
+    ) -> bool {
+        let end = end.unwrap_or_else(|| self.now.clone());
+        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+            return false;
+        };
+        attempts::finish(attempt, outcome, exit_code, message.clone(), end);
+        let preset = attempt.preset.clone();
+        let peak = attempt
+            .peak_working_set
+            .map_or_else(|| "unknown".to_string(), format_mebibytes_ceil);
+        let text = format!("attempt {number} with preset {preset} under {memory_limit} (peak working set {peak}): {message}");
+        let (warning, reason) = match outcome {
+            AttemptOutcome::Succeeded => {
+                self.status.index_generation = Some(self.status.index_generation.unwrap_or(0) + 1);
+                (false, "BuildSucceeded")
+            }
+            AttemptOutcome::OomKilled => (true, "OOMKilled"),
+            AttemptOutcome::MemoryPressureRestart => (true, "MemoryPressureRestart"),
+            AttemptOutcome::Failed => (true, "BuildFailed"),
+            AttemptOutcome::Interrupted => (false, "BuildInterrupted"),
+        };
+        self.note(warning, reason, "Build", text);
+        true
+    }
+
+    /// After an attempt of the current build ended without success: the policy's next step
+    /// and the attempt it follows. A `GiveUp` (or an attempt with an unknown preset) has been
+    /// applied already; a downgrade or retry is in `Degraded`. `None`: there is no ended
+    /// attempt or no scan, so the build must start over.
+    pub fn decide_next(&mut self, max_attempts: u32, limit: u64) -> Option<(NextStep, Attempt)> {
+        let scan = self.status.scan.clone()?;
+        let current = attempts::owned_current_build(&self.status.attempts, Some(&scan));
+        let last = current.last()?.clone();
+        let Some(preset) = Preset::from_label(&last.preset) else {
+            let reason = "UnknownPreset";
+            let message = format!(
+                "attempt {} has an unknown preset {:?}",
+                last.number, last.preset
+            );
+            self.give_up(reason, message.clone());
+            return Some((NextStep::GiveUp { reason, message }, last));
+        };
+        let outcome = last.outcome.unwrap_or(AttemptOutcome::Failed);
+        let step = policy::after_attempt(
+            &preset,
+            outcome,
+            last.exit_code,
+            &current,
+            max_attempts,
+            limit,
+            &scan.shape(),
+        );
+        match &step {
+            NextStep::GiveUp { reason, message } => self.give_up(reason, message.clone()),
+            NextStep::Start {
+                reason, message, ..
+            } if outcome != AttemptOutcome::Interrupted => {
+                self.set_condition(DEGRADED, true, reason, message);
+            }
+            _ => {}
+        }
+        Some((step, last))
+    }
+
+    /// The next attempt waits `wait` before it starts (back-off after a failure).
+    pub fn waiting_to_retry(&mut self, message: &str, number: u32, wait: Duration) {
+        self.set_condition(
+            PROGRESSING,
+            true,
+            "WaitingToRetry",
+            &format!(
+                "{message}; attempt {number} starts in {}s",
+                wait.as_secs().max(1)
+            ),
+        );
+    }
+
+    /// Gives up on the current build: `Degraded` with the reason; phase Failed unless an
+    /// earlier index is still served.
+    pub fn give_up(&mut self, reason: &str, message: String) {
+        self.set_condition(DEGRADED, true, reason, &message);
+        self.set_condition(PROGRESSING, false, BUILD_FAILED, &message);
+        if self.served() {
+            self.status.phase = Some(Phase::Ready);
+        } else {
+            self.status.phase = Some(Phase::Failed);
+            self.set_condition(READY, false, BUILD_FAILED, &message);
+        }
+        self.note(true, reason, "GiveUp", message);
+    }
+
+    /// Whether the last build was given up on.
+    pub fn build_gave_up(&self) -> bool {
+        conditions::get(&self.status.conditions, PROGRESSING)
+            .is_some_and(|c| c.status == "False" && c.reason == BUILD_FAILED)
+    }
+
+    /// The presets the current build started and ended with.
+    fn first_and_last_preset(&self) -> (String, String) {
+        let current = attempts::of_current_build(&self.status.attempts, self.status.scan.as_ref());
+        let first = current
+            .first()
+            .map(|a| a.preset.clone())
+            .unwrap_or_default();
+        let last = current.last().map(|a| a.preset.clone()).unwrap_or_default();
+        (first, last)
+    }
+
+    /// The build published an index: `Degraded` says whether it had to downgrade.
+    pub fn published(&mut self) {
+        let (first, last) = self.first_and_last_preset();
+        if first == last {
+            self.set_condition(
+                DEGRADED,
+                false,
+                "Published",
+                &format!("published with preset {last}"),
+            );
+        } else {
+            let message = format!("published with preset {last} after downgrading from {first}");
+            self.set_condition(DEGRADED, true, "Downgraded", &message);
+        }
+    }
+
+    /// The published index is available (`reason`, `message` say how): phase Ready.
+    pub fn ready(&mut self, reason: &str, message: String, action: &'static str) {
+        let (_, last) = self.first_and_last_preset();
+        self.status.phase = Some(Phase::Ready);
+        self.set_condition(READY, true, reason, &message);
+        self.set_condition(
+            PROGRESSING,
+            false,
+            "Published",
+            &format!("published with preset {last}"),
+        );
+        self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
+        self.note(false, "Ready", action, message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imageindex_crds::PresetSelector;
+    use k8s_openapi::jiff::Timestamp;
+
+    const MIB: u64 = 1 << 20;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn photos() -> ScanSummary {
+        ScanSummary {
+            images: 31,
+            bytes: 40_000_000,
+            max_width: 4000,
+            max_height: 4800,
+            max_is_jpeg: true,
+            first_attempt: Some(1),
+            ..ScanSummary::default()
+        }
+    }
+
+    fn draft() -> StatusDraft {
+        let mut d = StatusDraft::new(ImageIndexStatus::default(), Some(3), at(100));
+        d.begin_build(None);
+        d.scanned(photos());
+        d
+    }
+
+    fn cond(d: &StatusDraft, type_: &str) -> (String, String) {
+        let c = conditions::get(&d.status.conditions, type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    fn start(d: &mut StatusDraft, n: u32, p: &Preset) {
+        let a = attempts::started(n, &p.label(), &format!("x-build-{n}"), d.now.clone());
+        d.attempt_started(a, "80Mi", &format!("process x-build-{n}"), None);
+    }
+
+    #[test]
+    fn oom_kill_then_downgrade_then_ready_tells_the_whole_story() {
+        let mut d = draft();
+        let full = d
+            .choose_preset(PresetSelector::Full, 80 * MIB, None)
+            .unwrap();
+        assert_eq!(
+            cond(&d, PRESET_FITS),
+            ("False".into(), "ExplicitTooLarge".into())
+        );
+        start(&mut d, 1, &full);
+        assert_eq!(d.status.phase, Some(Phase::Building));
+        let m = BuildMetrics {
+            rss: Some(70 * MIB),
+            working_set: Some(75 * MIB),
+            images_processed: Some(5),
+            ..BuildMetrics::default()
+        };
+        let s = MemorySample {
+            at_ms: 0,
+            working_set: 75 * MIB,
+            limit: 80 * MIB,
+        };
+        let p = d.observe(1, &m, &[s]).unwrap();
+        assert_eq!(p.level, PressureLevel::Warning);
+        assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True");
+        assert_eq!(d.status.progress.as_ref().unwrap().summary, "5/31 (16%)");
+        assert!(d.end_attempt(
+            1,
+            AttemptOutcome::OomKilled,
+            Some(137),
+            "killed".into(),
+            None,
+            "80Mi"
+        ));
+        let (step, last) = d.decide_next(6, 80 * MIB).unwrap();
+        assert_eq!(last.peak_working_set, Some(75 * MIB));
+        let NextStep::Start { preset, number, .. } = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((preset.label().as_str(), number), ("medium", 2));
+        assert_eq!(
+            cond(&d, DEGRADED),
+            ("True".into(), "DowngradeAfterOOMKill".into())
+        );
+        start(&mut d, 2, &preset);
+        d.end_attempt(
+            2,
+            AttemptOutcome::Succeeded,
+            Some(0),
+            "ok".into(),
+            None,
+            "80Mi",
+        );
+        assert_eq!(d.status.index_generation, Some(1));
+        d.published();
+        d.ready("IndexPublished", "served".into(), "Publish");
+        assert_eq!(d.status.phase, Some(Phase::Ready));
+        assert_eq!(cond(&d, DEGRADED), ("True".into(), "Downgraded".into()));
+        assert_eq!(cond(&d, READY), ("True".into(), "IndexPublished".into()));
+        let notes: Vec<String> = d.take_notes().into_iter().map(|n| n.reason).collect();
+        assert_eq!(
+            notes,
+            [
+                "ScanComplete",
+                "PresetTooLarge",
+                "BuildStarted",
+                "OOMKilled",
+                "BuildStarted",
+                "BuildSucceeded",
+                "Ready"
+            ]
+        );
+        assert!(d.take_notes().is_empty());
+        assert!(d
+            .status
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(3)));
+    }
+
+    #[test]
+    fn nothing_fits_gives_up_without_an_attempt() {
+        let mut d = draft();
+        assert!(d
+            .choose_preset(PresetSelector::Auto, 20 * MIB, None)
+            .is_none());
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert!(d.status.attempts.is_empty());
+        assert_eq!(cond(&d, DEGRADED), ("True".into(), "NothingFits".into()));
+        assert!(d.build_gave_up());
+    }
+
+    #[test]
+    fn interrupted_attempts_resume_without_degrading() {
+        let mut d = draft();
+        let small = d
+            .choose_preset(PresetSelector::Small, 1 << 30, None)
+            .unwrap();
+        start(&mut d, 1, &small);
+        d.end_attempt(
+            1,
+            AttemptOutcome::Interrupted,
+            Some(6),
+            "stopped".into(),
+            None,
+            "1Gi",
+        );
+        let (step, _) = d.decide_next(6, 1 << 30).unwrap();
+        assert!(matches!(step, NextStep::Start { preset, number: 2, .. } if preset == small));
+        assert_eq!(cond(&d, DEGRADED), ("False".into(), "NewBuild".into()));
+    }
+
+    #[test]
+    fn unknown_preset_gives_up_and_no_scan_starts_over() {
+        let mut d = draft();
+        let mut a = attempts::started(1, "huge", "x-build-1", at(0));
+        attempts::finish(&mut a, AttemptOutcome::Failed, Some(1), "m".into(), at(1));
+        d.status.attempts.push(a);
+        assert!(matches!(
+            d.decide_next(6, 1 << 30),
+            Some((
+                NextStep::GiveUp {
+                    reason: "UnknownPreset",
+                    ..
+                },
+                _
+            ))
+        ));
+        d.status.scan = None;
+        assert!(d.decide_next(6, 1 << 30).is_none());
+    }
+
+    #[test]
+    fn invalid_spec_fails_an_idle_index_and_clears_when_fixed() {
+        let mut d = StatusDraft::new(ImageIndexStatus::default(), Some(1), at(0));
+        d.invalid_spec("spec.memoryLimit: bad");
+        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(cond(&d, DEGRADED), ("True".into(), INVALID_SPEC.into()));
+        d.spec_valid();
+        assert_eq!(cond(&d, DEGRADED), ("False".into(), "SpecValid".into()));
+    }
+}
