@@ -10,6 +10,11 @@ use std::time::Duration;
 
 /// Longest time a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// After refusing a body as too large, at most this much more of it is read and discarded
+/// (never kept) so the client, still sending, receives the 413 instead of a reset.
+pub const DRAIN_BYTES: u64 = 256 << 20;
+/// ... and for at most this long.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// How the image is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +48,34 @@ pub fn upload_kind(headers: &HeaderMap) -> Result<UploadKind, ApiError> {
     }
 }
 
+/// Reads and discards the rest of a refused body in the background (bounded by
+/// [`DRAIN_BYTES`] and [`DRAIN_TIME`]): a client that is still sending then reads the error
+/// answer instead of losing it to a connection reset. Nothing is kept in memory.
+pub fn drain_later(body: Body) {
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        let mut seen = 0u64;
+        let drain = async {
+            while let Some(Ok(chunk)) = stream.next().await {
+                seen += chunk.len() as u64;
+                if seen > DRAIN_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    });
+}
+
+/// Whether the client waits for `100 Continue` before sending its body (then a refusal
+/// needs no draining: the body never comes).
+pub fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
 /// The declared `Content-Length`, refused with 413 above `max` (before reading the body).
 pub fn declared_length(headers: &HeaderMap, max: u64) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::CONTENT_LENGTH) else {
@@ -70,6 +103,8 @@ pub async fn read_limited(body: Body, max: u64, expected: Option<u64>) -> Result
                 ApiError::bad_request("body_read", format!("the request body broke off: {e}"))
             })?;
             if (buf.len() + chunk.len()) as u64 > max {
+                drop(buf);
+                drain_later(Body::from_stream(stream));
                 return Err(ApiError::BodyTooLarge { limit: max });
             }
             buf.extend_from_slice(&chunk);

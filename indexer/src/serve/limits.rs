@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn a_tight_limit_gets_fewer_slots_and_refuses_huge_images() {
         let worst = worst_query_bytes(20_000_000);
-        let l = ServeLimits::plan(1 * GIB, 8, None, None, 20_000_000);
+        let l = ServeLimits::plan(GIB, 8, None, None, 20_000_000);
         assert_eq!(
             l.slots as u64,
             (GIB - SERVE_BASE_BYTES - 20_000_000) / worst

@@ -122,7 +122,16 @@ pub async fn search(
     let loaded = app.index.get().ok_or(ApiError::NoIndex)?;
     let kind = body::upload_kind(request.headers())?;
     let max_body = app.limits.max_body;
-    let declared = body::declared_length(request.headers(), max_body)?;
+    let declared = match body::declared_length(request.headers(), max_body) {
+        Ok(n) => n,
+        Err(e) => {
+            // Answer before reading a byte; a client already sending gets to read the 413.
+            if !body::expects_continue(request.headers()) {
+                body::drain_later(request.into_body());
+            }
+            return Err(e);
+        }
+    };
 
     let ticket = app.admission.enter()?;
     let reserved = ticket.reserve_body(declared.unwrap_or(max_body)).await?;
