@@ -160,10 +160,11 @@ pub async fn search(
     let slot = ticket.slot(reserved).await?;
     let queue_ms = started.elapsed().as_secs_f64() * 1000.0;
 
+    // The same settings as `indexer search` on this index (the HTTP answer equals the CLI's).
     let params = SearchParams {
         k: q.k,
         verify: q.verify,
-        ..Default::default()
+        ..SearchParams::for_index(&loaded.index.meta)
     };
     let worker_index = loaded.clone();
     let worker_image = image.clone();
