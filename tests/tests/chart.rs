@@ -960,7 +960,9 @@ fn needed_packages(binary: &Path) -> BTreeSet<String> {
 
 #[test]
 fn dockerfiles_build_and_install_what_exists() {
-    let metadata = run_ok(Command::new("cargo").args([
+    // The cargo that runs this test (cargo sets CARGO), else the one in PATH.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let metadata = run_ok(Command::new(cargo).args([
         "metadata",
         "--no-deps",
         "--format-version",
