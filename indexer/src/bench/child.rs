@@ -38,7 +38,8 @@ struct Mem {
     peak_rss_anon: u64,
 }
 
-/// Runs `indexer <args…> --json` (a build), inside a fresh cgroup with `limit` when given.
+/// Runs `indexer <args…> --json` (a build), inside a fresh cgroup with `limit` when given;
+/// its log goes to `<out_dir>.log`.
 pub fn run_build(
     args: &[String],
     limit: Option<u64>,
@@ -81,7 +82,8 @@ pub fn run_build(
                 });
             }
         }
-        cmd.stderr(std::process::Stdio::null()).output()?
+        let log = std::fs::File::create(out_dir.with_extension("log"))?;
+        cmd.stderr(log).output()?
     };
     let seconds = t.elapsed().as_secs_f64();
     let summary: Option<serde_json::Value> = serde_json::from_slice(&child.stdout).ok();
