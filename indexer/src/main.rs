@@ -212,9 +212,10 @@ enum BenchCommand {
         /// Skip the old system's setup.
         #[arg(long)]
         no_baseline: bool,
-        /// Python interpreter for the baseline.
-        #[arg(long, default_value = "python3")]
-        python: String,
+        /// Python interpreter for the baseline (default: the tools venv scripts/setup.sh makes,
+        /// else python3).
+        #[arg(long)]
+        python: Option<String>,
         /// Inverted lists probed per descriptor.
         #[arg(long, default_value_t = SearchParams::default().nprobe)]
         nprobe: usize,
@@ -264,6 +265,9 @@ enum BenchCommand {
         /// Single-descriptor queries per size.
         #[arg(long, default_value_t = 2000)]
         queries: usize,
+        /// Reuse an index a previous run built at the same size (measure queries only).
+        #[arg(long)]
+        reuse: bool,
         /// Inverted lists probed per descriptor.
         #[arg(long, default_value_t = SearchParams::default().nprobe)]
         nprobe: usize,
@@ -271,6 +275,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn default_python() -> String {
+    let tools =
+        std::env::var("IMAGEINDEX_TOOLS").unwrap_or_else(|_| "/var/cache/imageindex/tools".into());
+    let venv = std::path::Path::new(&tools).join("venv/bin/python");
+    if venv.is_file() {
+        venv.display().to_string()
+    } else {
+        "python3".into()
+    }
 }
 
 fn parse_count(text: &str) -> anyhow::Result<u64> {
@@ -425,7 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let m = &summary.meta;
                 println!(
-                    "published generation {} at {}\n  preset {} ({} features, {} trees)\n  images {} indexed, {} failed, {} descriptors\n  extract {:.1}s, train {:.1}s, lists {:.1}s, arroy {:.1}s\n  peak working set {} MiB of {} MiB",
+                    "published generation {} at {}\n  preset {} ({} features, {} trees)\n  images {} indexed, {} failed, {} descriptors\n  extract {:.1}s ({:.1} images/s on {} threads), train {:.1}s, lists {:.1}s, arroy {:.1}s\n  peak working set {} MiB of {} MiB",
                     summary.generation,
                     summary.path.display(),
                     m.preset,
@@ -435,6 +450,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.images_failed,
                     m.descriptors,
                     m.timings.extract,
+                    (m.images_indexed + m.images_failed) as f64 / m.timings.extract.max(1e-9),
+                    threads,
                     m.timings.train,
                     m.timings.assign,
                     m.timings.arroy,
@@ -704,7 +721,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 memory_limit: parse_limit(memory_limit.as_deref())?,
                 engines,
                 baseline_features: if no_baseline { Vec::new() } else { baseline },
-                python,
+                python: python.unwrap_or_else(default_python),
                 nprobe,
             };
             let rows = images::run(&b)?;
@@ -756,6 +773,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
             work,
             preset,
             queries,
+            reuse,
             nprobe,
             json,
         } => {
@@ -764,7 +782,7 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
             let mut rows = Vec::new();
             for s in &sizes {
                 let n = parse_count(s)?;
-                let row = synthetic::run_size(&work, n, limit, &preset, queries, nprobe)?;
+                let row = synthetic::run_size(&work, n, limit, &preset, queries, nprobe, reuse)?;
                 synthetic::print(std::slice::from_ref(&row), limit);
                 rows.push(row);
             }

@@ -101,8 +101,23 @@ pub fn run_size(
     preset: &str,
     queries: usize,
     nprobe: usize,
+    reuse: bool,
 ) -> anyhow::Result<SyntheticRow> {
     let out: PathBuf = work.join(format!("syn-{n}"));
+    if reuse && Index::open(&out).is_ok() {
+        // Measure queries on the index a previous run built (its build figures are not
+        // re-measured).
+        return measure(
+            &out,
+            n,
+            SyntheticRow {
+                descriptors: n,
+                ..Default::default()
+            },
+            queries,
+            nprobe,
+        );
+    }
     let _ = std::fs::remove_dir_all(&out);
     let args = vec![
         "build-synthetic".to_string(),
@@ -114,7 +129,7 @@ pub fn run_size(
         preset.to_string(),
     ];
     let built = child::run_build(&args, limit, &out)?;
-    let mut row = SyntheticRow {
+    let row = SyntheticRow {
         descriptors: n,
         exit_code: built.exit_code,
         build_s: built.seconds,
@@ -127,7 +142,17 @@ pub fn run_size(
     if built.exit_code != 0 {
         return Ok(row);
     }
-    let index = Index::open(&out)?;
+    measure(&out, n, row, queries, nprobe)
+}
+
+fn measure(
+    out: &Path,
+    n: u64,
+    mut row: SyntheticRow,
+    queries: usize,
+    nprobe: usize,
+) -> anyhow::Result<SyntheticRow> {
+    let index = Index::open(out)?;
     row.descriptors = index.meta.descriptors;
     row.disk_per_descriptor = index.disk_bytes() as f64 / index.meta.descriptors.max(1) as f64;
     let generator = Generator::new(1);
