@@ -232,7 +232,7 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
         arroy_memory,
         ivf_flush_bytes,
         ivf_train_samples,
-        reclaim_at: budget * 75 / 100,
+        reclaim_at: budget * 60 / 100,
     })
 }
 

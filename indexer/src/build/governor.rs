@@ -8,8 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>) {
+    let map = env.map(|e| {
+        let info = e.info();
+        (info.map_addr, info.map_size)
+    });
+    release_file_pages(map, file);
+}
+
 /// A background thread sampling memory every 200 ms.
 pub struct MemoryGovernor {
+    env: Option<Env<WithoutTls>>,
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     peak_anon: Arc<AtomicU64>,
@@ -24,6 +33,7 @@ impl MemoryGovernor {
         reclaim_at: u64,
         env: Option<Env<WithoutTls>>,
     ) -> MemoryGovernor {
+        let own_env = env.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let peak_anon = Arc::new(AtomicU64::new(0));
@@ -40,29 +50,40 @@ impl MemoryGovernor {
         let handle = std::thread::Builder::new()
             .name("memory".into())
             .spawn(move || {
+                let mut last_release = std::time::Instant::now() - Duration::from_secs(10);
                 while !stop2.load(Ordering::Relaxed) {
                     let s = memory.snapshot();
                     peak2.fetch_max(s.working_set, Ordering::Relaxed);
                     anon2.fetch_max(s.process.rss_anon, Ordering::Relaxed);
-                    if s.working_set > reclaim_at {
-                        let map = env.as_ref().map(|e| {
-                            let info = e.info();
-                            (info.map_addr, info.map_size)
-                        });
-                        release_file_pages(map, data_file.as_ref());
+                    if s.working_set > reclaim_at
+                        && last_release.elapsed() >= Duration::from_secs(1)
+                    {
+                        release_env_pages(env.as_ref(), data_file.as_ref());
                         reclaims2.fetch_add(1, Ordering::Relaxed);
+                        last_release = std::time::Instant::now();
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
             })
             .ok();
         MemoryGovernor {
+            env: own_env,
             stop,
             peak,
             peak_anon,
             reclaims,
             handle,
         }
+    }
+
+    /// Releases LMDB's clean pages now (between build steps).
+    pub fn release_now(&self) {
+        let file = self
+            .env
+            .as_ref()
+            .and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
+        release_env_pages(self.env.as_ref(), file.as_ref());
+        self.reclaims.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Highest working set seen.

@@ -101,12 +101,15 @@ fn descriptor(chunk: &[u8]) -> Descriptor {
 }
 
 /// Runs (or resumes) the index phases.
+/// `release` hands LMDB's clean pages back to the kernel; it is called between steps, when
+/// the pages the previous step read are no longer needed.
 pub(super) fn run(
     store: &Store,
     preset: &Preset,
     plan: &BuildPlan,
     ctx: &BuildContext,
     timings: &mut Timings,
+    release: &dyn Fn(),
 ) -> Result<IndexStats> {
     let label = preset.label();
     let mut cp = checkpoint(store)?;
@@ -268,6 +271,7 @@ pub(super) fn run(
         }
         timings.assign += t.elapsed().as_secs_f64();
         tracing::info!(secs = t.elapsed().as_secs_f64(), "inverted lists filled");
+        release();
     }
 
     // arroy shards. The shard size is fixed at the first shard and kept in metadata so a
@@ -355,6 +359,7 @@ pub(super) fn run(
             wtxn.commit()?;
             ctx.progress.set_step_done(hi);
             tracing::info!(shard = s, shards, items = hi - lo, "arroy shard built");
+            release();
         }
         if shards == 0 {
             let mut wtxn = store.env.write_txn()?;

@@ -163,7 +163,9 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Index);
-    let index_stats = index::run(&store, &preset, &plan, ctx, &mut timings)?;
+    let index_stats = index::run(&store, &preset, &plan, ctx, &mut timings, &|| {
+        governor.release_now()
+    })?;
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Publish);
@@ -225,7 +227,7 @@ pub fn plan_for(
                 "the preset is estimated not to fit the memory budget; trying with one image in flight");
             Ok(estimate::plan(preset, shape, e.needed).map(|mut p| {
                 p.budget = budget;
-                p.reclaim_at = budget * 75 / 100;
+                p.reclaim_at = budget * 60 / 100;
                 p
             })?)
         }
@@ -427,7 +429,9 @@ pub fn run_synthetic(
     }
     timings.extract = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Index);
-    let stats = index::run(&store, preset, &plan, ctx, &mut timings)?;
+    let stats = index::run(&store, preset, &plan, ctx, &mut timings, &|| {
+        governor.release_now()
+    })?;
     ctx.progress.set_phase(Phase::Publish);
     let generation = dir.next_generation()?;
     let meta = BuildMeta {
