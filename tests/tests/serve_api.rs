@@ -31,7 +31,10 @@ fn sample_index(tmp: &Path) -> (PathBuf, Vec<PathBuf>) {
     (idx, queries)
 }
 
-fn essentials(matches: &Value) -> Vec<(u64, String, u64, Option<u64>, Option<bool>)> {
+/// (id, path, score, inliers, verified) of one match.
+type Essential = (u64, String, u64, Option<u64>, Option<bool>);
+
+fn essentials(matches: &Value) -> Vec<Essential> {
     matches
         .as_array()
         .unwrap()
@@ -130,7 +133,6 @@ fn bad_input_gets_a_json_error_and_the_service_stays_healthy() {
     for b in corrupt.iter_mut().skip(dht + 5).take(150) {
         *b ^= 0x5A;
     }
-    let (json_ct, _) = ("application/json", ());
     let (other_ct, other_body) = multipart("photo", "a.jpg", &good);
     let cases: Vec<(&str, Resp, u16, &str)> = vec![
         (
@@ -140,8 +142,8 @@ fn bad_input_gets_a_json_error_and_the_service_stays_healthy() {
             "not_an_image",
         ),
         (
-            "json content type",
-            server.search_raw("", b"{}", json_ct),
+            "a JSON body",
+            server.search_raw("", b"{\"image\": \"x.jpg\"}", "application/json"),
             415,
             "not_an_image",
         ),

@@ -19,13 +19,15 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// How the image is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UploadKind {
-    /// The body is the image (`image/*`, `application/octet-stream` or no content type).
+    /// The body is the image, whatever it is labelled (`image/*`, `application/octet-stream`,
+    /// curl's default `application/x-www-form-urlencoded`, none): the bytes themselves say
+    /// whether it is an image, and a non-image is refused with 415 by its content.
     Raw,
     /// A `multipart/form-data` form with an `image` field.
     Multipart,
 }
 
-/// The upload kind from the `Content-Type` header; other types are refused with 415.
+/// The upload kind from the `Content-Type` header.
 pub fn upload_kind(headers: &HeaderMap) -> Result<UploadKind, ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(UploadKind::Raw);
@@ -38,13 +40,8 @@ pub fn upload_kind(headers: &HeaderMap) -> Result<UploadKind, ApiError> {
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence == "multipart/form-data" {
         Ok(UploadKind::Multipart)
-    } else if essence.starts_with("image/") || essence == "application/octet-stream" {
-        Ok(UploadKind::Raw)
     } else {
-        Err(ApiError::UnsupportedMedia(format!(
-            "Content-Type {essence:?} is not an image: send the image as the multipart field \
-             `image` or as a raw image/* body"
-        )))
+        Ok(UploadKind::Raw)
     }
 }
 
@@ -164,7 +161,10 @@ mod tests {
             UploadKind::Multipart
         );
         assert_eq!(kind("application/octet-stream").unwrap(), UploadKind::Raw);
-        assert_eq!(kind("application/json").unwrap_err().status().as_u16(), 415);
+        assert_eq!(
+            kind("application/x-www-form-urlencoded").unwrap(),
+            UploadKind::Raw
+        );
         assert_eq!(upload_kind(&HeaderMap::new()).unwrap(), UploadKind::Raw);
     }
 
