@@ -15,8 +15,11 @@
 //! ```
 //!
 //! WebP and TIFF are decoded by OpenCV through a colour buffer first: they cost
-//! [`COLOUR_BUFFER_BYTES_PER_PIXEL`] more per pixel, so a very large one may exceed a slot and
-//! is refused (422 `too_large_for_memory`) instead of risking the limit.
+//! [`COLOUR_BUFFER_BYTES_PER_PIXEL`] more per pixel (a 100 MP WebP ≈ 625 MB). Slots are sized
+//! for those too when the limit has room for one per core; otherwise for the gray worst case
+//! above, and a larger colour-buffered image is refused (422 `too_large_for_memory`) rather
+//! than risking the limit. Under a limit too small for even one gray worst case, the one slot
+//! gets what there is and every image is admitted by its own estimate.
 //!
 //! Uploads waiting for a slot are buffered within a byte budget (a request reserves its
 //! `Content-Length`, or `max_body` when it streams, before its body is read), and what the
@@ -24,6 +27,7 @@
 //!
 //! ```text
 //! limit = base + slots × slot + body buffer + rebuild budget
+//! slot  = any-format worst case if (--slots or cores) of them fit, else the gray worst case
 //! slots = min(--slots or cores, (limit − base − max_body) / slot), at least 1
 //! body buffer = clamp((limit − base − slots × slot) / 2, max_body, 256 MiB)
 //! ```
@@ -83,6 +87,22 @@ pub fn worst_query_bytes(max_body: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// The worst case of one slot over every admitted format: the largest admitted image
+/// decoded through a colour buffer.
+pub fn worst_any_format_bytes(max_body: u64) -> u64 {
+    let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
+    let header = Header {
+        format: Format::Webp,
+        width: side,
+        height: side,
+    };
+    Preset::ladder()
+        .iter()
+        .map(|p| query_bytes(p, &header, max_body))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The service's memory plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ServeLimits {
@@ -114,15 +134,21 @@ impl ServeLimits {
         max_body: u64,
     ) -> ServeLimits {
         let base = SERVE_BASE_BYTES;
-        let worst = worst_query_bytes(max_body);
+        let any = worst_any_format_bytes(max_body);
+        let gray = worst_query_bytes(max_body);
         let avail = limit.saturating_sub(base);
         let for_slots = avail.saturating_sub(max_body);
-        let fit = (for_slots / worst.max(1)) as usize;
         let wanted = slots.unwrap_or(cores).max(1);
-        let slots = wanted.min(fit).max(1);
-        // When not even one worst-case slot fits, the one slot gets what there is and larger
-        // images are refused by their estimate.
-        let slot_bytes = if fit == 0 { for_slots } else { worst };
+        let fit = |per: u64| (for_slots / per.max(1)) as usize;
+        let (slots, slot_bytes) = if fit(any) >= wanted {
+            (wanted, any)
+        } else if fit(gray) >= 1 {
+            (wanted.min(fit(gray)), gray)
+        } else {
+            // Not even one gray worst case fits: one slot gets what there is, and larger
+            // images are refused by their estimate.
+            (1, for_slots)
+        };
         let left = avail.saturating_sub(slot_bytes * slots as u64);
         let body_buffer = (left / 2).clamp(max_body, MAX_BODY_BUFFER_BYTES.max(max_body));
         ServeLimits {
@@ -169,7 +195,7 @@ mod tests {
     fn a_roomy_limit_gets_one_slot_per_core() {
         let l = ServeLimits::plan(24 * GIB, 2, None, None, 20_000_000);
         assert_eq!(l.slots, 2);
-        assert_eq!(l.slot_bytes, worst_query_bytes(20_000_000));
+        assert_eq!(l.slot_bytes, worst_any_format_bytes(20_000_000));
         assert_eq!(l.body_buffer, MAX_BODY_BUFFER_BYTES);
         assert_eq!(
             l.base + 2 * l.slot_bytes + l.body_buffer + l.rebuild_budget,
@@ -203,6 +229,19 @@ mod tests {
             height: 3000,
         };
         assert!(query_bytes(&p, &photo, 4 << 20) < l.slot_bytes);
+    }
+
+    #[test]
+    fn slots_take_colour_buffers_only_when_there_is_room() {
+        // 2 GiB: two any-format slots (≈ 625 MB each) fit
+        let l = ServeLimits::plan(2 * GIB, 2, None, None, 20_000_000);
+        assert_eq!(
+            (l.slots, l.slot_bytes),
+            (2, worst_any_format_bytes(20_000_000))
+        );
+        // 1 GiB with 2 cores: only gray worst cases
+        let l = ServeLimits::plan(GIB, 2, None, None, 20_000_000);
+        assert_eq!((l.slots, l.slot_bytes), (2, worst_query_bytes(20_000_000)));
     }
 
     #[test]
