@@ -51,13 +51,24 @@ pub struct LoadReport {
     pub p99_ms: f64,
     /// Slowest.
     pub max_ms: f64,
-    /// Mean of the server-reported stage times of 200 answers (queue, decode, extract, lookup,
-    /// verify), milliseconds.
-    pub stages_ms: BTreeMap<String, f64>,
+    /// Server-reported stage times of 200 answers (queue, decode, extract, lookup, verify,
+    /// total), milliseconds.
+    pub stages_ms: BTreeMap<String, StageStats>,
     /// The server's peak RSS after the run (`imageindex_memory_peak_rss_bytes`).
     pub server_peak_rss: Option<u64>,
     /// The server's working set after the run.
     pub server_working_set: Option<u64>,
+}
+
+/// Percentiles of one stage, milliseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StageStats {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Mean.
+    pub mean: f64,
 }
 
 /// Why the load could not run.
@@ -102,7 +113,7 @@ struct ClientResult {
     latencies: Vec<f64>,
     statuses: BTreeMap<u16, u64>,
     transport_errors: u64,
-    stages: BTreeMap<String, (f64, u64)>,
+    stages: BTreeMap<String, Vec<f64>>,
 }
 
 /// Runs the load (blocking; starts its own runtime).
@@ -181,17 +192,15 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut latencies = Vec::new();
     let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
     let mut transport_errors = 0;
-    let mut stages: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for r in results {
         latencies.extend(r.latencies);
         for (s, n) in r.statuses {
             *statuses.entry(s).or_default() += n;
         }
         transport_errors += r.transport_errors;
-        for (k, (sum, n)) in r.stages {
-            let e = stages.entry(k).or_default();
-            e.0 += sum;
-            e.1 += n;
+        for (k, v) in r.stages {
+            stages.entry(k).or_default().extend(v);
         }
     }
     let requests = latencies.len() as u64;
@@ -237,7 +246,14 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
         max_ms: percentile(&latencies, 100.0),
         stages_ms: stages
             .into_iter()
-            .map(|(k, (sum, n))| (k, sum / n.max(1) as f64))
+            .map(|(k, v)| {
+                let s = StageStats {
+                    p50: percentile(&v, 50.0),
+                    p95: percentile(&v, 95.0),
+                    mean: crate::bench::stats::mean(&v),
+                };
+                (k, s)
+            })
             .collect(),
         server_peak_rss: sample("imageindex_memory_peak_rss_bytes"),
         server_working_set: sample("imageindex_memory_working_set_bytes"),
@@ -254,14 +270,13 @@ fn record_stages(r: &mut ClientResult, body: Option<&[u8]>) {
         "extract_ms",
         "lookup_ms",
         "verify_ms",
+        "total_ms",
     ] {
         if let Some(ms) = v["timings"][stage].as_f64() {
-            let e = r
-                .stages
+            r.stages
                 .entry(stage.trim_end_matches("_ms").to_string())
-                .or_default();
-            e.0 += ms;
-            e.1 += 1;
+                .or_default()
+                .push(ms);
         }
     }
 }
@@ -287,12 +302,10 @@ pub fn print(r: &LoadReport) {
         "latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
         r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
     );
-    let stages: Vec<String> = r
-        .stages_ms
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.1}"))
-        .collect();
-    println!("server stages (mean ms): {}", stages.join("  "));
+    println!("server stages, ms:   p50     p95    mean");
+    for (k, v) in &r.stages_ms {
+        println!("  {k:<12} {:>7.1} {:>7.1} {:>7.1}", v.p50, v.p95, v.mean);
+    }
     let mib = |b: Option<u64>| {
         b.map_or("?".to_string(), |b| {
             format!("{:.1} MiB", b as f64 / 1048576.0)
