@@ -174,7 +174,11 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
                                 record_stages(&mut r, body.ok().as_deref());
                             }
                         }
-                        Err(_) => r.transport_errors += 1,
+                        Err(_) => {
+                            r.transport_errors += 1;
+                            // A refused or reset connection fails at once: do not spin.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                     }
                 }
                 r
