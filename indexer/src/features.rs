@@ -402,13 +402,26 @@ impl Detector {
         bytes: &[u8],
         header: &Header,
     ) -> Result<Features, ExtractError> {
+        self.extract_timed(bytes, header).map(|(f, _, _)| f)
+    }
+
+    /// Like [`Detector::extract_checked`], also returning the decode and the extraction
+    /// times in milliseconds.
+    pub fn extract_timed(
+        &mut self,
+        bytes: &[u8],
+        header: &Header,
+    ) -> Result<(Features, f64, f64), ExtractError> {
+        let t = std::time::Instant::now();
         let (gray, scale) = decode_gray(bytes, header, self.params.max_side)?;
+        let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let t = std::time::Instant::now();
         let (work, factor) = to_work_size(&gray, self.params.max_side)?;
         drop(gray);
         let (keypoints, descriptors, mut adaptation) = self.features_of_work_image(&work)?;
         adaptation.resize = factor as f32;
         adaptation.decode_scale = scale as u8;
-        Ok(Features {
+        let f = Features {
             width: header.width,
             height: header.height,
             work_width: work.cols() as u32,
@@ -417,7 +430,8 @@ impl Detector {
             keypoints,
             descriptors,
             format: header.format,
-        })
+        };
+        Ok((f, decode_ms, t.elapsed().as_secs_f64() * 1000.0))
     }
 }
 

@@ -551,31 +551,8 @@ pub fn search_bytes(
     bytes: &[u8],
     params: &SearchParams,
 ) -> Result<Answer, QueryError> {
-    let t = Instant::now();
     let header = crate::imageguard::header(bytes).map_err(crate::features::ExtractError::from)?;
-    let (gray, scale) = crate::features::decode_gray(bytes, &header, detector.params().max_side)?;
-    let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let t = Instant::now();
-    let (work, factor) = crate::features::to_work_size(&gray, detector.params().max_side)
-        .map_err(IndexError::from)?;
-    drop(gray);
-    let (keypoints, descriptors, mut adaptation) = detector
-        .features_of_work_image(&work)
-        .map_err(IndexError::from)?;
-    adaptation.resize = factor as f32;
-    adaptation.decode_scale = scale as u8;
-    use opencv::prelude::MatTraitConst;
-    let f = Features {
-        width: header.width,
-        height: header.height,
-        work_width: work.cols() as u32,
-        work_height: work.rows() as u32,
-        adaptation,
-        keypoints,
-        descriptors,
-        format: header.format,
-    };
-    let extract_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let (f, decode_ms, extract_ms) = detector.extract_timed(bytes, &header)?;
     let (matches, lookup_ms, verify_ms) = index.search_features(&f, params)?;
     Ok(Answer {
         matches,

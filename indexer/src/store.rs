@@ -283,6 +283,11 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the build's checkpoint (committed with the transaction's other writes).
+    pub fn set_checkpoint(&self, wtxn: &mut RwTxn, cp: &Checkpoint) -> Result<()> {
+        self.put_json(wtxn, keys::CHECKPOINT, cp)
+    }
+
     /// The key of an inverted-list chunk.
     pub fn list_key(list: u32, chunk: u32) -> u64 {
         ((list as u64) << 32) | chunk as u64

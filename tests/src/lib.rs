@@ -224,3 +224,22 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
             .and_then(|v| v.trim().parse().ok())
     })
 }
+
+/// `indexer build DATASET --out OUT --preset PRESET` (add arguments to the command).
+pub fn build_command(dataset: &Path, out: &Path, preset: &str) -> Command {
+    let mut c = Command::new(bin("indexer"));
+    c.arg("build")
+        .arg(dataset)
+        .arg("--out")
+        .arg(out)
+        .args(["--preset", preset]);
+    c
+}
+
+/// Runs `indexer build` with extra arguments and returns its output.
+pub fn build(dataset: &Path, out: &Path, preset: &str, extra: &[&str]) -> Output {
+    build_command(dataset, out, preset)
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run indexer build: {e}"))
+}

@@ -39,18 +39,7 @@ fn every_bad_file_is_skipped_counted_and_explained() {
     let ds = tmp.path().join("ds");
     write_bad_files(&ds);
     let out = tmp.path().join("idx");
-    let o = run(
-        "indexer",
-        &[
-            "build",
-            ds.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-            "--json",
-        ],
-    );
+    let o = build(&ds, &out, "small", &["--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = json_of(&o);
     assert_eq!(s["meta"]["imagesIndexed"], 4);
@@ -83,17 +72,8 @@ fn a_vanished_dataset_stops_with_exit_code_3_and_resumes_later() {
     make_photos(&ds, 24, 1600);
     let out = tmp.path().join("idx");
     let port = free_port();
-    let mut child = Command::new(bin("indexer"))
-        .args([
-            "build",
-            ds.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-            "--threads",
-            "1",
-        ])
+    let mut child = build_command(&ds, &out, "small")
+        .args(["--threads", "1"])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -129,18 +109,7 @@ fn a_vanished_dataset_stops_with_exit_code_3_and_resumes_later() {
         "the checkpoint must be kept"
     );
     std::fs::rename(&moved, &ds).unwrap();
-    let o = run(
-        "indexer",
-        &[
-            "build",
-            ds.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-            "--json",
-        ],
-    );
+    let o = build(&ds, &out, "small", &["--json"]);
     assert!(o.status.success());
     let s = json_of(&o);
     assert_eq!(s["resumed"], true);
@@ -166,35 +135,14 @@ fn a_full_disk_stops_with_exit_code_4_and_resumes_once_there_is_room() {
     };
     assert!(mount("size=1m").success());
     let out = mnt.join("idx");
-    let o = run(
-        "indexer",
-        &[
-            "build",
-            ds.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-        ],
-    );
+    let o = build(&ds, &out, "small", &[]);
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     let remount = Command::new("mount")
         .args(["-o", "remount,size=256m", mnt.to_str().unwrap()])
         .status()
         .unwrap();
     assert!(remount.success());
-    let o2 = run(
-        "indexer",
-        &[
-            "build",
-            ds.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--preset",
-            "small",
-            "--json",
-        ],
-    );
+    let o2 = build(&ds, &out, "small", &["--json"]);
     let _ = Command::new("umount").arg(&mnt).status();
     assert_eq!(o.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("disk"), "{stderr}");

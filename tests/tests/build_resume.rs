@@ -8,18 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn build_cmd(dataset: &Path, out: &Path, port: Option<u16>) -> Command {
-    let mut c = Command::new(bin("indexer"));
-    c.args([
-        "build",
-        dataset.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--preset",
-        "small",
-        "--threads",
-        "1",
-        "--json",
-    ]);
+    let mut c = build_command(dataset, out, "small");
+    c.args(["--threads", "1", "--json"]);
     if let Some(p) = port {
         c.args(["--metrics-addr", &format!("127.0.0.1:{p}")]);
     }

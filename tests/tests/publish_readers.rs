@@ -15,17 +15,7 @@ fn readers_during_publish_only_see_complete_generations() {
     let query = attacked_copies(&images[2], &tmp.path().join("q")).remove(0);
     let out = tmp.path().join("idx");
     let build = || {
-        let o = run(
-            "indexer",
-            &[
-                "build",
-                ds.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--preset",
-                "small",
-            ],
-        );
+        let o = build(&ds, &out, "small", &[]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     build();

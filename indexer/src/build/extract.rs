@@ -172,9 +172,8 @@ pub(super) fn run(
     if jobs.is_empty() {
         if matches!(checkpoint, Checkpoint::Extract { .. }) {
             let mut wtxn = store.env.write_txn()?;
-            store.put_json(
+            store.set_checkpoint(
                 &mut wtxn,
-                store::keys::CHECKPOINT,
                 &Checkpoint::Train {
                     preset: preset.label(),
                 },
@@ -247,7 +246,7 @@ pub(super) fn run(
             } else {
                 Checkpoint::Extract { next: next_id }
             };
-            store.put_json(&mut wtxn, store::keys::CHECKPOINT, &cp)?;
+            store.set_checkpoint(&mut wtxn, &cp)?;
             wtxn.commit()?;
             Ok(())
         };

@@ -41,10 +41,6 @@ fn checkpoint(store: &Store) -> Result<Checkpoint> {
         .unwrap_or(Checkpoint::Extract { next: 0 }))
 }
 
-fn set_checkpoint(store: &Store, wtxn: &mut heed::RwTxn, cp: &Checkpoint) -> Result<()> {
-    store.put_json(wtxn, store::keys::CHECKPOINT, cp)
-}
-
 /// Prefix sums of kept descriptor counts (one entry per image plus one).
 fn offsets(store: &Store, preset: &Preset) -> Result<Vec<u64>> {
     let rtxn = store.env.read_txn()?;
@@ -129,7 +125,7 @@ pub(super) fn run(
         cp = Checkpoint::Train {
             preset: label.clone(),
         };
-        set_checkpoint(store, &mut wtxn, &cp)?;
+        store.set_checkpoint(&mut wtxn, &cp)?;
         wtxn.commit()?;
     }
     let offsets = offsets(store, preset)?;
@@ -176,7 +172,7 @@ pub(super) fn run(
             next: 0,
             chunk: 0,
         };
-        set_checkpoint(store, &mut wtxn, &cp)?;
+        store.set_checkpoint(&mut wtxn, &cp)?;
         wtxn.commit()?;
         timings.train += t.elapsed().as_secs_f64();
         tracing::info!(
@@ -254,7 +250,7 @@ pub(super) fn run(
                         chunk,
                     }
                 };
-                set_checkpoint(store, &mut wtxn, &cp)?;
+                store.set_checkpoint(&mut wtxn, &cp)?;
                 wtxn.commit()?;
                 buffered = 0;
             }
@@ -266,7 +262,7 @@ pub(super) fn run(
                 shard: 0,
                 added: 0,
             };
-            set_checkpoint(store, &mut wtxn, &cp)?;
+            store.set_checkpoint(&mut wtxn, &cp)?;
             wtxn.commit()?;
         }
         timings.assign += t.elapsed().as_secs_f64();
@@ -313,8 +309,7 @@ pub(super) fn run(
                     arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
                 add_range(store, &offsets, &writer, &mut wtxn, from, to)?;
                 added = to - lo;
-                set_checkpoint(
-                    store,
+                store.set_checkpoint(
                     &mut wtxn,
                     &Checkpoint::Arroy {
                         preset: label.clone(),
@@ -355,7 +350,7 @@ pub(super) fn run(
                     added: 0,
                 }
             };
-            set_checkpoint(store, &mut wtxn, &next)?;
+            store.set_checkpoint(&mut wtxn, &next)?;
             wtxn.commit()?;
             ctx.progress.set_step_done(hi);
             tracing::info!(shard = s, shards, items = hi - lo, "arroy shard built");
@@ -363,8 +358,7 @@ pub(super) fn run(
         }
         if shards == 0 {
             let mut wtxn = store.env.write_txn()?;
-            set_checkpoint(
-                store,
+            store.set_checkpoint(
                 &mut wtxn,
                 &Checkpoint::Publish {
                     preset: label.clone(),

@@ -286,11 +286,7 @@ fn open_or_reset(
         store.images.put(&mut wtxn, &(i as u32), &rec)?;
     }
     store.put_json(&mut wtxn, store::keys::FINGERPRINT, &listing.fingerprint)?;
-    store.put_json(
-        &mut wtxn,
-        store::keys::CHECKPOINT,
-        &Checkpoint::Extract { next: 0 },
-    )?;
+    store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: 0 })?;
     wtxn.commit()?;
     Ok((store, false))
 }
@@ -382,11 +378,7 @@ pub fn run_synthetic(
         let mut bytes = 0u64;
         for i in next..source.images {
             if ctx.progress.is_cancelled() {
-                store.put_json(
-                    &mut wtxn,
-                    store::keys::CHECKPOINT,
-                    &Checkpoint::Extract { next: i },
-                )?;
+                store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: i })?;
                 wtxn.commit()?;
                 return Err(IndexError::Interrupted);
             }
@@ -408,19 +400,14 @@ pub fn run_synthetic(
             store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
             ctx.progress.image_done(descs.len() as u64, false);
             if bytes >= plan.write_batch_bytes {
-                store.put_json(
-                    &mut wtxn,
-                    store::keys::CHECKPOINT,
-                    &Checkpoint::Extract { next: i + 1 },
-                )?;
+                store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: i + 1 })?;
                 wtxn.commit()?;
                 wtxn = store.env.write_txn()?;
                 bytes = 0;
             }
         }
-        store.put_json(
+        store.set_checkpoint(
             &mut wtxn,
-            store::keys::CHECKPOINT,
             &Checkpoint::Train {
                 preset: preset.label(),
             },
