@@ -3,8 +3,9 @@
 //!
 //! `controller` is the reconcile pipeline; `resources` builds the objects it makes (pure);
 //! `pods` reads pod status; `scrape` reads a build's Prometheus metrics; `attempts` and
-//! `history` keep the attempt bookkeeping and recent memory samples; the decisions are
-//! `imageindex_crds::policy`'s, shared with local mode.
+//! `history` keep the attempt bookkeeping and recent memory samples; `transitions` writes
+//! each step into status; the decisions are `imageindex_crds::policy`'s. `local` runs the
+//! same policy and transitions on one machine, with processes in cgroups instead of pods.
 #![warn(missing_docs)]
 #![cfg_attr(
     not(test),
@@ -15,6 +16,7 @@ pub mod attempts;
 pub mod controller;
 pub mod error;
 pub mod history;
+pub mod local;
 pub mod metrics;
 pub mod pods;
 pub mod rbac;

@@ -1,4 +1,5 @@
-//! `operator`: runs the ImageIndex controller (`operator run`).
+//! `operator`: runs the ImageIndex controller (`operator run`), or the same policy on this
+//! machine with local processes (`operator local`).
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -6,10 +7,13 @@ use imageindex_crds::ImageIndex;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use operator::controller::{self, Context};
+use operator::local::{self, display::LiveLine, LocalOptions};
 use operator::metrics::Metrics;
 use operator::server::{self, Health};
 use operator::settings::{self, Settings};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::{error, info};
@@ -27,6 +31,45 @@ enum Command {
     /// Run the Kubernetes controller for ImageIndex resources (in-cluster config, or the
     /// kubeconfig of $KUBECONFIG / ~/.kube/config).
     Run(RunArgs),
+    /// Build (and serve) an ImageIndex on this machine with the same policy: the manifest's
+    /// builds run as local processes in cgroups limited to spec.memoryLimit, restarted with a
+    /// poorer preset after an OOM kill or critical memory pressure, resuming from their
+    /// checkpoint. Exit code: 0 Ready, 1 Failed, 2 invalid manifest, 3 environment (cgroups,
+    /// indexer binary, state directory), 130 stopped (run again to resume).
+    Local(LocalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LocalArgs {
+    /// The ImageIndex manifest (the YAML you would `kubectl apply`); spec.dataset.path is a
+    /// local directory, resolved against the manifest's directory when relative.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Where the status, the index and the attempt logs are kept
+    /// (default: $XDG_STATE_HOME/imageindex/<name> or ~/.local/state/imageindex/<name>).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Once Ready, serve the index on this address (e.g. 127.0.0.1:8080) until Ctrl-C.
+    #[arg(long)]
+    serve: Option<SocketAddr>,
+    /// Also write the ImageIndex status here as JSON (replaced atomically on every change).
+    #[arg(long)]
+    status_out: Option<PathBuf>,
+    /// The indexer binary (default: next to this binary, else on PATH).
+    #[arg(long)]
+    indexer_bin: Option<PathBuf>,
+    /// How often a running build's /metrics is scraped.
+    #[arg(long, default_value = "1s", value_parser = settings::parse_duration)]
+    scrape_interval: Duration,
+    /// How long a stopped build may take to write its checkpoint before it is killed.
+    #[arg(long, default_value = "30s", value_parser = settings::parse_duration)]
+    stop_grace: Duration,
+    /// Where the cgroup hierarchies are mounted.
+    #[arg(long, default_value = "/sys/fs/cgroup", hide = true)]
+    cgroup_root: PathBuf,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,10 +170,46 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `operator local`: logs go above the live status line; returns the exit code.
+async fn local(args: LocalArgs) -> i32 {
+    let live = LiveLine::default();
+    let tty = std::io::stderr().is_terminal() && args.log_format == "text";
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(live.clone())
+        .with_target(false);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let opts = LocalOptions {
+        manifest: args.file,
+        state_dir: args.state_dir,
+        serve: args.serve,
+        status_out: args.status_out,
+        indexer_bin: args.indexer_bin,
+        scrape_interval: args.scrape_interval,
+        stop_grace: args.stop_grace,
+        cgroup_root: args.cgroup_root,
+    };
+    match local::run(opts, live, tty).await {
+        Ok(ending) => ending.exit_code(),
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            code
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Local(args) => std::process::exit(local(args).await),
     }
 }
