@@ -145,6 +145,8 @@ pub struct Requirement {
     pub tokens: Option<Arc<Tokens>>,
     /// The least role the routes need.
     pub role: Role,
+    /// Bytes of a refused request's body read and discarded so the client gets the answer.
+    pub drain_cap: u64,
 }
 
 /// Checks the request's bearer token against a [`Requirement`]: 401 without a known token,
@@ -164,21 +166,20 @@ pub async fn require(
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        let Some(presented) = presented else {
-            return Err(ApiError::Unauthorized(
+        let refusal = match presented.map(|p| tokens.role_of(p)) {
+            None => Some(ApiError::Unauthorized(
                 "missing bearer token (Authorization: Bearer <token>)".to_string(),
-            ));
+            )),
+            Some(None) => Some(ApiError::Unauthorized("unknown token".to_string())),
+            Some(Some(role)) if role < req_role.role => Some(ApiError::Forbidden(format!(
+                "this route needs the {} role; the token has {}",
+                req_role.role.as_str(),
+                role.as_str()
+            ))),
+            Some(Some(_)) => None,
         };
-        match tokens.role_of(presented) {
-            None => return Err(ApiError::Unauthorized("unknown token".to_string())),
-            Some(role) if role < req_role.role => {
-                return Err(ApiError::Forbidden(format!(
-                    "this route needs the {} role; the token has {}",
-                    req_role.role.as_str(),
-                    role.as_str()
-                )))
-            }
-            Some(_) => {}
+        if let Some(e) = refusal {
+            return Err(super::body::refuse(request, e, req_role.drain_cap));
         }
     }
     Ok(next.run(request).await)

@@ -11,7 +11,8 @@ use std::time::Duration;
 /// Longest time a client may take to send its body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After refusing a body as too large, at most this much more of it is read and discarded
-/// (never kept) so the client, still sending, receives the 413 instead of a reset.
+/// (never kept) so the client, still sending, receives the 413 instead of a reset. (Other
+/// refusals drain at most `--max-body`.)
 pub const DRAIN_BYTES: u64 = 256 << 20;
 /// ... and for at most this long.
 pub const DRAIN_TIME: Duration = Duration::from_secs(10);
@@ -45,17 +46,17 @@ pub fn upload_kind(headers: &HeaderMap) -> Result<UploadKind, ApiError> {
     }
 }
 
-/// Reads and discards the rest of a refused body in the background (bounded by
-/// [`DRAIN_BYTES`] and [`DRAIN_TIME`]): a client that is still sending then reads the error
-/// answer instead of losing it to a connection reset. Nothing is kept in memory.
-pub fn drain_later(body: Body) {
+/// Reads and discards the rest of a refused body in the background (at most `cap` bytes and
+/// [`DRAIN_TIME`]): a client that is still sending then reads the error answer instead of
+/// losing it to a connection reset. Nothing is kept in memory.
+pub fn drain_later(body: Body, cap: u64) {
     tokio::spawn(async move {
         let mut stream = body.into_data_stream();
         let mut seen = 0u64;
         let drain = async {
             while let Some(Ok(chunk)) = stream.next().await {
                 seen += chunk.len() as u64;
-                if seen > DRAIN_BYTES {
+                if seen > cap {
                     break;
                 }
             }
@@ -71,6 +72,20 @@ pub fn expects_continue(headers: &HeaderMap) -> bool {
         .get(header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// Refuses a request whose body has not been read: answers `error` at once and, unless the
+/// client waits for `100 Continue`, drains what it keeps sending (see [`drain_later`]).
+pub fn refuse(request: Request, error: ApiError, max_body: u64) -> ApiError {
+    if !expects_continue(request.headers()) {
+        let cap = if matches!(error, ApiError::BodyTooLarge { .. }) {
+            DRAIN_BYTES
+        } else {
+            max_body
+        };
+        drain_later(request.into_body(), cap);
+    }
+    error
 }
 
 /// The declared `Content-Length`, refused with 413 above `max` (before reading the body).
@@ -101,7 +116,7 @@ pub async fn read_limited(body: Body, max: u64, expected: Option<u64>) -> Result
             })?;
             if (buf.len() + chunk.len()) as u64 > max {
                 drop(buf);
-                drain_later(Body::from_stream(stream));
+                drain_later(Body::from_stream(stream), DRAIN_BYTES);
                 return Err(ApiError::BodyTooLarge { limit: max });
             }
             buf.extend_from_slice(&chunk);

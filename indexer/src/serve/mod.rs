@@ -147,6 +147,7 @@ pub fn router(app: Arc<App>, tokens: Option<Arc<Tokens>>) -> Router {
     let need = |role| Requirement {
         tokens: tokens.clone(),
         role,
+        drain_cap: app.limits.max_body,
     };
     let read = Router::new()
         .route("/v1/search", post(search::search))

@@ -117,24 +117,30 @@ pub async fn search(
     request: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let Query(pairs) = query.map_err(|e| ApiError::bad_request("bad_parameter", e.body_text()))?;
-    let q = SearchQuery::parse(&pairs)?;
-    let loaded = app.index.get().ok_or(ApiError::NoIndex)?;
-    let kind = body::upload_kind(request.headers())?;
     let max_body = app.limits.max_body;
-    let declared = match body::declared_length(request.headers(), max_body) {
-        Ok(n) => n,
-        Err(e) => {
-            // Answer before reading a byte; a client already sending gets to read the 413.
-            if !body::expects_continue(request.headers()) {
-                body::drain_later(request.into_body());
-            }
-            return Err(e);
-        }
+    // Everything that can refuse the request before its body is read; a refusal is answered
+    // at once (a 413 from the declared length before a byte of the body).
+    let checked = (|| {
+        let Query(pairs) =
+            query.map_err(|e| ApiError::bad_request("bad_parameter", e.body_text()))?;
+        let q = SearchQuery::parse(&pairs)?;
+        let loaded = app.index.get().ok_or(ApiError::NoIndex)?;
+        let kind = body::upload_kind(request.headers())?;
+        let declared = body::declared_length(request.headers(), max_body)?;
+        Ok((q, loaded, kind, declared))
+    })();
+    let (q, loaded, kind, declared) = match checked {
+        Ok(c) => c,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
     };
-
-    let ticket = app.admission.enter()?;
-    let reserved = ticket.reserve_body(declared.unwrap_or(max_body)).await?;
+    let ticket = match app.admission.enter() {
+        Ok(t) => t,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
+    };
+    let reserved = match ticket.reserve_body(declared.unwrap_or(max_body)).await {
+        Ok(r) => r,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
+    };
     let (parts, raw) = request.into_parts();
     let bytes = body::read_limited(raw, max_body, declared).await?;
     let image = match kind {
