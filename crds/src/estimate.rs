@@ -189,6 +189,10 @@ pub struct BuildPlan {
     pub ivf_train_samples: u64,
     /// Working set above which the indexer asks the kernel to drop LMDB's clean pages.
     pub reclaim_at: u64,
+    /// File-backed part of the working set (mapped LMDB pages, page cache of the files the
+    /// build writes) above which those pages are handed back: keeps the working set at the
+    /// build's own memory plus a fixed allowance, whatever the dataset size.
+    pub file_pages_allowance: u64,
 }
 
 /// Why a plan could not be made.
@@ -233,6 +237,7 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
         ivf_flush_bytes,
         ivf_train_samples,
         reclaim_at: budget * 60 / 100,
+        file_pages_allowance: (budget / 8).clamp(32 * MIB, 256 * MIB),
     })
 }
 

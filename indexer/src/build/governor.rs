@@ -14,6 +14,22 @@ fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>
         (info.map_addr, info.map_size)
     });
     release_file_pages(map, file);
+    // arroy's temporary node files (already unlinked) live beside the environment: reach
+    // them through this process's open file descriptors.
+    let Some(tmp) = env.map(|e| e.path().join("tmp")) else {
+        return;
+    };
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        for fd in fds.flatten() {
+            let points_into_tmp =
+                std::fs::read_link(fd.path()).is_ok_and(|target| target.starts_with(&tmp));
+            if points_into_tmp {
+                if let Ok(f) = std::fs::File::open(fd.path()) {
+                    release_file_pages(None, Some(&f));
+                }
+            }
+        }
+    }
 }
 
 /// A background thread sampling memory every 200 ms.
@@ -30,10 +46,11 @@ impl MemoryGovernor {
     /// Starts watching; `env` is the LMDB environment whose pages may be released.
     pub fn start(
         memory: Arc<MemorySource>,
-        reclaim_at: u64,
+        plan: &imageindex_crds::BuildPlan,
         env: Option<Env<WithoutTls>>,
     ) -> MemoryGovernor {
         let own_env = env.clone();
+        let (reclaim_at, allowance) = (plan.reclaim_at, plan.file_pages_allowance);
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let peak_anon = Arc::new(AtomicU64::new(0));
@@ -55,7 +72,8 @@ impl MemoryGovernor {
                     let s = memory.snapshot();
                     peak2.fetch_max(s.working_set, Ordering::Relaxed);
                     anon2.fetch_max(s.process.rss_anon, Ordering::Relaxed);
-                    if s.working_set > reclaim_at
+                    let file_pages = s.working_set.saturating_sub(s.process.rss_anon);
+                    if (s.working_set > reclaim_at || file_pages > allowance)
                         && last_release.elapsed() >= Duration::from_secs(1)
                     {
                         release_env_pages(env.as_ref(), data_file.as_ref());

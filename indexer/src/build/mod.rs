@@ -137,8 +137,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
 
     let build_dir = dir.build_dir();
     let (store, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
-    let governor =
-        MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
+    let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
     let mut timings = {
         let rtxn = store.env.read_txn()?;
         store
@@ -363,8 +362,7 @@ pub fn run_synthetic(
     };
     let (store, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
     drop(listing);
-    let governor =
-        MemoryGovernor::start(ctx.memory.clone(), plan.reclaim_at, Some(store.env.clone()));
+    let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
     ctx.progress.set_total(source.images as u64);
     ctx.progress.set_phase(Phase::Extract);
     let mut timings = Timings::default();
