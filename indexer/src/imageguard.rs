@@ -67,6 +67,14 @@ pub enum Refusal {
         /// Claimed height.
         height: u32,
     },
+    /// The image is too thin to hold a feature (a line, not a picture).
+    #[error("image is {width}x{height}: at least 8 pixels per side and an aspect ratio under 64:1 are needed")]
+    Degenerate {
+        /// Width.
+        width: u32,
+        /// Height.
+        height: u32,
+    },
     /// The file ends before the image data does.
     #[error("truncated {0:?} data (no end marker)")]
     Truncated(Format),
@@ -103,6 +111,13 @@ pub fn header(bytes: &[u8]) -> Result<Header, Refusal> {
             width: width.min(u32::MAX as u64) as u32,
             height: height.min(u32::MAX as u64) as u32,
             max: MAX_PIXELS,
+        });
+    }
+    let (short, long) = (width.min(height), width.max(height));
+    if short < 8 || long > short * 64 {
+        return Err(Refusal::Degenerate {
+            width: width as u32,
+            height: height as u32,
         });
     }
     Ok(Header {
@@ -160,6 +175,21 @@ mod tests {
                 height: 50_000,
                 ..
             })
+        ));
+        let thin = check(&jpeg_header(1, 30_000));
+        assert!(
+            matches!(
+                thin,
+                Err(Refusal::Degenerate {
+                    width: 1,
+                    height: 30_000
+                })
+            ),
+            "{thin:?}"
+        );
+        assert!(matches!(
+            check(&jpeg_header(4, 4)),
+            Err(Refusal::Degenerate { .. })
         ));
         let ok = jpeg_header(640, 480);
         assert_eq!(

@@ -154,6 +154,9 @@ impl ApiError {
             Refusal::BadHeader(_) => ApiError::unprocessable("bad_header", r.to_string()),
             Refusal::TooLarge { .. } => ApiError::unprocessable("image_too_large", r.to_string()),
             Refusal::ZeroSize { .. } => ApiError::unprocessable("bad_header", r.to_string()),
+            Refusal::Degenerate { .. } => {
+                ApiError::unprocessable("degenerate_image", r.to_string())
+            }
             Refusal::Truncated(_) => ApiError::unprocessable("truncated_image", r.to_string()),
         }
     }
