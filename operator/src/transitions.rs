@@ -285,6 +285,14 @@ impl StatusDraft {
         Some(pressure)
     }
 
+    /// Raises attempt `number`'s recorded peaks with measurements taken outside the scrapes
+    /// (the build's own summary, the cgroup's charge).
+    pub fn raise_peaks(&mut self, number: u32, rss: Option<u64>, working_set: Option<u64>) {
+        if let Some(a) = self.status.attempts.iter_mut().find(|a| a.number == number) {
+            attempts::raise_peaks(a, rss, working_set);
+        }
+    }
+
     /// Records how attempt `number` ended (at `end`, default now) and notes it; the build
     /// ran under `memory_limit`. Returns whether the attempt was found.
     pub fn end_attempt(

@@ -3,6 +3,7 @@
 //! ending (exit, OOM kills, the build's own summary) recorded.
 
 use super::*;
+use imageindex_crds::types::Progress;
 
 /// A free loopback port for a build's metrics.
 fn free_port() -> Result<u16, LocalError> {
@@ -40,6 +41,10 @@ impl Runner {
                 .give_up("CgroupsUnavailable", format!("{reason}; {}", cgroup::FIX));
             self.save()?;
             return Err(LocalError::Cgroups { reason });
+        }
+        let stale = cgroup::remove_stale(&self.opts.cgroup_root, &self.manifest.name);
+        if stale > 0 {
+            info!("removed {stale} cgroup(s) left by an earlier run");
         }
         self.cgroups_checked = true;
         Ok(())
@@ -187,15 +192,7 @@ impl Runner {
             AttemptOutcome::OomKilled => {
                 // The kernel kills only when it cannot reclaim below the limit: the working set
                 // reached the group's peak charge, whatever the last scrape saw.
-                if let Some(a) = self
-                    .draft
-                    .status
-                    .attempts
-                    .iter_mut()
-                    .find(|a| a.number == number)
-                {
-                    attempts::raise_peaks(a, None, cgroup_peak);
-                }
+                self.draft.raise_peaks(number, None, cgroup_peak);
             }
             AttemptOutcome::Succeeded => {
                 let summary = std::fs::read(self.state.attempt_summary(number))
@@ -203,14 +200,23 @@ impl Runner {
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
                 if let Some(s) = summary {
                     let n = |p: &str| s.pointer(p).and_then(serde_json::Value::as_u64);
-                    if let Some(a) = self
-                        .draft
-                        .status
-                        .attempts
-                        .iter_mut()
-                        .find(|a| a.number == number)
-                    {
-                        attempts::raise_peaks(a, n("/memory/peakRss"), n("/memory/peakWorkingSet"));
+                    self.draft.raise_peaks(
+                        number,
+                        n("/memory/peakRss"),
+                        n("/memory/peakWorkingSet"),
+                    );
+                    if let (Some(total), Some(failed), Some(descriptors)) = (
+                        n("/meta/imagesTotal"),
+                        n("/meta/imagesFailed"),
+                        n("/meta/descriptors"),
+                    ) {
+                        self.draft.status.progress = Some(Progress::new(
+                            total,
+                            total,
+                            failed,
+                            descriptors,
+                            Some("done".into()),
+                        ));
                     }
                     let resumed =
                         s.get("resumed").and_then(serde_json::Value::as_bool) == Some(true);

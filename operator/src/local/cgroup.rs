@@ -98,6 +98,25 @@ impl AttemptGroup {
     }
 }
 
+/// Removes the groups of earlier attempts of `instance` left behind by an operator that died
+/// (only empty groups can be removed; a group still holding a process stays). Returns how
+/// many were removed.
+pub fn remove_stale(root: &Path, instance: &str) -> usize {
+    let Some((mount, _)) = hierarchy(root) else {
+        return 0;
+    };
+    let prefix = format!("{instance}-build-");
+    fs::read_dir(mount.join(PARENT))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .filter(|e| fs::remove_dir(e.path()).is_ok())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// The `oom_kill N` line of v1 `memory.oom_control` or v2 `memory.events`.
 pub fn oom_kill_count(text: &str) -> u64 {
     text.lines()
@@ -184,6 +203,11 @@ mod tests {
         g.remove().unwrap();
         assert!(!g.dir.exists());
         g.remove().unwrap();
+
+        fs::create_dir_all(v2.path().join("imageindex/cats-build-3-99")).unwrap();
+        fs::create_dir_all(v2.path().join("imageindex/dogs-build-1-99")).unwrap();
+        assert_eq!(remove_stale(v2.path(), "cats"), 1);
+        assert!(v2.path().join("imageindex/dogs-build-1-99").exists());
 
         let none = tempfile::tempdir().unwrap();
         assert!(AttemptGroup::at(none.path(), "x").is_none());

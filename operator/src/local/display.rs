@@ -190,7 +190,7 @@ pub fn example_curl(url: &str, image: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imageindex_crds::types::{Attempt, MemoryStatus, Progress};
+    use imageindex_crds::types::{MemoryStatus, Progress};
 
     #[test]
     fn the_summary_line_says_what_matters() {
@@ -207,18 +207,11 @@ mod tests {
             )),
             ..ImageIndexStatus::default()
         };
-        s.attempts.push(Attempt {
-            number: 2,
-            preset: "medium".into(),
-            pod: None,
-            start_time: None,
-            end_time: None,
-            outcome: None,
-            peak_rss: None,
-            peak_working_set: None,
-            exit_code: None,
-            message: None,
-        });
+        let start = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(0).unwrap(),
+        );
+        s.attempts
+            .push(crate::attempts::started(2, "medium", "p", start));
         assert_eq!(
             summary_line(&s),
             "Building  preset medium  attempt 2  extract 12/31 (39%)  working set 45Mi/80Mi (56%)"

@@ -158,34 +158,32 @@ enum AttemptEnd {
     Ended,
 }
 
-/// Counts stop requests (SIGINT, SIGTERM) as they arrive.
+/// Counts stop requests (SIGINT, SIGTERM, SIGHUP) as they arrive.
 fn listen_for_stop_signals() -> watch::Receiver<u32> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(0u32);
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => Some(s),
-                Err(error) => {
-                    warn!(%error, "cannot listen for SIGTERM");
-                    None
-                }
-            };
-        loop {
-            let name = tokio::select! {
-                r = tokio::signal::ctrl_c() => match r {
-                    Ok(()) => "SIGINT",
-                    Err(_) => std::future::pending().await,
-                },
-                _ = async {
-                    match term.as_mut() {
-                        Some(t) => { t.recv().await; }
-                        None => std::future::pending::<()>().await,
+    for (kind, name) in [
+        (SignalKind::interrupt(), "SIGINT"),
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::hangup(), "SIGHUP"),
+    ] {
+        match signal(kind) {
+            Ok(mut stream) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        warn!("{name} received: stopping (a running build writes its checkpoint; run the same command again to resume)");
+                        tx.send_modify(|n| *n += 1);
                     }
-                } => "SIGTERM",
-            };
-            warn!("{name} received: stopping (the build writes its checkpoint; run the same command again to resume)");
-            tx.send_modify(|n| *n += 1);
+                });
+            }
+            Err(error) => warn!(%error, "cannot listen for {name}"),
         }
+    }
+    // Keep the channel open even if no signal could be registered: closed means "no stop".
+    tokio::spawn(async move {
+        let _open = tx;
+        std::future::pending::<()>().await
     });
     rx
 }

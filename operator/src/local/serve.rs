@@ -85,6 +85,10 @@ impl Runner {
         generation: u64,
         index: &Path,
     ) -> Result<Ending, LocalError> {
+        // Another service on the address would answer /readyz in our stead.
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return self.serve_failed(format!("cannot listen on {addr}: {e}"));
+        }
         let log = self.state.root().join("serve.log");
         let mut child = process::serve(&self.indexer, index, &self.manifest.dataset, addr, &log)?;
         let url = base_url(addr);
@@ -111,7 +115,7 @@ impl Runner {
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
-            if ready {
+            if ready && child.try_wait().is_none() {
                 break;
             }
             if self.stopping() || Instant::now() >= deadline {
