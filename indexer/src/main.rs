@@ -75,6 +75,9 @@ enum Command {
         /// Print the build summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Benchmarks: add this many synthetic descriptors after the dataset's.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pad_synthetic: u64,
     },
     /// Search an index with query images.
     Search {
@@ -216,9 +219,16 @@ enum BenchCommand {
         /// else python3).
         #[arg(long)]
         python: Option<String>,
-        /// Inverted lists probed per descriptor.
-        #[arg(long, default_value_t = SearchParams::default().nprobe)]
-        nprobe: usize,
+        /// Inverted lists probed per descriptor (default: from the index's preset).
+        #[arg(long)]
+        nprobe: Option<usize>,
+        /// Add this many synthetic ORB-like descriptors to the index (e.g. 1M, 10M), so the
+        /// real queries run inside an index of that size.
+        #[arg(long, default_value = "0")]
+        pad: String,
+        /// Reuse indexes a previous run built with the same preset and padding.
+        #[arg(long)]
+        reuse: bool,
         /// Also print the rows as JSON.
         #[arg(long)]
         json: bool,
@@ -383,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             strict_memory,
             json,
+            pad_synthetic,
         } => {
             let preset = PresetChoice::parse(&preset).ok_or_else(|| {
                 IndexError::Usage(format!(
@@ -425,6 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 strict_memory,
                 sample: 512,
+                pad_descriptors: pad_synthetic,
             };
             let ctx = BuildContext {
                 progress: progress.clone(),
@@ -702,6 +714,8 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
             no_baseline,
             python,
             nprobe,
+            pad,
+            reuse,
             json,
         } => {
             let engines = engines
@@ -723,6 +737,8 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 baseline_features: if no_baseline { Vec::new() } else { baseline },
                 python: python.unwrap_or_else(default_python),
                 nprobe,
+                pad: parse_count(&pad)?,
+                reuse,
             };
             let rows = images::run(&b)?;
             images::print(&rows);

@@ -33,8 +33,13 @@ pub struct ImagesBench {
     pub baseline_features: Vec<u32>,
     /// Python interpreter for the baseline.
     pub python: String,
-    /// Inverted lists probed per descriptor.
-    pub nprobe: usize,
+    /// Inverted lists probed per descriptor (`None`: the index's preset decides).
+    pub nprobe: Option<usize>,
+    /// Synthetic descriptors added to the catalogue's (queries then run inside an index of
+    /// that size).
+    pub pad: u64,
+    /// Reuse an index a previous run built with the same preset and padding.
+    pub reuse: bool,
 }
 
 /// One row of the recall/latency table.
@@ -116,14 +121,15 @@ pub fn measure(
     index: &Index,
     queries: &[PathBuf],
     engine: Engine,
-    nprobe: usize,
+    nprobe: Option<usize>,
 ) -> crate::error::Result<EngineRow> {
+    let defaults = SearchParams::for_index(&index.meta);
     let params = SearchParams {
         k: 5,
         verify: true,
         engine,
-        nprobe,
-        ..Default::default()
+        nprobe: nprobe.unwrap_or(defaults.nprobe),
+        ..defaults
     };
     let mut detector = Detector::for_queries(ExtractParams::for_query(&index.meta.preset))?;
     let mut row = EngineRow {
@@ -188,17 +194,23 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     let queries = query_files(&queries_dir)?;
     let mut rows = Vec::new();
     for preset in &b.presets {
-        let out = b.work.join(format!("idx-{preset}"));
-        let _ = std::fs::remove_dir_all(&out);
-        let args: Vec<String> = vec![
-            "build".into(),
-            b.catalogue.display().to_string(),
-            "--out".into(),
-            out.display().to_string(),
-            "--preset".into(),
-            preset.clone(),
-        ];
-        let built: ChildBuild = child::run_build(&args, b.memory_limit, &out)?;
+        let out = b.work.join(format!("idx-{preset}-pad{}", b.pad));
+        let built: ChildBuild = if b.reuse && Index::open(&out).is_ok() {
+            ChildBuild::default()
+        } else {
+            let _ = std::fs::remove_dir_all(&out);
+            let args: Vec<String> = vec![
+                "build".into(),
+                b.catalogue.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+                "--preset".into(),
+                preset.clone(),
+                "--pad-synthetic".into(),
+                b.pad.to_string(),
+            ];
+            child::run_build(&args, b.memory_limit, &out)?
+        };
         if built.exit_code != 0 {
             anyhow::bail!(
                 "build of preset {preset} exited with {} (OOM kills: {})",

@@ -38,6 +38,10 @@ pub struct BuildOptions {
     pub strict_memory: bool,
     /// Headers sampled to learn the largest image.
     pub sample: usize,
+    /// Benchmarks only: add this many synthetic ORB-like descriptors (as 1000-descriptor
+    /// filler images) after the dataset's, to measure queries on a real catalogue inside a
+    /// large index.
+    pub pad_descriptors: u64,
 }
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
@@ -111,7 +115,10 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let dir = IndexDir::new(&opts.out);
     let _lock = dir.lock()?;
     ctx.progress.set_phase(Phase::Scan);
-    let listing = dataset::list(&opts.dataset)?;
+    let mut listing = dataset::list(&opts.dataset)?;
+    if opts.pad_descriptors > 0 {
+        listing.fingerprint = format!("{}+pad{}", listing.fingerprint, opts.pad_descriptors);
+    }
     let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
     let budget = ctx.memory.limit();
     let preset = match opts.preset {
@@ -159,6 +166,25 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         ctx,
     )?;
     timings.extract += t.elapsed().as_secs_f64();
+    if opts.pad_descriptors > 0 {
+        let generator = crate::bench::synthetic::Generator::new(7);
+        let generate = move |i: u32| generator.image(i);
+        let per = crate::bench::synthetic::PER_IMAGE;
+        let source = SyntheticSource {
+            images: opts.pad_descriptors.div_ceil(per as u64) as u32,
+            per_image: per,
+            generate: &generate,
+            fingerprint: String::new(),
+        };
+        ingest_synthetic(
+            &store,
+            listing.files.len() as u32,
+            &source,
+            &preset,
+            &plan,
+            ctx,
+        )?;
+    }
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Index);
@@ -316,6 +342,58 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// Writes the records of synthetic images `first..first + source.images` (resuming from the
+/// `synthetic_next` metadata key), in batched write transactions.
+fn ingest_synthetic(
+    store: &Store,
+    first: u32,
+    source: &SyntheticSource,
+    preset: &Preset,
+    plan: &BuildPlan,
+    ctx: &BuildContext,
+) -> Result<()> {
+    let end = first + source.images;
+    let next: u32 = {
+        let rtxn = store.env.read_txn()?;
+        store.get_json(&rtxn, "synthetic_next")?.unwrap_or(first)
+    };
+    let mut wtxn = store.env.write_txn()?;
+    let mut bytes = 0u64;
+    for i in next.max(first)..end {
+        if ctx.progress.is_cancelled() {
+            store.put_json(&mut wtxn, "synthetic_next", &i)?;
+            wtxn.commit()?;
+            return Err(IndexError::Interrupted);
+        }
+        let descs = (source.generate)(i - first);
+        let kps: Vec<[u16; 2]> = (0..descs.len())
+            .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
+            .collect();
+        let mut rec: ImageRecord = store.images.get(&wtxn, &i)?.unwrap_or_default();
+        if rec.path.is_empty() {
+            rec.path = format!("synthetic/{:08}", i - first);
+        }
+        rec.count = descs.len() as u32;
+        rec.extracted_with = preset.nfeatures;
+        (rec.width, rec.height, rec.work_width, rec.work_height) = (640, 480, 640, 480);
+        store.images.put(&mut wtxn, &i, &rec)?;
+        let d = store::descriptors_blob(&descs);
+        bytes += d.len() as u64;
+        store.descs.put(&mut wtxn, &i, &d)?;
+        store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
+        ctx.progress.image_done(descs.len() as u64, false);
+        if bytes >= plan.write_batch_bytes {
+            store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
+            wtxn.commit()?;
+            wtxn = store.env.write_txn()?;
+            bytes = 0;
+        }
+    }
+    store.put_json(&mut wtxn, "synthetic_next", &end)?;
+    wtxn.commit()?;
+    Ok(())
+}
+
 /// A build from generated descriptors instead of images (for benchmarks at sizes no sample
 /// dataset reaches): `images` groups of `per_image` descriptors from `generate(image)`.
 pub struct SyntheticSource<'a> {
@@ -367,51 +445,15 @@ pub fn run_synthetic(
     ctx.progress.set_phase(Phase::Extract);
     let mut timings = Timings::default();
     let t = Instant::now();
-    let cp: Option<Checkpoint> = {
-        let rtxn = store.env.read_txn()?;
-        store.get_json(&rtxn, store::keys::CHECKPOINT)?
-    };
-    if let Some(Checkpoint::Extract { next }) = cp {
-        let mut wtxn = store.env.write_txn()?;
-        let mut bytes = 0u64;
-        for i in next..source.images {
-            if ctx.progress.is_cancelled() {
-                store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: i })?;
-                wtxn.commit()?;
-                return Err(IndexError::Interrupted);
-            }
-            let descs = (source.generate)(i);
-            let kps: Vec<[u16; 2]> = (0..descs.len())
-                .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
-                .collect();
-            let mut rec: ImageRecord = store.images.get(&wtxn, &i)?.unwrap_or_default();
-            rec.count = descs.len() as u32;
-            rec.extracted_with = preset.nfeatures;
-            rec.width = 640;
-            rec.height = 480;
-            rec.work_width = 640;
-            rec.work_height = 480;
-            store.images.put(&mut wtxn, &i, &rec)?;
-            let d = store::descriptors_blob(&descs);
-            bytes += d.len() as u64;
-            store.descs.put(&mut wtxn, &i, &d)?;
-            store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
-            ctx.progress.image_done(descs.len() as u64, false);
-            if bytes >= plan.write_batch_bytes {
-                store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: i + 1 })?;
-                wtxn.commit()?;
-                wtxn = store.env.write_txn()?;
-                bytes = 0;
-            }
-        }
-        store.set_checkpoint(
-            &mut wtxn,
-            &Checkpoint::Train {
-                preset: preset.label(),
-            },
-        )?;
-        wtxn.commit()?;
-    }
+    ingest_synthetic(&store, 0, source, preset, &plan, ctx)?;
+    let mut wtxn = store.env.write_txn()?;
+    store.set_checkpoint(
+        &mut wtxn,
+        &Checkpoint::Train {
+            preset: preset.label(),
+        },
+    )?;
+    wtxn.commit()?;
     timings.extract = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Index);
     let stats = index::run(&store, preset, &plan, ctx, &mut timings, &|| {

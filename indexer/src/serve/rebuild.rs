@@ -252,6 +252,7 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
         threads: rebuilds.threads,
         strict_memory: false,
         sample: 512,
+        pad_descriptors: 0,
     };
     let ctx = BuildContext {
         progress: progress.clone(),
