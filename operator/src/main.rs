@@ -31,11 +31,12 @@ enum Command {
     /// Run the Kubernetes controller for ImageIndex resources (in-cluster config, or the
     /// kubeconfig of $KUBECONFIG / ~/.kube/config).
     Run(RunArgs),
-    /// Build (and serve) an ImageIndex on this machine with the same policy: the manifest's
-    /// builds run as local processes in cgroups limited to spec.memoryLimit, restarted with a
-    /// poorer preset after an OOM kill or critical memory pressure, resuming from their
-    /// checkpoint. Exit code: 0 Ready, 1 Failed, 2 invalid manifest, 3 environment (cgroups,
-    /// indexer binary, state directory), 130 stopped (run again to resume).
+    /// Build (and serve) an ImageIndex on this machine, with the controller's policy.
+    ///
+    /// The manifest's builds run as local processes in cgroups limited to spec.memoryLimit,
+    /// restarted with a poorer preset after an OOM kill or critical memory pressure, resuming
+    /// from their checkpoint. Exit code: 0 Ready, 1 Failed, 2 invalid manifest, 3 environment
+    /// (cgroups, indexer binary, state directory), 130 stopped (run again to resume).
     Local(LocalArgs),
 }
 
