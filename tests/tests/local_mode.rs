@@ -125,6 +125,18 @@ fn wait_for(
     }
 }
 
+/// Stops a running `operator local` (and so its children) if the test fails before it does.
+struct StopOnDrop(Option<Child>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            signal(&child, libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child.
     unsafe {
@@ -177,12 +189,15 @@ fn sample_catalogue_is_built_served_and_answers() {
     let (state, status) = (tmp.path().join("state"), tmp.path().join("status.json"));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut op = local(&m, &state, &status, &["--serve", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = wait_for(&status, &mut op, Duration::from_secs(180), |s| {
+    let mut guard = StopOnDrop(Some(
+        local(&m, &state, &status, &["--serve", &addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let op = guard.0.as_mut().unwrap();
+    let s = wait_for(&status, op, Duration::from_secs(180), |s| {
         s["phase"] == "Ready" && s["endpoint"].is_string()
     });
     let to_ready = t0.elapsed();
@@ -213,6 +228,7 @@ fn sample_catalogue_is_built_served_and_answers() {
         );
     }
 
+    let op = guard.0.take().unwrap();
     signal(&op, libc::SIGINT);
     let out = op.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -351,15 +367,19 @@ fn sigterm_stops_cleanly_and_a_rerun_resumes() {
     let m = manifest(tmp.path(), "e2e-sigterm", &photos(), "auto", "512Mi", "1");
     let (state, status) = (tmp.path().join("state"), tmp.path().join("status.json"));
     let t0 = Instant::now();
-    let mut op = local(&m, &state, &status, &["--scrape-interval", "200ms"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = wait_for(&status, &mut op, Duration::from_secs(120), |s| {
+    let mut guard = StopOnDrop(Some(
+        local(&m, &state, &status, &["--scrape-interval", "200ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let op = guard.0.as_mut().unwrap();
+    let s = wait_for(&status, op, Duration::from_secs(120), |s| {
         s["phase"] == "Building" && s["progress"]["processed"].as_u64().unwrap_or(0) >= 3
     });
     let processed_at_stop = s["progress"]["processed"].as_u64().unwrap();
+    let mut op = guard.0.take().unwrap();
     signal(&op, libc::SIGTERM);
     let exit = op.wait().unwrap();
     assert_eq!(exit.code(), Some(130));
