@@ -400,9 +400,7 @@ impl Index {
         if params.verify {
             // Verified candidates first, by inliers; then the rest by votes, boosted by what
             // geometric support they have (too little to verify, but not nothing).
-            let soft = |m: &Match| {
-                m.score as f64 * (1.0 + m.inliers.unwrap_or(0) as f64 / verify::MIN_INLIERS as f64)
-            };
+            let soft = |m: &Match| m.score as f64 * (1.0 + m.inliers.unwrap_or(0) as f64 / 4.0);
             matches.sort_by(|a, b| {
                 b.verified.cmp(&a.verified).then_with(|| {
                     if a.verified {
