@@ -281,6 +281,36 @@ pub fn release_file_pages(map: Option<(*mut libc::c_void, usize)>, file: Option<
     }
 }
 
+/// The address ranges of this process's mappings of files for which `wanted(path)` holds
+/// (from `/proc/self/maps`; unlinked files keep their path with a ` (deleted)` suffix).
+pub fn mapped_ranges(wanted: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
+    let text = fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            // start-end perms offset dev inode path
+            let mut parts = line.splitn(6, ' ');
+            let range = parts.next()?;
+            let path = parts.nth(4)?.trim_start();
+            let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+            if path.is_empty() || !wanted(path) {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Asks the kernel to drop the clean pages of the mapped files `wanted(path)` selects.
+pub fn page_out_mapped(wanted: impl Fn(&str) -> bool) {
+    for (start, end) in mapped_ranges(wanted) {
+        release_file_pages(Some((start as *mut libc::c_void, end - start)), None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +378,31 @@ mod tests {
         fs::write(dir.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
         let cg = Cgroup::from_proc("4:memory:/\n", tmp.path()).unwrap();
         assert_eq!(cg.limit(), None);
+    }
+
+    #[test]
+    fn finds_its_own_file_mappings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("mapped.bin");
+        fs::write(&path, vec![7u8; 1 << 16]).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only mapping of a file we just wrote.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let want = path.to_str().unwrap().to_string();
+        let ranges = mapped_ranges(|p| p == want);
+        assert_eq!(ranges, vec![(addr as usize, addr as usize + (1 << 16))]);
+        page_out_mapped(|p| p == want);
+        unsafe { libc::munmap(addr, 1 << 16) };
     }
 
     #[test]

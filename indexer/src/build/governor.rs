@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>) {
-    let map = env.map(|e| {
-        let info = e.info();
-        (info.map_addr, info.map_size)
-    });
-    release_file_pages(map, file);
-    // arroy's temporary node files (already unlinked) live beside the environment: reach
-    // them through this process's open file descriptors.
-    let Some(tmp) = env.map(|e| e.path().join("tmp")) else {
+    release_file_pages(None, file);
+    let Some(dir) =
+        env.map(|e| std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path().to_path_buf()))
+    else {
         return;
     };
+    // LMDB's map of data.mdb and arroy's mapped temporary files, wherever they are.
+    let dir = dir.to_string_lossy().to_string();
+    crate::memory::page_out_mapped(|p| p.starts_with(&dir));
+    // arroy's temporary node files (already unlinked) live beside the environment: reach
+    // their page cache through this process's open file descriptors.
+    let tmp = std::path::Path::new(&dir).join("tmp");
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         for fd in fds.flatten() {
             let points_into_tmp =
