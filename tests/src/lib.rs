@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod chart;
+pub mod cluster;
 pub mod node;
 
 /// The repository root.

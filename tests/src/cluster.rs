@@ -1,0 +1,500 @@
+//! A whole test cluster on this machine: the control plane of tests/controlplane (etcd,
+//! kube-apiserver, kube-controller-manager v1.20.2), the test node agent ([`crate::node`]) as
+//! its only node, kubectl and helm pointed at it, and the helpers the cluster tests share:
+//! waiting with a deadline, resolving a Service to a pod address as kube-proxy would, queries,
+//! and a diagnostic dump for failure messages.
+
+use crate::chart::{helm_bin, kubectl_bin};
+use crate::node::{AgentConfig, ImageBinary, NodeAgent};
+use crate::{bin, repo};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped) and,
+/// once started, the node agent (stopped first).
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+    agent: Option<NodeAgent>,
+}
+
+impl TestCluster {
+    /// Starts the control plane (panics with up.sh's output if it cannot).
+    pub fn start() -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("imageindex-cluster-")
+            .tempdir()
+            .expect("a temporary directory");
+        let state = dir.path().join("state");
+        let out = Command::new("bash")
+            .arg(repo().join("tests/controlplane/up.sh"))
+            .arg(&state)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run tests/controlplane/up.sh");
+        assert!(
+            out.status.success(),
+            "tests/controlplane/up.sh failed (build the control plane with \
+             tests/controlplane/build.sh, or set IMAGEINDEX_SKIP_APISERVER=1 to skip):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = std::fs::read_to_string(state.join("env"))
+            .expect("up.sh writes STATE_DIR/env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches(['\'', '"']).to_string()))
+            .collect();
+        TestCluster {
+            dir,
+            env,
+            agent: None,
+        }
+    }
+
+    /// A value of STATE_DIR/env (`APISERVER_URL`, `APISERVER_PORT`, `CA_CERT`, ...).
+    pub fn env(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("{key} is not in up.sh's env"))
+    }
+
+    /// The cluster's scratch directory (control-plane state, agent state, helm's home).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The admin's kubeconfig (group system:masters).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("state/admin.kubeconfig")
+    }
+
+    /// Starts the node agent as node `imageindex-node` with the workspace's `indexer` and
+    /// `operator` binaries standing for their images.
+    pub fn start_agent(&mut self) -> &NodeAgent {
+        let config = AgentConfig {
+            node_name: "imageindex-node".into(),
+            kubeconfig: self.admin_kubeconfig(),
+            state_dir: self.dir.path().join("node"),
+            images: vec![
+                ImageBinary {
+                    repository: "imageindex/indexer".into(),
+                    binary: bin("indexer"),
+                },
+                ImageBinary {
+                    repository: "imageindex/operator".into(),
+                    binary: bin("operator"),
+                },
+            ],
+            apiserver_host: "127.0.0.1".into(),
+            apiserver_port: self.env("APISERVER_PORT").parse().expect("APISERVER_PORT"),
+            ca_cert: PathBuf::from(self.env("CA_CERT")),
+            restart_backoff: Duration::from_secs(1),
+            max_restart_backoff: Duration::from_secs(20),
+        };
+        let agent = NodeAgent::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+        self.agent.insert(agent)
+    }
+
+    /// The running node agent.
+    pub fn agent(&self) -> &NodeAgent {
+        self.agent.as_ref().expect("the node agent was started")
+    }
+
+    /// A command with this cluster's KUBECONFIG and a private helm home.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        let tools = kubectl_bin()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = format!(
+            "{}:{}",
+            tools.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        cmd.env("KUBECONFIG", self.admin_kubeconfig())
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
+            .env("PATH", path)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `kubectl ARGS`, whatever its outcome.
+    pub fn kubectl_output(&self, args: &[&str]) -> Output {
+        self.command(kubectl_bin())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+    }
+
+    /// `kubectl ARGS`, its stdout; panics with its stderr if it fails.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr_without_skew(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl ARGS -o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let text = self.kubectl(&args);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: not JSON ({e}): {text}"))
+    }
+
+    /// `kubectl ARGS -o json` if it succeeds (e.g. `None` when the object does not exist).
+    pub fn kubectl_json_opt(&self, args: &[&str]) -> Option<Value> {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        let out = self.kubectl_output(&args);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `kubectl apply -f -` with `manifest` on stdin.
+    pub fn apply(&self, manifest: &str) -> String {
+        let mut child = self
+            .command(kubectl_bin())
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl apply");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(manifest.as_bytes())
+            .expect("writing the manifest");
+        let out = child.wait_with_output().expect("kubectl apply");
+        assert!(
+            out.status.success(),
+            "kubectl apply failed:\n{}\n{manifest}",
+            stderr_without_skew(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `helm ARGS`, its stdout; panics if it fails.
+    pub fn helm(&self, args: &[&str]) -> String {
+        let out = self
+            .command(helm_bin())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "helm {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a shell command line as written (from the repository root, helm and kubectl of
+    /// the tools directory first on PATH); its stdout.
+    pub fn shell(&self, line: &str) -> String {
+        let out = self
+            .command("bash")
+            .args(["-c", line])
+            .current_dir(repo())
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "`{line}` failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr_without_skew(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The address behind a Service URL (`http://<svc>.<ns>.svc:<port>`), from the Service's
+    /// Endpoints (ready addresses only), as kube-proxy would route it; `None` while there is
+    /// no ready endpoint.
+    pub fn service_address(&self, url: &str) -> Option<SocketAddr> {
+        let rest = url.strip_prefix("http://").unwrap_or(url);
+        let host_port = rest.split('/').next().unwrap_or(rest);
+        let (host, port) = host_port.rsplit_once(':')?;
+        let port: i64 = port.parse().ok()?;
+        let mut parts = host.split('.');
+        let (svc, ns) = (parts.next()?, parts.next()?);
+        let service = self.kubectl_json_opt(&["get", "service", svc, "-n", ns])?;
+        let svc_port = service["spec"]["ports"]
+            .as_array()?
+            .iter()
+            .find(|p| p["port"].as_i64() == Some(port))?
+            .clone();
+        let endpoints = self.kubectl_json_opt(&["get", "endpoints", svc, "-n", ns])?;
+        for subset in endpoints["subsets"].as_array()? {
+            let ports = subset["ports"].as_array()?;
+            let ep_port = ports
+                .iter()
+                .find(|p| p["name"] == svc_port["name"])
+                .or_else(|| (ports.len() == 1).then(|| &ports[0]))?;
+            if let Some(addr) = subset["addresses"].as_array().and_then(|a| a.first()) {
+                let ip: IpAddr = addr["ip"].as_str()?.parse().ok()?;
+                return Some(SocketAddr::new(
+                    ip,
+                    u16::try_from(ep_port["port"].as_i64()?).ok()?,
+                ));
+            }
+        }
+        None
+    }
+
+    /// What a failure message needs: ImageIndexes, pods with their container states,
+    /// events, and the logs of the operator and the agent.
+    pub fn diagnostics(&self, namespaces: &[&str]) -> String {
+        let mut out = String::new();
+        let mut section = |title: &str, text: String| {
+            out.push_str(&format!("\n===== {title} =====\n{}\n", text.trim_end()));
+        };
+        let kubectl = |args: &[&str]| {
+            let o = self.kubectl_output(args);
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                stderr_without_skew(&o)
+            )
+        };
+        section(
+            "kubectl get imgidx -A",
+            kubectl(&["get", "imgidx", "-A", "-o", "wide"]),
+        );
+        section(
+            "pods",
+            pod_summary(
+                &self
+                    .kubectl_json_opt(&["get", "pods", "-A"])
+                    .unwrap_or_default(),
+            ),
+        );
+        for ns in namespaces {
+            section(
+                &format!("imgidx -n {ns} status"),
+                kubectl(&[
+                    "get",
+                    "imgidx",
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={range .items[*]}{.metadata.name}: {.status}{\"\\n\"}{end}",
+                ]),
+            );
+            section(
+                &format!("events -n {ns}"),
+                kubectl(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]),
+            );
+        }
+        if let Some(agent) = &self.agent {
+            let runs = agent.runs();
+            if let Some(op) = runs.iter().rev().find(|r| r.container == "operator") {
+                section(
+                    &format!("operator log ({})", op.pod),
+                    agent
+                        .container_log_tail(&op.namespace, &op.pod, 60)
+                        .unwrap_or_default(),
+                );
+            }
+            for ns in namespaces {
+                for r in runs.iter().filter(|r| r.namespace == *ns) {
+                    section(
+                        &format!("log of {}/{} run {}", r.namespace, r.pod, r.restart),
+                        crate::node::tail(&r.log, 15),
+                    );
+                }
+            }
+            section("node agent log", agent.log_tail(80));
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    /// Stops the agent (killing every pod process) and the control plane; removes the
+    /// scratch directory unless IMAGEINDEX_KEEP_CLUSTER=1 (then its path is printed).
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
+        let _ = Command::new("bash")
+            .arg(repo().join("tests/controlplane/down.sh"))
+            .arg(self.dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if std::env::var("IMAGEINDEX_KEEP_CLUSTER").as_deref() == Ok("1") {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
+            eprintln!("IMAGEINDEX_KEEP_CLUSTER=1: kept {}", kept.display());
+        }
+    }
+}
+
+fn stderr_without_skew(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.contains("version difference") && !l.contains("skew"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// One line per pod: namespace/name, node, phase, IP, and its container's state.
+pub fn pod_summary(pods: &Value) -> String {
+    let mut lines = Vec::new();
+    for p in pods["items"].as_array().into_iter().flatten() {
+        let cs = &p["status"]["containerStatuses"][0];
+        let state = cs["state"]
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .map(|(k, v)| {
+                let detail = ["reason", "exitCode", "message"]
+                    .iter()
+                    .filter_map(|f| {
+                        v.get(*f).map(|x| {
+                            format!(
+                                "{f}={}",
+                                x.to_string().chars().take(160).collect::<String>()
+                            )
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                format!("{k} {detail}")
+            })
+            .unwrap_or_default();
+        lines.push(format!(
+            "{}/{} node={} phase={} ip={} ready={} restarts={} {}{}",
+            p["metadata"]["namespace"].as_str().unwrap_or(""),
+            p["metadata"]["name"].as_str().unwrap_or(""),
+            p["spec"]["nodeName"].as_str().unwrap_or("-"),
+            p["status"]["phase"].as_str().unwrap_or("-"),
+            p["status"]["podIP"].as_str().unwrap_or("-"),
+            cs["ready"],
+            cs["restartCount"],
+            state,
+            if p["metadata"]["deletionTimestamp"].is_null() {
+                ""
+            } else {
+                " (deleting)"
+            },
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, or panics after `timeout` with `what`
+/// and `diagnose()`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    diagnose: impl FnOnce() -> String,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                diagnose()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The shell commands of a README section (```sh blocks, `\` continuations joined).
+pub fn readme_commands(readme: &Path, section: &str) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(readme).unwrap_or_else(|e| panic!("{}: {e}", readme.display()));
+    let heading = format!("## {section}");
+    let Some(body) = text.split(&heading).nth(1) else {
+        panic!("no {heading:?} section in {}", readme.display());
+    };
+    let body = body.split("\n## ").next().unwrap_or(body);
+    let mut commands = Vec::new();
+    let mut in_block = false;
+    let mut current = String::new();
+    for line in body.lines() {
+        if line.starts_with("```") {
+            in_block = line == "```sh";
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        match line.trim_end().strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head.trim());
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line.trim());
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    commands
+}
+
+/// `POST /v1/search` with `image` as the multipart field `image`; the answer's status and
+/// JSON body.
+pub fn search(addr: SocketAddr, image: &[u8]) -> Result<(u16, Value), String> {
+    let client = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let part = reqwest::blocking::multipart::Part::bytes(image.to_vec())
+        .file_name("query.jpg")
+        .mime_str("image/jpeg")
+        .map_err(|e| e.to_string())?;
+    let form = reqwest::blocking::multipart::Form::new().part("image", part);
+    let resp = client
+        .post(format!("http://{addr}/v1/search"))
+        .multipart(form)
+        .send()
+        .map_err(|e| format!("POST http://{addr}/v1/search: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().map_err(|e| e.to_string())?;
+    let json = serde_json::from_str(&text)
+        .map_err(|e| format!("status {status}, not JSON ({e}): {text}"))?;
+    Ok((status, json))
+}
+
+/// `GET path` on `addr`, parsed as JSON.
+pub fn get_json(addr: SocketAddr, path: &str) -> Result<Value, String> {
+    let client = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
+    resp.json().map_err(|e| e.to_string())
+}
