@@ -2,6 +2,7 @@
 # Installs everything imageindex needs on a fresh Debian 12 machine (idempotent):
 # the C libraries the Rust crates link (OpenCV, libclang for its bindings), Python tools for
 # the benchmarks' old-system baseline and for offline manifest validation, and helm/kubectl.
+# iproute2 gives the cluster test's node agent its pod addresses (`ip addr add … dev lo`).
 # Run as root (or with sudo available).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(libopencv-dev clang libclang-dev pkg-config build-essential python3-pip python3-venv curl unzip ca-certificates openssl)
+apt_packages=(libopencv-dev clang libclang-dev pkg-config build-essential python3-pip python3-venv curl unzip ca-certificates openssl iproute2)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
