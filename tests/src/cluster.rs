@@ -78,7 +78,12 @@ impl TestCluster {
     /// Starts the node agent as node `imageindex-node` with the workspace's `indexer` and
     /// `operator` binaries standing for their images.
     pub fn start_agent(&mut self) -> &NodeAgent {
-        let config = AgentConfig {
+        self.start_agent_with(Vec::new())
+    }
+
+    /// Starts the node agent with `extra` images besides `indexer` and `operator`.
+    pub fn start_agent_with(&mut self, extra: Vec<ImageBinary>) -> &NodeAgent {
+        let mut config = AgentConfig {
             node_name: "imageindex-node".into(),
             kubeconfig: self.admin_kubeconfig(),
             state_dir: self.dir.path().join("node"),
@@ -98,6 +103,7 @@ impl TestCluster {
             restart_backoff: Duration::from_secs(1),
             max_restart_backoff: Duration::from_secs(20),
         };
+        config.images.extend(extra);
         let agent = NodeAgent::start(config).unwrap_or_else(|e| panic!("{e:#}"));
         self.agent.insert(agent)
     }
@@ -276,10 +282,16 @@ impl TestCluster {
                 stderr_without_skew(&o)
             )
         };
-        section(
-            "kubectl get imgidx -A",
-            kubectl(&["get", "imgidx", "-A", "-o", "wide"]),
-        );
+        let has_crd = self
+            .kubectl_output(&["get", "crd", "imageindexes.imagematch.dev"])
+            .status
+            .success();
+        if has_crd {
+            section(
+                "kubectl get imgidx -A",
+                kubectl(&["get", "imgidx", "-A", "-o", "wide"]),
+            );
+        }
         section(
             "pods",
             pod_summary(
@@ -288,7 +300,7 @@ impl TestCluster {
                     .unwrap_or_default(),
             ),
         );
-        for ns in namespaces {
+        for ns in namespaces.iter().filter(|_| has_crd) {
             section(
                 &format!("imgidx -n {ns} status"),
                 kubectl(&[
@@ -300,6 +312,8 @@ impl TestCluster {
                     "jsonpath={range .items[*]}{.metadata.name}: {.status}{\"\\n\"}{end}",
                 ]),
             );
+        }
+        for ns in namespaces {
             section(
                 &format!("events -n {ns}"),
                 kubectl(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]),
