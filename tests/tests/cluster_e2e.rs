@@ -15,7 +15,7 @@
 //! 1. serve: an ImageIndex over the sample catalogue with a generous limit becomes Ready and
 //!    its `status.endpoint`, resolved through the Service's Endpoints as kube-proxy would,
 //!    finds the right image for attacked copies;
-//! 2. oom: `preset: full` under 80Mi over 12 large photos: the kernel OOM-kills the build, the
+//! 2. oom: `preset: full` under 80Mi over 24 large photos: the kernel OOM-kills the build, the
 //!    pod reads OOMKilled, the operator resumes with a poorer preset, Ready, attempts show
 //!    OOMKilled then Succeeded, with a Warning Event;
 //! 3. floor: a limit below the poorest preset's floor: Failed/Degraded naming the limit and
@@ -58,12 +58,18 @@ struct Fixture {
     /// Dataset of scenarios 1, 4, 6: a claim directory with the sample catalogue in
     /// `catalogue/`.
     catalogue_claim: PathBuf,
-    /// Dataset of scenarios 2, 3, 5: 12 photos of 4000 px.
+    /// Dataset of scenarios 3 and 5: 12 photos of 4000 px.
     photos: PathBuf,
+    /// Dataset of scenario 2: the same 12 and 12 more, so that its attempts last longer than
+    /// a scrape interval and `status.attempts` gets their peak working set.
+    photos_24: PathBuf,
     /// Attacked copies of catalogue images and the file each must find.
     queries: Vec<(PathBuf, String)>,
-    /// A downscaled copy of a photo and its file name.
+    /// A downscaled copy of a photo and its file name (one whose sample image no other photo
+    /// of the 24 was made from).
     photo_query: (PathBuf, String),
+    /// How long making the datasets took.
+    data_took: Duration,
     _data: tempfile::TempDir,
 }
 
@@ -94,6 +100,7 @@ spec:
 /// first: a claim that names a volume the PV controller has not seen yet waits for its 15 s
 /// resync.
 fn dataset_namespace(cluster: &TestCluster, ns: &str, dir: &Path) {
+    let t = Instant::now();
     cluster.kubectl(&["create", "namespace", ns]);
     let volume = format!("{ns}-photos");
     cluster.apply(&format!(
@@ -125,6 +132,7 @@ spec:
         || (phase("pv", &volume, None) == "Available").then_some(()),
         String::new,
     );
+    let available = t.elapsed();
     cluster.apply(&format!(
         "apiVersion: v1
 kind: PersistentVolumeClaim
@@ -143,6 +151,11 @@ spec:
         Duration::from_secs(30),
         || (phase("pvc", "photos", Some(ns)) == "Bound").then_some(()),
         String::new,
+    );
+    eprintln!(
+        "    {ns}: volume Available after {:.1} s, claim Bound after {:.1} s",
+        available.as_secs_f64(),
+        t.elapsed().as_secs_f64()
     );
 }
 
@@ -168,14 +181,21 @@ fn downscaled(src: &Path, to: &Path, width: i32) {
 
 impl Fixture {
     fn start() -> Fixture {
+        let t = Instant::now();
         let data = tempfile::Builder::new()
             .prefix("imageindex-cluster-data-")
             .tempdir()
             .unwrap();
         let catalogue_claim = data.path().join("catalogue-claim");
         sample_subset(&catalogue_claim.join("catalogue"), 25);
+        let photos_24 = data.path().join("photos-24-claim");
+        make_photos(&photos_24, 24, 4000);
         let photos = data.path().join("photos-claim");
-        make_photos(&photos, 12, 4000);
+        std::fs::create_dir(&photos).unwrap();
+        for i in 0..12 {
+            let name = format!("photo_{i:03}.jpg");
+            std::fs::hard_link(photos_24.join(&name), photos.join(&name)).unwrap();
+        }
         let qdir = data.path().join("queries");
         let mut queries = Vec::new();
         for name in ["astronaut_eileen_collins.jpg", "greek_coins.jpg"] {
@@ -183,8 +203,9 @@ impl Fixture {
                 queries.push((q, name.to_string()));
             }
         }
-        let photo_query = qdir.join("photo_003_small.jpg");
-        downscaled(&photos.join("photo_003.jpg"), &photo_query, 1200);
+        let photo_query = qdir.join("photo_010_small.jpg");
+        downscaled(&photos.join("photo_010.jpg"), &photo_query, 1200);
+        let data_took = t.elapsed();
 
         let mut cluster = TestCluster::start();
         cluster.start_agent();
@@ -199,7 +220,7 @@ impl Fixture {
                 .clone()
         };
         cluster.shell(&format!(
-            "{} --set operator.scrapeInterval=1s --set 'operator.logLevel=info\\,operator=debug'",
+            "{} --set operator.scrapeInterval=500ms --set 'operator.logLevel=info\\,operator=debug'",
             find("helm install imageindex-operator")
         ));
         let rollout = find("kubectl --namespace imageindex-system rollout status");
@@ -216,8 +237,10 @@ impl Fixture {
             cluster,
             catalogue_claim,
             photos,
+            photos_24,
             queries,
-            photo_query: (photo_query, "photo_003.jpg".into()),
+            photo_query: (photo_query, "photo_010.jpg".into()),
+            data_took,
             _data: data,
         };
         // The operator runs as the chart's non-root user, from the chart's Deployment.
@@ -423,7 +446,7 @@ fn oom(f: &Fixture) -> Vec<String> {
         "indexer",
         &[
             "scan",
-            f.photos.to_str().unwrap(),
+            f.photos_24.to_str().unwrap(),
             "--json",
             "--memory-limit",
             OOM_LIMIT,
@@ -446,7 +469,7 @@ fn oom(f: &Fixture) -> Vec<String> {
         "calibration: the memory estimates no longer put {OOM_LIMIT} between full and a poorer preset: {:#}",
         scan["estimates"]
     );
-    dataset_namespace(&f.cluster, ns, &f.photos);
+    dataset_namespace(&f.cluster, ns, &f.photos_24);
     let t = Instant::now();
     f.cluster
         .apply(&imageindex(name, ns, "/", "full", OOM_LIMIT, "2"));
@@ -491,7 +514,13 @@ fn oom(f: &Fixture) -> Vec<String> {
         .expect("the first attempt's run");
     let end = first_run.ended.as_ref().expect("ended");
     assert_eq!(end.reason, "OOMKilled");
-    assert!(end.peak_memory.unwrap_or(0) <= OOM_LIMIT_BYTES, "{end:?}");
+    // The kernel charges in per-CPU batches, so the recorded peak may pass the limit by a
+    // few pages before the OOM killer acts.
+    let peak = end.peak_memory.unwrap_or(0);
+    assert!(
+        peak <= OOM_LIMIT_BYTES + (1 << 20),
+        "the cgroup's peak {peak} is over the {OOM_LIMIT} limit: was the limit enforced? {end:?}"
+    );
     // A Warning Event on the ImageIndex.
     let events = f.cluster.kubectl_json(&["get", "events", "-n", ns]);
     let warnings: Vec<String> = events["items"]
@@ -1122,9 +1151,10 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
     });
     let mut summary = format!(
         "cluster e2e on kube-apiserver v1.20.2 + test node agent (started {}): setup {:.1} s \
-         (control plane, agent, helm install, operator rolled out)\n",
+         (datasets {:.1} s, then control plane, agent, helm install, operator rolled out)\n",
         imageindex_e2e::node::status::rfc3339(started),
-        setup.as_secs_f64()
+        setup.as_secs_f64(),
+        f.data_took.as_secs_f64()
     );
     for o in &outcomes {
         summary.push_str(&format!(
