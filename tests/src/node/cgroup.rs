@@ -83,8 +83,11 @@ fn create_dirs(root: &Path, relative: &Path, v2: bool) -> io::Result<PathBuf> {
     let mut dir = root.to_path_buf();
     for part in relative.components() {
         if v2 {
-            // Controllers must be enabled in every ancestor's subtree_control.
-            let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu");
+            // Controllers must be enabled in every ancestor's subtree_control (one at a time:
+            // a missing cpu controller must not keep memory from being enabled).
+            for controller in ["+memory", "+cpu"] {
+                let _ = fs::write(dir.join("cgroup.subtree_control"), controller);
+            }
         }
         dir.push(part);
         match fs::create_dir(&dir) {
