@@ -309,6 +309,12 @@ impl StatusDraft {
             return false;
         };
         attempts::finish(attempt, outcome, exit_code, message.clone(), end);
+        if outcome == AttemptOutcome::OomKilled {
+            // The kernel kills at the limit: the last scrape may predate the spike, so an
+            // OOM-killed attempt's peak is at least its limit.
+            let limit = imageindex_crds::quantity::parse_bytes(memory_limit).ok();
+            attempts::raise_peaks(attempt, None, limit);
+        }
         let preset = attempt.preset.clone();
         let peak = attempt
             .peak_working_set
@@ -520,7 +526,8 @@ mod tests {
             "80Mi"
         ));
         let (step, last) = d.decide_next(6, 80 * MIB).unwrap();
-        assert_eq!(last.peak_working_set, Some(75 * MIB));
+        // the last scrape saw 75Mi; the kernel killed it at the 80Mi limit
+        assert_eq!(last.peak_working_set, Some(80 * MIB));
         let NextStep::Start { preset, number, .. } = step else {
             panic!("{step:?}")
         };
