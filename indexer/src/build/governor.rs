@@ -98,6 +98,13 @@ impl MemoryGovernor {
 
     /// Releases LMDB's clean pages now (between build steps).
     pub fn release_now(&self) {
+        // The step that just ended freed its buffers: return the heap's free pages too
+        // (glibc keeps them otherwise, and they count as anonymous memory).
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         let file = self
             .env
             .as_ref()
