@@ -6,7 +6,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 scripts/setup.sh
-export PATH="$HOME/.cargo/bin:$PATH"
+# kubectl and helm from the tools scripts/setup.sh installs (a fresh machine may have none).
+export PATH="${IMAGEINDEX_TOOLS:-/var/cache/imageindex/tools}/bin:$HOME/.cargo/bin:$PATH"
 tests/controlplane/build.sh
 cargo build --workspace --bins --locked
 # End-to-end tests start real processes under real cgroup limits; two at a time keeps
