@@ -226,7 +226,7 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
     // arroy's own hint gets a quarter of what the shard may use; the rest is its trees.
     let shard_items = (usable * 3 / 4 / per_item).clamp(MIN_SHARD_ITEMS, MAX_SHARD_ITEMS);
     let arroy_memory = (usable / 4).max(8 * MIB);
-    let ivf_flush_bytes = (usable / 4).clamp(MIB, 128 * MIB);
+    let ivf_flush_bytes = (usable / 16).clamp(MIB, 32 * MIB);
     let ivf_train_samples = (usable / 4 / 32).clamp(4096, 4_000_000);
     Ok(BuildPlan {
         budget,

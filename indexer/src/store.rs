@@ -140,6 +140,13 @@ pub enum Checkpoint {
         /// Next chunk number.
         chunk: u32,
     },
+    /// Lists `0..next` have their chunks merged into one value each.
+    Merge {
+        /// Preset label.
+        preset: String,
+        /// First list not yet merged.
+        next: u32,
+    },
     /// Shards `0..shard` are built; `added` items of shard `shard` are added.
     Arroy {
         /// Preset label.

@@ -113,6 +113,7 @@ pub(super) fn run(
     let other_preset = match &cp {
         Checkpoint::Train { preset }
         | Checkpoint::Assign { preset, .. }
+        | Checkpoint::Merge { preset, .. }
         | Checkpoint::Arroy { preset, .. }
         | Checkpoint::Publish { preset } => *preset != label,
         Checkpoint::Extract { .. } => false,
@@ -200,7 +201,6 @@ pub(super) fn run(
         ctx.progress.set_step_done(offsets[next as usize]);
         let k = centroids.len();
         let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); k];
-        let mut buffered = 0u64;
         let mut chunk = chunk;
         let mut image = next;
         while image < n_images {
@@ -222,7 +222,8 @@ pub(super) fn run(
             for ((id, d), l) in batch.iter().zip(lists) {
                 ivf::push_entry(&mut buffers[l as usize], *id, d);
             }
-            buffered += (batch.len() * ivf::ENTRY_BYTES) as u64;
+            // What the buffers hold in memory, growth slack included.
+            let buffered: u64 = buffers.iter().map(|b| b.capacity() as u64).sum();
             image = end;
             ctx.progress.set_step_done(offsets[image as usize]);
             if buffered >= plan.ivf_flush_bytes || image == n_images {
@@ -238,10 +239,9 @@ pub(super) fn run(
                 }
                 chunk += 1;
                 cp = if image == n_images {
-                    Checkpoint::Arroy {
+                    Checkpoint::Merge {
                         preset: label.clone(),
-                        shard: 0,
-                        added: 0,
+                        next: 0,
                     }
                 } else {
                     Checkpoint::Assign {
@@ -252,10 +252,76 @@ pub(super) fn run(
                 };
                 store.set_checkpoint(&mut wtxn, &cp)?;
                 wtxn.commit()?;
-                buffered = 0;
             }
         }
         if n_images == 0 || matches!(cp, Checkpoint::Assign { .. }) {
+            let mut wtxn = store.env.write_txn()?;
+            cp = Checkpoint::Merge {
+                preset: label.clone(),
+                next: 0,
+            };
+            store.set_checkpoint(&mut wtxn, &cp)?;
+            wtxn.commit()?;
+        }
+        timings.assign += t.elapsed().as_secs_f64();
+        tracing::info!(secs = t.elapsed().as_secs_f64(), "inverted lists filled");
+        release();
+    }
+
+    // Merge each list's chunks (one per flush) into one value: lookups read one contiguous
+    // value per list, and disk loses no page-rounding slack per chunk.
+    if let Checkpoint::Merge { next, .. } = cp.clone() {
+        let t = Instant::now();
+        let mut list = next;
+        while list < n_lists {
+            if ctx.progress.is_cancelled() {
+                return Err(IndexError::Interrupted);
+            }
+            // Read lists until the batch holds about a flush's worth of entries.
+            let mut merged: Vec<(u32, Vec<u8>, u32)> = Vec::new();
+            let mut bytes = 0u64;
+            {
+                let rtxn = store.env.read_txn()?;
+                while list < n_lists && (bytes < plan.ivf_flush_bytes || merged.is_empty()) {
+                    let range = Store::list_key(list, 0)..=Store::list_key(list, u32::MAX);
+                    let mut value = Vec::new();
+                    let mut chunks = 0u32;
+                    for r in store.lists.range(&rtxn, &range)? {
+                        let (_, v) = r?;
+                        value.extend_from_slice(v);
+                        chunks += 1;
+                    }
+                    bytes += value.len() as u64;
+                    merged.push((list, value, chunks));
+                    list += 1;
+                }
+            }
+            let mut wtxn = store.env.write_txn()?;
+            for (l, value, chunks) in &merged {
+                if *chunks > 1 {
+                    store.lists.delete_range(
+                        &mut wtxn,
+                        &(Store::list_key(*l, 0)..=Store::list_key(*l, u32::MAX)),
+                    )?;
+                    store.lists.put(&mut wtxn, &Store::list_key(*l, 0), value)?;
+                }
+            }
+            cp = if list >= n_lists {
+                Checkpoint::Arroy {
+                    preset: label.clone(),
+                    shard: 0,
+                    added: 0,
+                }
+            } else {
+                Checkpoint::Merge {
+                    preset: label.clone(),
+                    next: list,
+                }
+            };
+            store.set_checkpoint(&mut wtxn, &cp)?;
+            wtxn.commit()?;
+        }
+        if n_lists == 0 {
             let mut wtxn = store.env.write_txn()?;
             cp = Checkpoint::Arroy {
                 preset: label.clone(),
@@ -266,7 +332,7 @@ pub(super) fn run(
             wtxn.commit()?;
         }
         timings.assign += t.elapsed().as_secs_f64();
-        tracing::info!(secs = t.elapsed().as_secs_f64(), "inverted lists filled");
+        tracing::info!(secs = t.elapsed().as_secs_f64(), "inverted lists merged");
         release();
     }
 
