@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 pub const MAX_FILE_BYTES: u64 = 512 << 20;
 /// Longest time between two checkpoint commits.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+/// Most images one checkpoint commit covers (a kill loses at most this many).
+const COMMIT_IMAGES: u32 = 8;
 
 /// A counting semaphore over bytes.
 struct ByteBudget {
@@ -235,6 +237,7 @@ pub(super) fn run(
         let mut wtxn = store.env.write_txn()?;
         let mut batch_bytes = 0u64;
         let mut last_commit = Instant::now();
+        let mut committed_id = first;
         let mut fatal: Option<IndexError> = None;
         let mut written = 0usize;
         let commit = |wtxn: heed::RwTxn<'_>, next_id: u32| -> Result<()> {
@@ -294,8 +297,11 @@ pub(super) fn run(
                 done_now += 1;
                 written += 1;
                 window.release();
-                if batch_bytes >= plan.write_batch_bytes || last_commit.elapsed() >= COMMIT_INTERVAL
+                if batch_bytes >= plan.write_batch_bytes
+                    || last_commit.elapsed() >= COMMIT_INTERVAL
+                    || next_id - committed_id >= COMMIT_IMAGES
                 {
+                    committed_id = next_id;
                     commit(wtxn, next_id)?;
                     wtxn = store.env.write_txn()?;
                     batch_bytes = 0;
