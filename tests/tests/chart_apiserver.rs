@@ -251,38 +251,12 @@ impl Drop for Running {
     }
 }
 
-/// The shell commands of the chart README's "Install on Kubernetes" section (```sh blocks,
-/// continuation lines joined).
+/// The shell commands of the chart README's "Install on Kubernetes" section.
 fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
-    let section = readme
-        .split("## Install on Kubernetes")
-        .nth(1)
-        .and_then(|s| s.split("\n## ").next())
-        .expect("an \"Install on Kubernetes\" section in charts/imageindex-operator/README.md");
-    let mut commands = Vec::new();
-    let mut in_block = false;
-    let mut current = String::new();
-    for line in section.lines() {
-        if line.starts_with("```") {
-            in_block = line == "```sh";
-            continue;
-        }
-        if !in_block {
-            continue;
-        }
-        match line.trim_end().strip_suffix('\\') {
-            Some(head) => {
-                current.push_str(head.trim());
-                current.push(' ');
-            }
-            None => {
-                current.push_str(line.trim());
-                commands.push(std::mem::take(&mut current));
-            }
-        }
-    }
-    commands
+    imageindex_e2e::cluster::readme_commands(
+        &chart_dir().join("README.md"),
+        "Install on Kubernetes",
+    )
 }
 
 /// README commands that cannot run here, each with the reason; every other one is run.

@@ -173,14 +173,7 @@ pub(super) fn run(
         .resume_at(processed + skipped, failed + skipped, descriptors);
     if jobs.is_empty() {
         if matches!(checkpoint, Checkpoint::Extract { .. }) {
-            let mut wtxn = store.env.write_txn()?;
-            store.set_checkpoint(
-                &mut wtxn,
-                &Checkpoint::Train {
-                    preset: preset.label(),
-                },
-            )?;
-            wtxn.commit()?;
+            super::enter_training(store, preset)?;
         }
         return Ok(0);
     }

@@ -316,6 +316,19 @@ fn open_or_reset(
     Ok((store, false))
 }
 
+/// Moves the checkpoint from extraction to the index phases.
+fn enter_training(store: &Store, preset: &Preset) -> Result<()> {
+    let mut wtxn = store.env.write_txn()?;
+    store.set_checkpoint(
+        &mut wtxn,
+        &Checkpoint::Train {
+            preset: preset.label(),
+        },
+    )?;
+    wtxn.commit()?;
+    Ok(())
+}
+
 fn save_timings(store: &Store, t: &Timings) -> Result<()> {
     let mut wtxn = store.env.write_txn()?;
     store.put_json(&mut wtxn, "timings", t)?;
@@ -446,14 +459,7 @@ pub fn run_synthetic(
     let mut timings = Timings::default();
     let t = Instant::now();
     ingest_synthetic(&store, 0, source, preset, &plan, ctx)?;
-    let mut wtxn = store.env.write_txn()?;
-    store.set_checkpoint(
-        &mut wtxn,
-        &Checkpoint::Train {
-            preset: preset.label(),
-        },
-    )?;
-    wtxn.commit()?;
+    enter_training(&store, preset)?;
     timings.extract = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Index);
     let stats = index::run(&store, preset, &plan, ctx, &mut timings, &|| {
