@@ -362,6 +362,31 @@ impl Kubelet {
     }
 }
 
+/// A namespace with an ImageIndex `cats` (spec extras `extra`) whose scan pod the test's
+/// kubelet has finished: the next thing the operator does is the first build pod.
+async fn scanned(
+    admin: &Client,
+    op: &Operator,
+    ns: &str,
+    extra: serde_json::Value,
+) -> (Api<ImageIndex>, Kubelet) {
+    namespace(admin, ns).await;
+    let indexes: Api<ImageIndex> = Api::namespaced(admin.clone(), ns);
+    let kubelet = Kubelet {
+        pods: Api::namespaced(admin.clone(), ns),
+    };
+    indexes
+        .create(&PostParams::default(), &imageindex("cats", extra))
+        .await
+        .unwrap();
+    wait_for("scan pod", Duration::from_secs(30), op, || {
+        kubelet.get("cats-scan-1")
+    })
+    .await;
+    kubelet.finish_scan("cats-scan-1", &scan_report()).await;
+    (indexes, kubelet)
+}
+
 async fn namespace(admin: &Client, name: &str) {
     let api: Api<Namespace> = Api::all(admin.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
@@ -666,20 +691,7 @@ async fn operator_against_a_real_api_server() {
     // ------------------------------------------------------------------ OOMKilled → smaller preset
     let t = Instant::now();
     let ns = "oom";
-    namespace(&admin, ns).await;
-    let indexes: Api<ImageIndex> = Api::namespaced(admin.clone(), ns);
-    let kubelet = Kubelet {
-        pods: Api::namespaced(admin.clone(), ns),
-    };
-    indexes
-        .create(&PostParams::default(), &imageindex("cats", json!({})))
-        .await
-        .unwrap();
-    wait_for("scan pod", Duration::from_secs(30), &op, || {
-        kubelet.get("cats-scan-1")
-    })
-    .await;
-    kubelet.finish_scan("cats-scan-1", &scan_report()).await;
+    let (indexes, kubelet) = scanned(&admin, &op, ns, json!({})).await;
     let build = wait_for("build pod 1", Duration::from_secs(30), &op, || {
         kubelet.get("cats-build-1")
     })
@@ -873,20 +885,7 @@ async fn operator_against_a_real_api_server() {
     // ------------------------------------------------------------------ operator restart mid-build
     let t = Instant::now();
     let ns = "restart";
-    namespace(&admin, ns).await;
-    let indexes: Api<ImageIndex> = Api::namespaced(admin.clone(), ns);
-    let kubelet = Kubelet {
-        pods: Api::namespaced(admin.clone(), ns),
-    };
-    indexes
-        .create(&PostParams::default(), &imageindex("cats", json!({})))
-        .await
-        .unwrap();
-    wait_for("scan pod", Duration::from_secs(30), &op, || {
-        kubelet.get("cats-scan-1")
-    })
-    .await;
-    kubelet.finish_scan("cats-scan-1", &scan_report()).await;
+    let (indexes, kubelet) = scanned(&admin, &op, ns, json!({})).await;
     wait_for("build pod 1", Duration::from_secs(30), &op, || {
         kubelet.get("cats-build-1")
     })
