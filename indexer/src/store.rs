@@ -4,11 +4,14 @@
 //! - `meta`: build metadata, checkpoint, coarse centroids, descriptor offsets;
 //! - `images`: image id → [`ImageRecord`] (path, size, dimensions, what the detector did,
 //!   failure reason);
-//! - `descs`: image id → its descriptors, strongest first (build only; dropped at publish,
-//!   the inverted lists and arroy hold them afterwards);
 //! - `kps`: image id → keypoint positions (u16 x, y in quarter pixels), same order;
 //! - `lists`: (list, chunk) → inverted-list entries (u32 descriptor id + 32-byte code);
 //! - `arroy`: the arroy database, one arroy index per shard, `BinaryQuantizedManhattan`.
+//!
+//! A build keeps each image's descriptors (strongest first) in a second, working
+//! environment ([`WorkStore`], `IDX/build/work/`): the index phases read them, the inverted
+//! lists and arroy hold them afterwards, and publishing deletes it — so the published
+//! environment never carried them and is published by renaming its directory, not copied.
 
 use crate::error::{IndexError, Result};
 use crate::features::Adaptation;
@@ -23,7 +26,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::Path;
 
 /// Version of the on-disk format; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Virtual size of the LMDB map (sparse; only written pages use disk).
 pub const MAP_SIZE: usize = 1 << 40;
 
@@ -172,8 +175,6 @@ pub struct Store {
     pub meta: Database<'static, Str, Bytes>,
     /// Image records by id.
     pub images: Database<'static, U32<BigEndian>, SerdeJson<ImageRecord>>,
-    /// Descriptor blobs by image id.
-    pub descs: Database<'static, U32<BigEndian>, Bytes>,
     /// Keypoint blobs by image id.
     pub kps: Database<'static, U32<BigEndian>, Bytes>,
     /// Inverted-list chunks by (list << 32 | chunk).
@@ -211,12 +212,11 @@ impl Store {
         unsafe { o.flags(EnvFlags::NO_META_SYNC) };
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (meta, images, descs, kps, lists, arroy) = env
+        let (meta, images, kps, lists, arroy) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database(wtxn, Some("meta"))?,
                     dbo.create_database(wtxn, Some("images"))?,
-                    dbo.create_database(wtxn, Some("descs"))?,
                     dbo.create_database(wtxn, Some("kps"))?,
                     dbo.create_database(wtxn, Some("lists"))?,
                     dbo.create_database(wtxn, Some("arroy"))?,
@@ -227,7 +227,6 @@ impl Store {
             env,
             meta,
             images,
-            descs,
             kps,
             lists,
             arroy,
@@ -240,12 +239,11 @@ impl Store {
         unsafe { o.flags(EnvFlags::READ_ONLY | EnvFlags::NO_LOCK | EnvFlags::NO_READ_AHEAD) };
         let env = unsafe { o.open(dir) }?;
         let rtxn = env.read_txn()?;
-        let (meta, images, descs, kps, lists, arroy) = env
+        let (meta, images, kps, lists, arroy) = env
             .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.open_database(rtxn, Some("meta"))?,
                     dbo.open_database(rtxn, Some("images"))?,
-                    dbo.open_database(rtxn, Some("descs"))?,
                     dbo.open_database(rtxn, Some("kps"))?,
                     dbo.open_database(rtxn, Some("lists"))?,
                     dbo.open_database(rtxn, Some("arroy"))?,
@@ -259,7 +257,6 @@ impl Store {
         Ok(Store {
             meta: meta.ok_or_else(|| missing("meta"))?,
             images: images.ok_or_else(|| missing("images"))?,
-            descs: descs.ok_or_else(|| missing("descs"))?,
             kps: kps.ok_or_else(|| missing("kps"))?,
             lists: lists.ok_or_else(|| missing("lists"))?,
             arroy: arroy.ok_or_else(|| missing("arroy"))?,
@@ -298,6 +295,43 @@ impl Store {
     /// The key of an inverted-list chunk.
     pub fn list_key(list: u32, chunk: u32) -> u64 {
         ((list as u64) << 32) | chunk as u64
+    }
+}
+
+/// The build's working environment: each image's descriptors, strongest first.
+#[derive(Clone)]
+pub struct WorkStore {
+    /// The environment (`IDX/build/work/`).
+    pub env: Env<WithoutTls>,
+    /// Descriptor blobs by image id.
+    pub descs: Database<'static, U32<BigEndian>, Bytes>,
+}
+
+impl WorkStore {
+    /// Opens (creating) the working environment in `dir`.
+    pub fn create(dir: &Path) -> Result<WorkStore> {
+        std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let mut o = options();
+        unsafe { o.flags(EnvFlags::NO_META_SYNC) };
+        let env = unsafe { o.open(dir) }?;
+        let wtxn = env.write_txn()?;
+        let descs = env
+            .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
+                Ok(CommitOrAbort::<_, ()>::Commit(
+                    dbo.create_database(wtxn, Some("descs"))?,
+                ))
+            })?
+            .unwrap_commit();
+        Ok(WorkStore { env, descs })
+    }
+
+    /// The descriptor blob of an image (empty when absent).
+    pub fn descriptors(&self, rtxn: &RoTxn, image: u32) -> Result<Vec<u8>> {
+        Ok(self
+            .descs
+            .get(rtxn, &image)?
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default())
     }
 }
 

@@ -150,3 +150,43 @@ fn a_resumed_extraction_does_not_redo_finished_images() {
     );
     assert_eq!(s["meta"]["imagesIndexed"], 30);
 }
+
+#[test]
+fn a_publish_killed_before_switching_current_is_finished_not_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dataset = tmp.path().join("photos");
+    make_photos(&dataset, 8, 800);
+    let out = tmp.path().join("idx");
+    for _ in 0..2 {
+        assert!(build_cmd(&dataset, &out, None)
+            .output()
+            .unwrap()
+            .status
+            .success());
+    }
+    // The state a kill between the generation's rename and the `current` switch leaves.
+    let current = out.join("current");
+    std::fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink("gen-000001", &current).unwrap();
+    assert_eq!(info(&out)["generation"], 1);
+
+    let o = build_cmd(&dataset, &out, None).output().unwrap();
+    assert!(o.status.success());
+    let s = json_of(&o);
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(s["extractedNow"], 0, "{s}");
+    assert_eq!(info(&out)["generation"], 2);
+    assert!(!out.join("gen-000003").exists());
+
+    // A different dataset is not mistaken for the interrupted build: it is built anew.
+    std::fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink("gen-000001", &current).unwrap();
+    make_photos(&tmp.path().join("more"), 1, 640)
+        .iter()
+        .for_each(|p| {
+            std::fs::copy(p, dataset.join("extra.jpg")).unwrap();
+        });
+    let s = json_of(&build_cmd(&dataset, &out, None).output().unwrap());
+    assert_eq!(s["generation"], 3, "{s}");
+    assert_eq!(s["meta"]["imagesTotal"], 9, "{s}");
+}

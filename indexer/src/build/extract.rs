@@ -6,7 +6,7 @@
 use super::BuildContext;
 use crate::error::{IndexError, Result};
 use crate::features::{Detector, ExtractParams};
-use crate::store::{self, Checkpoint, ImageRecord, Store};
+use crate::store::{self, Checkpoint, ImageRecord, Store, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::preset::Preset;
 use std::collections::BTreeMap;
@@ -141,13 +141,14 @@ fn process(
 /// failed.
 pub(super) fn run(
     store: &Store,
-    root: &Path,
+    work: &WorkStore,
+    opts: &super::BuildOptions,
     preset: &Preset,
     plan: &BuildPlan,
-    threads: usize,
     skipped: u64,
     ctx: &BuildContext,
 ) -> Result<u64> {
+    let (root, threads) = (opts.dataset.as_path(), opts.threads);
     let rtxn = store.env.read_txn()?;
     let checkpoint: Checkpoint = store
         .get_json(&rtxn, store::keys::CHECKPOINT)?
@@ -228,24 +229,28 @@ pub(super) fn run(
         let mut next_id = first;
         let mut done_now = 0u64;
         let mut wtxn = store.env.write_txn()?;
+        let mut work_txn = work.env.write_txn()?;
         let mut batch_bytes = 0u64;
         let mut last_commit = Instant::now();
         let mut committed_id = first;
         let mut fatal: Option<IndexError> = None;
         let mut written = 0usize;
-        let commit = |wtxn: heed::RwTxn<'_>, next_id: u32| -> Result<()> {
-            let mut wtxn = wtxn;
-            let cp = if next_id as usize >= first as usize + total_jobs {
-                Checkpoint::Train {
-                    preset: preset.label(),
-                }
-            } else {
-                Checkpoint::Extract { next: next_id }
+        // Descriptors first: a crash between the two commits only redoes images.
+        let commit =
+            |wtxn: heed::RwTxn<'_>, work_txn: heed::RwTxn<'_>, next_id: u32| -> Result<()> {
+                work_txn.commit()?;
+                let mut wtxn = wtxn;
+                let cp = if next_id as usize >= first as usize + total_jobs {
+                    Checkpoint::Train {
+                        preset: preset.label(),
+                    }
+                } else {
+                    Checkpoint::Extract { next: next_id }
+                };
+                store.set_checkpoint(&mut wtxn, &cp)?;
+                wtxn.commit()?;
+                Ok(())
             };
-            store.set_checkpoint(&mut wtxn, &cp)?;
-            wtxn.commit()?;
-            Ok(())
-        };
         'recv: for (id, out) in res_rx.iter() {
             if id == u32::MAX {
                 if let Outcome::Fatal(e) = out {
@@ -280,7 +285,7 @@ pub(super) fn run(
                         let d = store::descriptors_blob(&f.descriptors);
                         let k = store::keypoints_blob(&f.keypoints);
                         batch_bytes += (d.len() + k.len()) as u64;
-                        store.descs.put(&mut wtxn, &next_id, &d)?;
+                        work.descs.put(&mut work_txn, &next_id, &d)?;
                         store.kps.put(&mut wtxn, &next_id, &k)?;
                         ctx.progress.image_done(f.descriptors.len() as u64, false);
                     }
@@ -295,8 +300,9 @@ pub(super) fn run(
                     || next_id - committed_id >= COMMIT_IMAGES
                 {
                     committed_id = next_id;
-                    commit(wtxn, next_id)?;
+                    commit(wtxn, work_txn, next_id)?;
                     wtxn = store.env.write_txn()?;
+                    work_txn = work.env.write_txn()?;
                     batch_bytes = 0;
                     last_commit = Instant::now();
                 }
@@ -311,7 +317,7 @@ pub(super) fn run(
             window.release();
         }
         drop(res_rx);
-        commit(wtxn, next_id)?;
+        commit(wtxn, work_txn, next_id)?;
         let _ = feeder.join();
         if let Some(e) = fatal {
             return Err(e);

@@ -7,7 +7,7 @@ use crate::error::{IndexError, Result};
 use crate::features::{Descriptor, DESCRIPTOR_BYTES};
 use crate::hamming::{self, words};
 use crate::ivf::{self, Centroids};
-use crate::store::{self, Checkpoint, Store, Timings};
+use crate::store::{self, Checkpoint, Store, Timings, WorkStore};
 use arroy::distances::BinaryQuantizedManhattan;
 use imageindex_crds::estimate::BuildPlan;
 use imageindex_crds::preset::Preset;
@@ -71,19 +71,19 @@ pub fn read_offsets(bytes: &[u8]) -> Vec<u64> {
 
 /// Calls `f(image, first_descriptor_id, kept descriptors)` for images `from..to`.
 fn for_each_image(
-    store: &Store,
+    work: &WorkStore,
     offsets: &[u64],
     from: u32,
     to: u32,
     mut f: impl FnMut(u32, u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let rtxn = store.env.read_txn()?;
+    let rtxn = work.env.read_txn()?;
     for id in from..to {
         let kept = (offsets[id as usize + 1] - offsets[id as usize]) as usize;
         if kept == 0 {
             continue;
         }
-        let blob = store.descs.get(&rtxn, &id)?.unwrap_or_default();
+        let blob = work.descs.get(&rtxn, &id)?.unwrap_or_default();
         let kept_bytes = (kept * DESCRIPTOR_BYTES).min(blob.len());
         f(id, offsets[id as usize], &blob[..kept_bytes])?;
     }
@@ -101,6 +101,7 @@ fn descriptor(chunk: &[u8]) -> Descriptor {
 /// the pages the previous step read are no longer needed.
 pub(super) fn run(
     store: &Store,
+    work: &WorkStore,
     preset: &Preset,
     plan: &BuildPlan,
     ctx: &BuildContext,
@@ -146,7 +147,7 @@ pub(super) fn run(
         let mut samples: Vec<Descriptor> = Vec::with_capacity(target as usize);
         let mut next_pick = 0u64;
         let mut picked = 0u64;
-        for_each_image(store, &offsets, 0, n_images, |_, first, blob| {
+        for_each_image(work, &offsets, 0, n_images, |_, first, blob| {
             let count = (blob.len() / DESCRIPTOR_BYTES) as u64;
             while picked < target && next_pick < first + count {
                 if next_pick >= first {
@@ -209,7 +210,7 @@ pub(super) fn run(
             }
             let end = (image + ASSIGN_BATCH_IMAGES as u32).min(n_images);
             let mut batch: Vec<(u32, Descriptor)> = Vec::new();
-            for_each_image(store, &offsets, image, end, |_, first, blob| {
+            for_each_image(work, &offsets, image, end, |_, first, blob| {
                 for (i, d) in blob.chunks_exact(DESCRIPTOR_BYTES).enumerate() {
                     batch.push(((first + i as u64) as u32, descriptor(d)));
                 }
@@ -373,7 +374,7 @@ pub(super) fn run(
                 let mut wtxn = store.env.write_txn()?;
                 let writer =
                     arroy::Writer::<BinaryQuantizedManhattan>::new(store.arroy, s as u16, 256);
-                add_range(store, &offsets, &writer, &mut wtxn, from, to)?;
+                add_range(work, &offsets, &writer, &mut wtxn, from, to)?;
                 added = to - lo;
                 store.set_checkpoint(
                     &mut wtxn,
@@ -444,7 +445,7 @@ pub(super) fn run(
 
 /// Adds descriptors `from..to` (global ids) to an arroy shard.
 fn add_range(
-    store: &Store,
+    work: &WorkStore,
     offsets: &[u64],
     writer: &arroy::Writer<BinaryQuantizedManhattan>,
     wtxn: &mut heed::RwTxn,
@@ -456,12 +457,13 @@ fn add_range(
     let n_images = (offsets.len() - 1) as u32;
     let mut vector = [0f32; 256];
     let mut image = first_image;
+    let rtxn = work.env.read_txn()?;
     let mut pending: Vec<(u32, Descriptor)> = Vec::new();
     while image < n_images && offsets[image as usize] < to {
         let first = offsets[image as usize];
         let kept = (offsets[image as usize + 1] - first) as usize;
         if kept > 0 {
-            let blob = store.descs.get(wtxn, &image)?.unwrap_or_default();
+            let blob = work.descriptors(&rtxn, image)?;
             for i in 0..kept.min(blob.len() / DESCRIPTOR_BYTES) {
                 let id = first + i as u64;
                 if id >= from && id < to {

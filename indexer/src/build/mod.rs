@@ -15,7 +15,7 @@ use crate::error::{IndexError, Result};
 use crate::layout::IndexDir;
 use crate::memory::MemorySource;
 use crate::progress::{BuildProgress, Phase};
-use crate::store::{self, BuildMeta, Checkpoint, ImageRecord, Store, Timings};
+use crate::store::{self, BuildMeta, Checkpoint, ImageRecord, Store, Timings, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::policy;
 use imageindex_crds::preset::{Preset, PresetSelector};
@@ -143,7 +143,10 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let scan_secs = started.elapsed().as_secs_f64();
 
     let build_dir = dir.build_dir();
-    let (store, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
+    if let Some(summary) = adopt_unswitched(&dir, &listing, &preset)? {
+        return Ok(summary);
+    }
+    let (store, work, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
     let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
     let mut timings = {
         let rtxn = store.env.read_txn()?;
@@ -158,10 +161,10 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let t = Instant::now();
     let extracted_now = extract::run(
         &store,
-        &opts.dataset,
+        &work,
+        opts,
         &preset,
         &plan,
-        opts.threads,
         listing.skipped.len() as u64,
         ctx,
     )?;
@@ -178,6 +181,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         };
         ingest_synthetic(
             &store,
+            &work,
             listing.files.len() as u32,
             &source,
             &preset,
@@ -188,7 +192,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Index);
-    let index_stats = index::run(&store, &preset, &plan, ctx, &mut timings, &|| {
+    let index_stats = index::run(&store, &work, &preset, &plan, ctx, &mut timings, &|| {
         governor.release_now()
     })?;
     save_timings(&store, &timings)?;
@@ -220,7 +224,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         },
         indexer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let path = publish::run(&dir, &store, &meta, &listing)?;
+    let path = publish::run(&dir, &store, work, &meta, &listing)?;
     let mut meta = meta;
     meta.timings.publish = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Done);
@@ -259,15 +263,67 @@ pub fn plan_for(
     }
 }
 
+/// Finishes a publish that was killed between renaming the build into its generation directory
+/// and switching `current`: a generation newer than `current`, with no build in progress, built
+/// from the same dataset with the same preset, is switched to instead of built again.
+fn adopt_unswitched(
+    dir: &IndexDir,
+    listing: &dataset::Listing,
+    preset: &Preset,
+) -> Result<Option<BuildSummary>> {
+    if dir.build_dir().join("data.mdb").exists() {
+        return Ok(None);
+    }
+    let Some(&last) = dir.generations()?.last() else {
+        return Ok(None);
+    };
+    if dir.current().is_some_and(|(n, _)| n >= last) {
+        return Ok(None);
+    }
+    let path = dir.generation_dir(last);
+    let meta: Option<BuildMeta> = {
+        let store = Store::open_read_only(&path)?;
+        let meta = {
+            let rtxn = store.env.read_txn()?;
+            store.get_json(&rtxn, store::keys::BUILD)?
+        };
+        let env = store.env.clone();
+        drop(store);
+        close_env(env);
+        meta
+    };
+    let Some(meta) = meta.filter(|m| {
+        m.fingerprint == listing.fingerprint && m.preset == *preset && m.generation == last
+    }) else {
+        return Ok(None);
+    };
+    tracing::info!(
+        generation = last,
+        "switching to a generation whose publish was interrupted"
+    );
+    dir.switch_current(last)?;
+    dir.prune()?;
+    Ok(Some(BuildSummary {
+        generation: last,
+        path,
+        meta,
+        resumed: true,
+        extracted_now: 0,
+        memory: BuildMemory::default(),
+    }))
+}
+
 /// Opens the in-progress build, discarding it when the dataset changed or when it was
 /// extracted with fewer features than this preset wants.
 fn open_or_reset(
     build_dir: &std::path::Path,
     listing: &dataset::Listing,
     preset: &Preset,
-) -> Result<(Store, bool)> {
+) -> Result<(Store, WorkStore, bool)> {
+    let work_dir = build_dir.join(WORK_DIR);
     if build_dir.join("data.mdb").exists() {
         let store = Store::create(build_dir)?;
+        let work = WorkStore::create(&work_dir)?;
         let rtxn = store.env.read_txn()?;
         let fingerprint: Option<String> = store.get_json(&rtxn, store::keys::FINGERPRINT)?;
         let checkpoint: Option<Checkpoint> = store.get_json(&rtxn, store::keys::CHECKPOINT)?;
@@ -286,20 +342,22 @@ fn open_or_reset(
             && !poorer_extraction
         {
             tracing::info!(checkpoint = ?checkpoint, "resuming the build from its checkpoint");
-            return Ok((store, true));
+            return Ok((store, work, true));
         }
         tracing::warn!(
             dataset_changed = fingerprint.as_deref() != Some(listing.fingerprint.as_str()),
             poorer_extraction,
             "discarding the previous in-progress build"
         );
-        let env = store.env.clone();
+        let (env, work_env) = (store.env.clone(), work.env.clone());
         drop(store);
-        let closing = env.prepare_for_closing();
-        closing.wait();
+        drop(work);
+        close_env(env);
+        close_env(work_env);
         std::fs::remove_dir_all(build_dir).map_err(|e| IndexError::io(build_dir, e))?;
     }
     let store = Store::create(build_dir)?;
+    let work = WorkStore::create(&work_dir)?;
     let mut wtxn = store.env.write_txn()?;
     for (i, f) in listing.files.iter().enumerate() {
         let rec = ImageRecord {
@@ -313,7 +371,16 @@ fn open_or_reset(
     store.put_json(&mut wtxn, store::keys::FINGERPRINT, &listing.fingerprint)?;
     store.set_checkpoint(&mut wtxn, &Checkpoint::Extract { next: 0 })?;
     wtxn.commit()?;
-    Ok((store, false))
+    Ok((store, work, false))
+}
+
+/// The working environment's directory inside the build directory.
+pub const WORK_DIR: &str = "work";
+
+/// Waits until every handle on an environment is dropped and LMDB closed it.
+pub(super) fn close_env(env: heed::Env<heed::WithoutTls>) {
+    let closing = env.prepare_for_closing();
+    closing.wait();
 }
 
 /// Moves the checkpoint from extraction to the index phases.
@@ -359,6 +426,7 @@ pub fn now_rfc3339() -> String {
 /// `synthetic_next` metadata key), in batched write transactions.
 fn ingest_synthetic(
     store: &Store,
+    work: &WorkStore,
     first: u32,
     source: &SyntheticSource,
     preset: &Preset,
@@ -371,10 +439,12 @@ fn ingest_synthetic(
         store.get_json(&rtxn, "synthetic_next")?.unwrap_or(first)
     };
     let mut wtxn = store.env.write_txn()?;
+    let mut work_txn = work.env.write_txn()?;
     let mut bytes = 0u64;
     for i in next.max(first)..end {
         if ctx.progress.is_cancelled() {
             store.put_json(&mut wtxn, "synthetic_next", &i)?;
+            work_txn.commit()?;
             wtxn.commit()?;
             return Err(IndexError::Interrupted);
         }
@@ -392,17 +462,21 @@ fn ingest_synthetic(
         store.images.put(&mut wtxn, &i, &rec)?;
         let d = store::descriptors_blob(&descs);
         bytes += d.len() as u64;
-        store.descs.put(&mut wtxn, &i, &d)?;
+        work.descs.put(&mut work_txn, &i, &d)?;
         store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
         ctx.progress.image_done(descs.len() as u64, false);
         if bytes >= plan.write_batch_bytes {
             store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
+            // Descriptors first: a crash between the two commits only redoes images.
+            work_txn.commit()?;
             wtxn.commit()?;
             wtxn = store.env.write_txn()?;
+            work_txn = work.env.write_txn()?;
             bytes = 0;
         }
     }
     store.put_json(&mut wtxn, "synthetic_next", &end)?;
+    work_txn.commit()?;
     wtxn.commit()?;
     Ok(())
 }
@@ -451,18 +525,18 @@ pub fn run_synthetic(
         skipped: Vec::new(),
         fingerprint: source.fingerprint.clone(),
     };
-    let (store, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
+    let (store, work, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
     drop(listing);
     let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
     ctx.progress.set_total(source.images as u64);
     ctx.progress.set_phase(Phase::Extract);
     let mut timings = Timings::default();
     let t = Instant::now();
-    ingest_synthetic(&store, 0, source, preset, &plan, ctx)?;
+    ingest_synthetic(&store, &work, 0, source, preset, &plan, ctx)?;
     enter_training(&store, preset)?;
     timings.extract = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Index);
-    let stats = index::run(&store, preset, &plan, ctx, &mut timings, &|| {
+    let stats = index::run(&store, &work, preset, &plan, ctx, &mut timings, &|| {
         governor.release_now()
     })?;
     ctx.progress.set_phase(Phase::Publish);
@@ -487,7 +561,7 @@ pub fn run_synthetic(
         timings,
         indexer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let path = publish::run(&dir, &store, &meta, &dataset::Listing::default())?;
+    let path = publish::run(&dir, &store, work, &meta, &dataset::Listing::default())?;
     ctx.progress.set_phase(Phase::Done);
     let memory = governor.memory();
     Ok(BuildSummary {
