@@ -34,9 +34,16 @@ impl Server {
             .spawn()
             .expect("start indexer serve");
         let mut s = Server { port, child, log };
+        // With a published generation the service must also have loaded it before the
+        // tests start asking; without one, being up is all there is to wait for.
+        let probe = if index.join("current").exists() {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
         let t = Instant::now();
         loop {
-            if let Ok(r) = request(port, "GET", "/healthz", &[], b"") {
+            if let Ok(r) = request(port, "GET", probe, &[], b"") {
                 if r.status == 200 {
                     break;
                 }
