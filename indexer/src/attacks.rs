@@ -1,5 +1,6 @@
 //! Attacked copies of catalogue images, for recall measurements: crops, rotations, rescales,
-//! heavy JPEG, perspective, framing in noise, grayscale + blur, and combinations. Files are
+//! heavy JPEG, perspective, framing in noise, grayscale + blur, a mirrored crop, and
+//! combinations. Files are
 //! named `<catalogue stem>__<attack>.jpg` so the expected answer is in the name.
 
 use opencv::core::{self, Mat, Point2f, Rect, Scalar, Size, Vector};
@@ -9,7 +10,7 @@ use opencv::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// The attacks, by name.
-pub const ATTACKS: [&str; 10] = [
+pub const ATTACKS: [&str; 11] = [
     "crop40",
     "rotate25",
     "rotate90",
@@ -20,6 +21,7 @@ pub const ATTACKS: [&str; 10] = [
     "grayblur",
     "crop_rotate_jpeg",
     "scale_blur_jpeg",
+    "mirror_crop",
 ];
 
 fn encode(img: &Mat, quality: i32) -> opencv::Result<Vec<u8>> {
@@ -125,6 +127,12 @@ fn noise_frame(img: &Mat, seed: u64) -> opencv::Result<Mat> {
     Ok(canvas)
 }
 
+fn mirror(img: &Mat) -> opencv::Result<Mat> {
+    let mut out = Mat::default();
+    core::flip(img, &mut out, 1)?;
+    Ok(out)
+}
+
 fn gray(img: &Mat) -> opencv::Result<Mat> {
     if img.channels() == 1 {
         return img.try_clone();
@@ -148,6 +156,7 @@ pub fn apply(img: &Mat, attack: &str, seed: u64) -> opencv::Result<Option<Vec<u8
         "grayblur" => encode(&blur(&gray(img)?, 1.5)?, q)?,
         "crop_rotate_jpeg" => encode(&rotate(&crop(img, 0.7, 0.2, 0.7)?, -12.0)?, 30)?,
         "scale_blur_jpeg" => encode(&blur(&scale(img, 0.5)?, 1.0)?, 40)?,
+        "mirror_crop" => encode(&mirror(&crop(img, 0.8, 0.5, 0.5)?)?, 70)?,
         _ => return Ok(None),
     };
     Ok(Some(out))

@@ -412,6 +412,17 @@ impl Detector {
         bytes: &[u8],
         header: &Header,
     ) -> Result<(Features, f64, f64), ExtractError> {
+        self.extract_keeping_work(bytes, header)
+            .map(|(f, _, decode_ms, extract_ms)| (f, decode_ms, extract_ms))
+    }
+
+    /// Like [`Detector::extract_timed`], also returning the working image (for
+    /// [`Detector::mirrored`]).
+    pub fn extract_keeping_work(
+        &mut self,
+        bytes: &[u8],
+        header: &Header,
+    ) -> Result<(Features, Mat, f64, f64), ExtractError> {
         let t = std::time::Instant::now();
         let (gray, scale) = decode_gray(bytes, header, self.params.max_side)?;
         let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -431,7 +442,24 @@ impl Detector {
             descriptors,
             format: header.format,
         };
-        Ok((f, decode_ms, t.elapsed().as_secs_f64() * 1000.0))
+        Ok((f, work, decode_ms, t.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// Features of the working image mirrored left to right (ORB is not mirror-invariant: a
+    /// flipped copy shares almost no descriptors with its original). `of` is the unmirrored
+    /// extraction of the same image.
+    pub fn mirrored(&mut self, work: &Mat, of: &Features) -> Result<Features, ExtractError> {
+        let mut flipped = Mat::default();
+        core::flip(work, &mut flipped, 1)?;
+        let (keypoints, descriptors, mut adaptation) = self.features_of_work_image(&flipped)?;
+        adaptation.resize = of.adaptation.resize;
+        adaptation.decode_scale = of.adaptation.decode_scale;
+        Ok(Features {
+            adaptation,
+            keypoints,
+            descriptors,
+            ..of.clone()
+        })
     }
 }
 

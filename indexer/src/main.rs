@@ -95,6 +95,9 @@ enum Command {
         /// Skip RANSAC verification.
         #[arg(long)]
         no_verify: bool,
+        /// Do not search the mirrored image when nothing verifies.
+        #[arg(long)]
+        no_mirror: bool,
         /// Lookup structure: ivf (fast, default) or arroy.
         #[arg(long, default_value = "ivf")]
         engine: String,
@@ -479,6 +482,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             k,
             json,
             no_verify,
+            no_mirror,
             engine,
             nprobe,
         } => {
@@ -486,6 +490,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut params = SearchParams {
                 k,
                 verify: !no_verify,
+                mirror: !no_mirror,
                 ..SearchParams::for_index(&idx.meta)
             };
             params.engine = match engine.as_str() {
@@ -510,7 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let items: Vec<serde_json::Value> = results
                     .iter()
                     .map(|(path, r)| match r {
-                        Ok(a) => serde_json::json!({"query": path, "generation": idx.generation, "matches": a.matches, "features": a.features, "adaptation": a.adaptation, "timings": a.timings}),
+                        Ok(a) => serde_json::json!({"query": path, "generation": idx.generation, "matches": a.matches, "features": a.features, "adaptation": a.adaptation, "mirrored": a.mirrored, "timings": a.timings}),
                         Err(e) => serde_json::json!({"query": path, "error": e.to_string()}),
                     })
                     .collect();
@@ -523,6 +528,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             println!("  no match ({} query features)", a.features)
                         }
                         Ok(a) => {
+                            if a.mirrored {
+                                println!("  (matched as a mirrored copy)");
+                            }
                             for (rank, m) in a.matches.iter().enumerate() {
                                 println!(
                                     "  {}. {}  votes {}{}",

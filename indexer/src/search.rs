@@ -50,6 +50,9 @@ pub struct SearchParams {
     pub verify_candidates: usize,
     /// Lookup structure.
     pub engine: Engine,
+    /// When no candidate verifies, also search the image mirrored left to right (needs
+    /// `verify`: verification is what tells the two searches apart).
+    pub mirror: bool,
 }
 
 impl SearchParams {
@@ -73,6 +76,7 @@ impl Default for SearchParams {
             ratio: 0.8,
             verify_candidates: 10,
             engine: Engine::Ivf,
+            mirror: true,
         }
     }
 }
@@ -524,8 +528,10 @@ pub struct Answer {
     pub features: usize,
     /// What the detector adapted for the query.
     pub adaptation: crate::features::Adaptation,
-    /// Per-step times.
+    /// Per-step times (of both searches when the mirror was searched too).
     pub timings: Timings,
+    /// Whether the matches come from the query mirrored left to right.
+    pub mirrored: bool,
 }
 
 /// Why a query image could not be searched.
@@ -550,9 +556,9 @@ pub fn search_bytes(
     params: &SearchParams,
 ) -> Result<Answer, QueryError> {
     let header = crate::imageguard::header(bytes).map_err(crate::features::ExtractError::from)?;
-    let (f, decode_ms, extract_ms) = detector.extract_timed(bytes, &header)?;
+    let (f, work, decode_ms, extract_ms) = detector.extract_keeping_work(bytes, &header)?;
     let (matches, lookup_ms, verify_ms) = index.search_features(&f, params)?;
-    Ok(Answer {
+    let mut answer = Answer {
         matches,
         features: f.descriptors.len(),
         adaptation: f.adaptation,
@@ -562,7 +568,25 @@ pub fn search_bytes(
             lookup_ms,
             verify_ms,
         },
-    })
+        mirrored: false,
+    };
+    let verified = |m: &[Match]| m.first().is_some_and(|m| m.verified);
+    if params.mirror && params.verify && !f.descriptors.is_empty() && !verified(&answer.matches) {
+        let t = Instant::now();
+        let mf = detector.mirrored(&work, &f)?;
+        answer.timings.extract_ms += t.elapsed().as_secs_f64() * 1000.0;
+        drop(work);
+        let (matches, lookup_ms, verify_ms) = index.search_features(&mf, params)?;
+        answer.timings.lookup_ms += lookup_ms;
+        answer.timings.verify_ms += verify_ms;
+        if verified(&matches) {
+            answer.matches = matches;
+            answer.features = mf.descriptors.len();
+            answer.adaptation = mf.adaptation;
+            answer.mirrored = true;
+        }
+    }
+    Ok(answer)
 }
 
 /// Searches an image file.

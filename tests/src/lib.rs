@@ -144,6 +144,9 @@ pub fn attacked_copies(image: &Path, dir: &Path) -> Vec<PathBuf> {
     )
     .unwrap();
     save("half_jpeg30", &small, 30);
+    let mut mirrored = Mat::default();
+    opencv::core::flip(&crop, &mut mirrored, 1).unwrap();
+    save("mirror_crop", &mirrored, 80);
     out
 }
 

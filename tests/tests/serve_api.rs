@@ -56,7 +56,7 @@ fn http_answers_equal_indexer_search() {
     let tmp = tempfile::tempdir().unwrap();
     let (idx, queries) = sample_index(tmp.path());
     let server = Server::start(&idx, &[], tmp.path());
-    let mut correct = 0;
+    let (mut correct, mut mirrored) = (0, 0);
     for (verify, flag) in [(true, None), (false, Some("--no-verify"))] {
         let mut args = vec!["search", idx.to_str().unwrap(), "--json", "-k", "5"];
         args.extend(flag);
@@ -75,6 +75,10 @@ fn http_answers_equal_indexer_search() {
             let got = r.json();
             assert_eq!(got["generation"], expected["generation"]);
             assert_eq!(got["features"], expected["features"], "{}", q.display());
+            assert_eq!(got["mirrored"], expected["mirrored"], "{}", q.display());
+            if got["mirrored"] == true {
+                mirrored += 1;
+            }
             let mut want = essentials(&expected["matches"]);
             if !verify {
                 for m in &mut want {
@@ -118,6 +122,15 @@ fn http_answers_equal_indexer_search() {
         queries.len()
     );
     assert!(recall >= 0.98, "recall@1 {recall}");
+    // Mirrored copies are found through the mirrored search (only ever tried with verify).
+    let mirror_queries = queries
+        .iter()
+        .filter(|q| q.to_string_lossy().contains("__mirror"))
+        .count();
+    assert!(
+        mirrored >= mirror_queries / 2 && mirrored <= mirror_queries,
+        "{mirrored} mirrored answers for {mirror_queries} mirrored queries"
+    );
 }
 
 #[test]

@@ -12,6 +12,9 @@ pub struct SearchQueryDoc {
     pub k: Option<u32>,
     /// Verify candidates with RANSAC (default true).
     pub verify: Option<bool>,
+    /// When no candidate verifies, also search the image mirrored left to right (default
+    /// true; needs `verify`).
+    pub mirror: Option<bool>,
 }
 
 /// The multipart form of `POST /v1/search`.
@@ -98,6 +101,9 @@ pub struct SearchResponse {
     pub adaptation: serde_json::Value,
     /// Per-step times.
     pub timings: TimingsOut,
+    /// Whether the matches were found for the query mirrored left to right.
+    #[serde(default)]
+    pub mirrored: bool,
     /// The query image's header.
     pub image: QueryImage,
     /// Notes about the answer; empty when there is nothing to say.

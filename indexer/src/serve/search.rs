@@ -26,15 +26,30 @@ pub struct SearchQuery {
     pub k: usize,
     /// Verify with RANSAC.
     pub verify: bool,
+    /// Search the mirrored image too when nothing verifies.
+    pub mirror: bool,
+}
+
+/// Reads a boolean query parameter.
+fn parse_bool(name: &str, value: &str) -> Result<bool, ApiError> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(ApiError::bad_request(
+            "bad_parameter",
+            format!("{name} must be true or false, not {value:?}"),
+        )),
+    }
 }
 
 impl SearchQuery {
-    /// Parses `k` and `verify`; anything else, repeated or malformed is a 400.
+    /// Parses `k`, `verify` and `mirror`; anything else, repeated or malformed is a 400.
     pub fn parse(pairs: &[(String, String)]) -> Result<SearchQuery, ApiError> {
         let defaults = SearchParams::default();
         let mut q = SearchQuery {
             k: defaults.k,
             verify: defaults.verify,
+            mirror: defaults.mirror,
         };
         let mut seen = Vec::new();
         for (name, value) in pairs {
@@ -60,22 +75,12 @@ impl SearchQuery {
                             )
                         })?;
                 }
-                "verify" => {
-                    q.verify = match value.as_str() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => {
-                            return Err(ApiError::bad_request(
-                                "bad_parameter",
-                                format!("verify must be true or false, not {value:?}"),
-                            ))
-                        }
-                    };
-                }
+                "verify" => q.verify = parse_bool(name, value)?,
+                "mirror" => q.mirror = parse_bool(name, value)?,
                 other => {
                     return Err(ApiError::bad_request(
                         "bad_parameter",
-                        format!("unknown parameter {other:?} (k, verify)"),
+                        format!("unknown parameter {other:?} (k, verify, mirror)"),
                     ))
                 }
             }
@@ -170,6 +175,7 @@ pub async fn search(
     let params = SearchParams {
         k: q.k,
         verify: q.verify,
+        mirror: q.mirror,
         ..SearchParams::for_index(&loaded.index.meta)
     };
     let worker_index = loaded.clone();
@@ -283,6 +289,7 @@ fn respond(
         generation,
         k: q.k,
         verify: q.verify,
+        mirrored: answer.mirrored,
         matches,
         features: answer.features,
         adaptation: serde_json::to_value(answer.adaptation).unwrap_or_default(),
@@ -319,13 +326,19 @@ mod tests {
     fn parameters_are_validated() {
         assert_eq!(
             SearchQuery::parse(&[]).unwrap(),
-            SearchQuery { k: 5, verify: true }
+            SearchQuery {
+                k: 5,
+                verify: true,
+                mirror: true
+            }
         );
         assert_eq!(
-            SearchQuery::parse(&pairs(&[("k", "12"), ("verify", "false")])).unwrap(),
+            SearchQuery::parse(&pairs(&[("k", "12"), ("verify", "false"), ("mirror", "0")]))
+                .unwrap(),
             SearchQuery {
                 k: 12,
-                verify: false
+                verify: false,
+                mirror: false
             }
         );
         for bad in [
@@ -334,6 +347,7 @@ mod tests {
             vec![("k", "101")],
             vec![("k", "-1")],
             vec![("verify", "maybe")],
+            vec![("mirror", "yes")],
             vec![("kk", "1")],
             vec![("k", "1"), ("k", "2")],
         ] {
