@@ -9,15 +9,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>) {
-    release_file_pages(None, file);
     let Some(dir) =
         env.map(|e| std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path().to_path_buf()))
     else {
+        release_file_pages(None, file);
         return;
     };
-    // LMDB's map of data.mdb and arroy's mapped temporary files, wherever they are.
+    // LMDB's maps of data.mdb (the index's and the working descriptors' below it) and arroy's
+    // mapped temporary files, wherever they are. Mapped pages leave the page cache only once
+    // unmapped, so page out first, then drop the files' cached pages.
     let dir = dir.to_string_lossy().to_string();
     crate::memory::page_out_mapped(|p| p.starts_with(&dir));
+    release_file_pages(None, file);
+    let work = std::path::Path::new(&dir)
+        .join(super::WORK_DIR)
+        .join("data.mdb");
+    if let Ok(f) = std::fs::File::open(work) {
+        release_file_pages(None, Some(&f));
+    }
     // arroy's temporary node files (already unlinked) live beside the environment: reach
     // their page cache through this process's open file descriptors.
     let tmp = std::path::Path::new(&dir).join("tmp");
