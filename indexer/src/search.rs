@@ -403,8 +403,12 @@ impl Index {
         }
         if params.verify {
             // Verified candidates first, by inliers; then the rest by votes, boosted by what
-            // geometric support they have (too little to verify, but not nothing).
-            let soft = |m: &Match| m.score as f64 * (1.0 + m.inliers.unwrap_or(0) as f64 / 4.0);
+            // geometric support they have beyond the 4 pairs any homography fits (too little
+            // to verify, but not nothing).
+            let soft = |m: &Match| {
+                let support = m.inliers.unwrap_or(0).saturating_sub(verify::MIN_SAMPLE);
+                m.score as f64 * (1.0 + support as f64 / 4.0)
+            };
             matches.sort_by(|a, b| {
                 b.verified.cmp(&a.verified).then_with(|| {
                     if a.verified {

@@ -14,6 +14,9 @@ pub const MIN_INLIERS: u32 = 12;
 /// fraction of the pairs must be inliers too.
 pub const MIN_INLIER_FRACTION: f32 = 0.05;
 
+/// Pairs a homography is fitted to: any fit has at least this many inliers.
+pub const MIN_SAMPLE: u32 = 4;
+
 /// Whether `inliers` out of `pairs` tested is evidence of the same scene.
 pub fn is_verified(inliers: u32, pairs: usize) -> bool {
     inliers >= MIN_INLIERS && inliers as f32 >= MIN_INLIER_FRACTION * pairs as f32
