@@ -3,14 +3,13 @@
 //! the working set until reclaimed).
 
 use crate::memory::{release_file_pages, MemorySource};
-use heed::{Env, WithoutTls};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>) {
-    let Some(dir) =
-        env.map(|e| std::fs::canonicalize(e.path()).unwrap_or_else(|_| e.path().to_path_buf()))
+fn release_env_pages(env: Option<&Path>, file: Option<&std::fs::File>) {
+    let Some(dir) = env.map(|e| std::fs::canonicalize(e).unwrap_or_else(|_| e.to_path_buf()))
     else {
         release_file_pages(None, file);
         return;
@@ -45,7 +44,7 @@ fn release_env_pages(env: Option<&Env<WithoutTls>>, file: Option<&std::fs::File>
 
 /// A background thread sampling memory every 200 ms.
 pub struct MemoryGovernor {
-    env: Option<Env<WithoutTls>>,
+    env: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     peak_anon: Arc<AtomicU64>,
@@ -54,11 +53,12 @@ pub struct MemoryGovernor {
 }
 
 impl MemoryGovernor {
-    /// Starts watching; `env` is the LMDB environment whose pages may be released.
+    /// Starts watching; `env` is the directory of the LMDB environment whose pages may be
+    /// released (a path, not a handle: the build closes and reopens the environment).
     pub fn start(
         memory: Arc<MemorySource>,
         plan: &imageindex_crds::BuildPlan,
-        env: Option<Env<WithoutTls>>,
+        env: Option<PathBuf>,
     ) -> MemoryGovernor {
         let own_env = env.clone();
         let (reclaim_at, allowance) = (plan.reclaim_at, plan.file_pages_allowance);
@@ -74,7 +74,7 @@ impl MemoryGovernor {
         );
         let data_file = env
             .as_ref()
-            .and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
+            .and_then(|e| std::fs::File::open(e.join("data.mdb")).ok());
         let handle = std::thread::Builder::new()
             .name("memory".into())
             .spawn(move || {
@@ -87,7 +87,7 @@ impl MemoryGovernor {
                     if (s.working_set > reclaim_at || file_pages > allowance)
                         && last_release.elapsed() >= Duration::from_secs(1)
                     {
-                        release_env_pages(env.as_ref(), data_file.as_ref());
+                        release_env_pages(env.as_deref(), data_file.as_ref());
                         reclaims2.fetch_add(1, Ordering::Relaxed);
                         last_release = std::time::Instant::now();
                     }
@@ -117,8 +117,8 @@ impl MemoryGovernor {
         let file = self
             .env
             .as_ref()
-            .and_then(|e| std::fs::File::open(e.path().join("data.mdb")).ok());
-        release_env_pages(self.env.as_ref(), file.as_ref());
+            .and_then(|e| std::fs::File::open(e.join("data.mdb")).ok());
+        release_env_pages(self.env.as_deref(), file.as_ref());
         self.reclaims.fetch_add(1, Ordering::Relaxed);
     }
 

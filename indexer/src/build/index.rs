@@ -96,7 +96,9 @@ fn descriptor(chunk: &[u8]) -> Descriptor {
     d
 }
 
-/// Runs (or resumes) the index phases.
+/// Runs (or resumes) the index phases; returns `None` after each arroy shard but the last,
+/// so that the caller can reopen the environment (LMDB keeps a write transaction's dirty-page
+/// buffers allocated for reuse until it is closed) and call again to resume with the next.
 /// `release` hands LMDB's clean pages back to the kernel; it is called between steps, when
 /// the pages the previous step read are no longer needed.
 pub(super) fn run(
@@ -107,7 +109,7 @@ pub(super) fn run(
     ctx: &BuildContext,
     timings: &mut Timings,
     release: &dyn Fn(),
-) -> Result<IndexStats> {
+) -> Result<Option<IndexStats>> {
     let label = preset.label();
     let mut cp = checkpoint(store)?;
     // A checkpoint from another preset's index phases: redo them (extraction is kept).
@@ -357,6 +359,8 @@ pub(super) fn run(
     if let Checkpoint::Arroy { shard, added, .. } = cp.clone() {
         let t = Instant::now();
         ctx.progress.start_step(total);
+        ctx.progress
+            .set_step_done((shard as u64 * shard_items + added).min(total));
         let tmp = store.env.path().join("tmp");
         // arroy's temporary node files of a killed run are useless: start clean.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -422,6 +426,10 @@ pub(super) fn run(
             ctx.progress.set_step_done(hi);
             tracing::info!(shard = s, shards, items = hi - lo, "arroy shard built");
             release();
+            if s + 1 < shards {
+                timings.arroy += t.elapsed().as_secs_f64();
+                return Ok(None);
+            }
         }
         if shards == 0 {
             let mut wtxn = store.env.write_txn()?;
@@ -435,12 +443,12 @@ pub(super) fn run(
         }
         timings.arroy += t.elapsed().as_secs_f64();
     }
-    Ok(IndexStats {
+    Ok(Some(IndexStats {
         descriptors: total,
         lists: n_lists,
         shards,
         shard_items,
-    })
+    }))
 }
 
 /// Adds descriptors `from..to` (global ids) to an arroy shard.

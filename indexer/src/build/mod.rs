@@ -147,7 +147,11 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         return Ok(summary);
     }
     let (store, work, resumed) = open_or_reset(&build_dir, &listing, &preset)?;
-    let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
+    let governor = MemoryGovernor::start(
+        ctx.memory.clone(),
+        &plan,
+        Some(store.env.path().to_path_buf()),
+    );
     let mut timings = {
         let rtxn = store.env.read_txn()?;
         store
@@ -192,9 +196,8 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Index);
-    let index_stats = index::run(&store, &work, &preset, &plan, ctx, &mut timings, &|| {
-        governor.release_now()
-    })?;
+    let (index_stats, store) =
+        index_phases(store, &work, &preset, &plan, ctx, &mut timings, &governor)?;
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(Phase::Publish);
@@ -374,6 +377,32 @@ fn open_or_reset(
     Ok((store, work, false))
 }
 
+/// Runs the index phases to the end, closing and reopening the build environment between
+/// arroy shards: LMDB frees the buffers of its dirty pages only when the environment closes,
+/// so without this every shard after the first would also hold the previous shard's.
+fn index_phases(
+    mut store: Store,
+    work: &WorkStore,
+    preset: &Preset,
+    plan: &BuildPlan,
+    ctx: &BuildContext,
+    timings: &mut Timings,
+    governor: &MemoryGovernor,
+) -> Result<(index::IndexStats, Store)> {
+    loop {
+        if let Some(stats) = index::run(&store, work, preset, plan, ctx, timings, &|| {
+            governor.release_now()
+        })? {
+            return Ok((stats, store));
+        }
+        let dir = store.env.path().to_path_buf();
+        let env = store.env.clone();
+        drop(store);
+        close_env(env);
+        store = Store::create(&dir)?;
+    }
+}
+
 /// The working environment's directory inside the build directory.
 pub const WORK_DIR: &str = "work";
 
@@ -527,7 +556,11 @@ pub fn run_synthetic(
     };
     let (store, work, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
     drop(listing);
-    let governor = MemoryGovernor::start(ctx.memory.clone(), &plan, Some(store.env.clone()));
+    let governor = MemoryGovernor::start(
+        ctx.memory.clone(),
+        &plan,
+        Some(store.env.path().to_path_buf()),
+    );
     ctx.progress.set_total(source.images as u64);
     ctx.progress.set_phase(Phase::Extract);
     let mut timings = Timings::default();
@@ -536,9 +569,7 @@ pub fn run_synthetic(
     enter_training(&store, preset)?;
     timings.extract = t.elapsed().as_secs_f64();
     ctx.progress.set_phase(Phase::Index);
-    let stats = index::run(&store, &work, preset, &plan, ctx, &mut timings, &|| {
-        governor.release_now()
-    })?;
+    let (stats, store) = index_phases(store, &work, preset, &plan, ctx, &mut timings, &governor)?;
     ctx.progress.set_phase(Phase::Publish);
     let generation = dir.next_generation()?;
     let meta = BuildMeta {
