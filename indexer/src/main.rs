@@ -78,6 +78,9 @@ enum Command {
         /// Benchmarks: add this many synthetic descriptors after the dataset's.
         #[arg(long, hide = true, default_value_t = 0)]
         pad_synthetic: u64,
+        /// Tests: descriptors per arroy shard instead of the memory plan's.
+        #[arg(long, hide = true)]
+        shard_items: Option<u64>,
     },
     /// Search an index with query images.
     Search {
@@ -397,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             strict_memory,
             json,
             pad_synthetic,
+            shard_items,
         } => {
             let preset = PresetChoice::parse(&preset).ok_or_else(|| {
                 IndexError::Usage(format!(
@@ -440,6 +444,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 strict_memory,
                 sample: 512,
                 pad_descriptors: pad_synthetic,
+                shard_items,
             };
             let ctx = BuildContext {
                 progress: progress.clone(),

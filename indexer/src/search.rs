@@ -317,7 +317,7 @@ impl Index {
                         let mut qb = r.nns(4);
                         qb.search_k(search_k);
                         for (id, dist) in qb.by_vector(&rtxn, &vector)? {
-                            insert_best(&mut best, ((dist / 2.0).round() as u32, id));
+                            insert_best(&mut best, (arroy_hamming(dist), id));
                         }
                     }
                     out.push(best);
@@ -514,6 +514,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn arroy_distances_convert_to_hamming() {
+        // 2 differing bits: Manhattan 4 over 256 dimensions.
+        assert_eq!(super::arroy_hamming(4.0 / 256.0), 2);
+        assert_eq!(super::arroy_hamming(0.0), 0);
+        assert_eq!(super::arroy_hamming(2.0), 256);
+    }
+
+    #[test]
     fn best_list_stays_sorted_and_unique() {
         let mut b = [(u32::MAX, u32::MAX); 4];
         for c in [(5, 1), (3, 2), (9, 3), (3, 1), (1, 7), (3, 2), (2, 0)] {
@@ -602,6 +610,13 @@ pub fn search_file(
 ) -> Result<Answer, QueryError> {
     let bytes = std::fs::read(path).map_err(|e| QueryError::Read(path.to_path_buf(), e))?;
     search_bytes(index, detector, &bytes, params)
+}
+
+/// Hamming distance from arroy's `BinaryQuantizedManhattan` distance, which is normalized:
+/// Manhattan distance over ±1 vectors (twice the Hamming distance) divided by the 256
+/// dimensions.
+fn arroy_hamming(normalized: f32) -> u32 {
+    (normalized * (crate::features::DESCRIPTOR_BYTES * 8) as f32 / 2.0).round() as u32
 }
 
 impl Index {

@@ -20,8 +20,21 @@ fn build_cmd(dataset: &Path, out: &Path, port: Option<u16>) -> Command {
 /// Starts a build and SIGKILLs it once `ready(metrics)` holds; returns whether it was killed
 /// (false when the build finished first).
 fn kill_when(dataset: &Path, out: &Path, ready: impl Fn(&str) -> bool) -> bool {
+    kill_when_with(dataset, out, &[], ready)
+}
+
+/// [`kill_when`] with extra build arguments.
+fn kill_when_with(
+    dataset: &Path,
+    out: &Path,
+    extra: &[&str],
+    ready: impl Fn(&str) -> bool,
+) -> bool {
     let port = free_port();
-    let mut child: Child = build_cmd(dataset, out, Some(port)).spawn().unwrap();
+    let mut child: Child = build_cmd(dataset, out, Some(port))
+        .args(extra)
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
@@ -189,4 +202,72 @@ fn a_publish_killed_before_switching_current_is_finished_not_rebuilt() {
     let s = json_of(&build_cmd(&dataset, &out, None).output().unwrap());
     assert_eq!(s["generation"], 3, "{s}");
     assert_eq!(s["meta"]["imagesTotal"], 9, "{s}");
+}
+
+#[test]
+fn many_arroy_shards_build_and_resume_across_environment_reopens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dataset = tmp.path().join("photos");
+    let photos = make_photos(&dataset, 12, 1200);
+    let queries: Vec<_> = [&photos[2], &photos[9]]
+        .iter()
+        .flat_map(|p| attacked_copies(p, &tmp.path().join("q")))
+        .collect();
+    let shards = ["--shard-items", "500"];
+    let arroy_top1 = |out: &Path| -> Vec<String> {
+        let mut args = vec![
+            "search",
+            out.to_str().unwrap(),
+            "--json",
+            "--engine",
+            "arroy",
+        ];
+        args.extend(queries.iter().map(|q| q.to_str().unwrap()));
+        json_of(&run("indexer", &args))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["matches"][0]["path"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let expected: Vec<String> = queries
+        .iter()
+        .map(|q| {
+            let name = q.file_name().unwrap().to_str().unwrap();
+            name.split("__").next().unwrap().to_string()
+        })
+        .collect();
+
+    // Uninterrupted: every shard after the first is built in a reopened environment.
+    let reference = tmp.path().join("ref");
+    let o = build_cmd(&dataset, &reference, None)
+        .args(shards)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let a = info(&reference);
+    let n = a["meta"]["arroyShards"].as_u64().unwrap();
+    assert!(n >= 4, "{n} shards");
+    for (got, want) in arroy_top1(&reference).iter().zip(&expected) {
+        assert!(got.starts_with(want.as_str()), "{got} for {want}");
+    }
+
+    // Killed during the index phases, resumed: the same shards, the same answers.
+    let out = tmp.path().join("idx");
+    kill_when_with(&dataset, &out, &shards, |t| {
+        metric(t, "imageindex_build_phase{phase=\"index\"}") == Some(1.0)
+    });
+    let o = build_cmd(&dataset, &out, None)
+        .args(shards)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let b = info(&out);
+    for key in ["descriptors", "arroyShards", "shardItems", "imagesIndexed"] {
+        assert_eq!(a["meta"][key], b["meta"][key], "{key}");
+    }
+    assert_eq!(search(&reference, &queries), search(&out, &queries));
+    for (got, want) in arroy_top1(&out).iter().zip(&expected) {
+        assert!(got.starts_with(want.as_str()), "{got} for {want}");
+    }
 }

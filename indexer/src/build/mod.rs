@@ -42,6 +42,9 @@ pub struct BuildOptions {
     /// filler images) after the dataset's, to measure queries on a real catalogue inside a
     /// large index.
     pub pad_descriptors: u64,
+    /// Descriptors per arroy shard instead of the plan's (tests: many shards from a small
+    /// catalogue). Ignored when a build is resumed: its shard size is fixed at its first shard.
+    pub shard_items: Option<u64>,
 }
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
@@ -129,7 +132,10 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
                 .unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
         }),
     };
-    let plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
+    let mut plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
+    if let Some(items) = opts.shard_items {
+        plan.shard_items = items.max(1);
+    }
     ctx.progress.set_preset(preset);
     tracing::info!(
         preset = %preset,
