@@ -214,13 +214,7 @@ impl TestCluster {
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "helm {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::stdout_of_success(&out, &format!("helm {args:?}"))
     }
 
     /// Runs a shell command line as written (from the repository root, helm and kubectl of

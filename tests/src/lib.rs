@@ -51,6 +51,18 @@ pub fn run(name: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
 }
 
+/// The stdout of a finished command that must have succeeded; otherwise panics with `what`,
+/// its stdout and its stderr.
+pub fn stdout_of_success(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A copy of `n` sample images (sorted by name) in a fresh directory.
 pub fn sample_subset(dir: &Path, n: usize) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();

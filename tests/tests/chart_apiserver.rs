@@ -19,7 +19,7 @@
 //! otherwise a failure).
 
 use imageindex_e2e::chart::{chart_dir, helm_bin, kubectl_bin, rule_keys, RuleKey};
-use imageindex_e2e::{bin, free_port, http_get, repo};
+use imageindex_e2e::{bin, free_port, http_get, repo, stdout_of_success};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -78,14 +78,7 @@ impl Cluster {
     }
 
     fn ok(&self, program: PathBuf, args: &[&str]) -> String {
-        let out = self.output(program, args);
-        assert!(
-            out.status.success(),
-            "{args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(&self.output(program, args), &format!("{args:?}"))
     }
 
     fn kubectl(&self, args: &[&str]) -> String {
@@ -123,14 +116,7 @@ impl Cluster {
         );
         let mut cmd = self.command(PathBuf::from("bash"), &["-c", &commands[0]]);
         let out = cmd.current_dir(repo()).env("PATH", path).output().unwrap();
-        assert!(
-            out.status.success(),
-            "README command failed: {}\n{}{}",
-            commands[0],
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(&out, &format!("README command {}", commands[0]))
     }
 
     /// `kubectl auth can-i VERB RESOURCE [--subresource SUB]` as `user` in `namespace`.

@@ -289,6 +289,18 @@ impl Fixture {
         )
     }
 
+    /// The build processes the agent ran in namespace `ns`.
+    fn build_runs(&self, ns: &str) -> Vec<imageindex_e2e::node::ContainerRun> {
+        self.cluster
+            .agent()
+            .runs()
+            .into_iter()
+            .filter(|r| {
+                r.namespace == ns && r.labels.get(COMPONENT).map(String::as_str) == Some("build")
+            })
+            .collect()
+    }
+
     /// The pods of ImageIndex `name` with `component`.
     fn pods(&self, ns: &str, name: &str, component: &str) -> Vec<Value> {
         let selector = format!("{INSTANCE}={name},{COMPONENT}={component}");
@@ -494,15 +506,7 @@ fn oom(f: &Fixture) -> Vec<String> {
     );
     assert_eq!(pod["status"]["phase"], "Failed");
     // The kernel did it: the cgroup's OOM killer fired for that run, under the limit.
-    let runs: Vec<_> = f
-        .cluster
-        .agent()
-        .runs()
-        .into_iter()
-        .filter(|r| {
-            r.namespace == ns && r.labels.get(COMPONENT).map(String::as_str) == Some("build")
-        })
-        .collect();
+    let runs = f.build_runs(ns);
     assert_eq!(
         runs.len(),
         attempts.len(),
@@ -628,15 +632,7 @@ fn floor(f: &Fixture) -> Vec<String> {
         assert_eq!(f.imgidx(ns, name)["status"]["phase"], "Failed");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let builds = f
-        .cluster
-        .agent()
-        .runs()
-        .into_iter()
-        .filter(|r| {
-            r.namespace == ns && r.labels.get(COMPONENT).map(String::as_str) == Some("build")
-        })
-        .count();
+    let builds = f.build_runs(ns).len();
     assert_eq!(builds, 0);
     vec![format!(
         "Failed: {message} (smallest that fits: {smallest})"
@@ -865,15 +861,7 @@ fn adopt(f: &Fixture) -> Vec<String> {
     let pods = f.pods(ns, name, "build");
     assert_eq!(pods.len(), 1, "a duplicate build pod: {pods:#?}");
     assert_eq!(pods[0]["metadata"]["uid"], build_uid.as_str());
-    let runs: Vec<_> = f
-        .cluster
-        .agent()
-        .runs()
-        .into_iter()
-        .filter(|r| {
-            r.namespace == ns && r.labels.get(COMPONENT).map(String::as_str) == Some("build")
-        })
-        .collect();
+    let runs = f.build_runs(ns);
     assert_eq!(
         runs.len(),
         1,
