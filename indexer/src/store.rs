@@ -233,6 +233,12 @@ impl Store {
         })
     }
 
+    /// Closes the environment and waits until LMDB released it (and its dirty-page
+    /// buffers); it can then be opened again.
+    pub fn close(self) {
+        self.env.prepare_for_closing().wait();
+    }
+
     /// Opens a published generation read-only (no lock file: generations never change).
     pub fn open_read_only(dir: &Path) -> Result<Store> {
         let mut o = options();
@@ -323,6 +329,11 @@ impl WorkStore {
             })?
             .unwrap_commit();
         Ok(WorkStore { env, descs })
+    }
+
+    /// Closes the environment and waits until LMDB released it.
+    pub fn close(self) {
+        self.env.prepare_for_closing().wait();
     }
 
     /// The descriptor blob of an image (empty when absent).

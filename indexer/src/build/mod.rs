@@ -296,9 +296,7 @@ fn adopt_unswitched(
             let rtxn = store.env.read_txn()?;
             store.get_json(&rtxn, store::keys::BUILD)?
         };
-        let env = store.env.clone();
-        drop(store);
-        close_env(env);
+        store.close();
         meta
     };
     let Some(meta) = meta.filter(|m| {
@@ -358,11 +356,8 @@ fn open_or_reset(
             poorer_extraction,
             "discarding the previous in-progress build"
         );
-        let (env, work_env) = (store.env.clone(), work.env.clone());
-        drop(store);
-        drop(work);
-        close_env(env);
-        close_env(work_env);
+        store.close();
+        work.close();
         std::fs::remove_dir_all(build_dir).map_err(|e| IndexError::io(build_dir, e))?;
     }
     let store = Store::create(build_dir)?;
@@ -402,21 +397,13 @@ fn index_phases(
             return Ok((stats, store));
         }
         let dir = store.env.path().to_path_buf();
-        let env = store.env.clone();
-        drop(store);
-        close_env(env);
+        store.close();
         store = Store::create(&dir)?;
     }
 }
 
 /// The working environment's directory inside the build directory.
 pub const WORK_DIR: &str = "work";
-
-/// Waits until every handle on an environment is dropped and LMDB closed it.
-pub(super) fn close_env(env: heed::Env<heed::WithoutTls>) {
-    let closing = env.prepare_for_closing();
-    closing.wait();
-}
 
 /// Moves the checkpoint from extraction to the index phases.
 fn enter_training(store: &Store, preset: &Preset) -> Result<()> {

@@ -70,9 +70,7 @@ pub(super) fn run(
     let compact = free > MAX_FREE_SHARE;
     tracing::info!(free_share = free, compact, "publishing");
     // The working descriptors and arroy's temporary files are not part of the index.
-    let work_env = work.env.clone();
-    drop(work);
-    super::close_env(work_env);
+    work.close();
     for leftover in [super::WORK_DIR, "tmp"] {
         let p = build_dir.join(leftover);
         if p.exists() {
