@@ -2,8 +2,13 @@
 # Build kube-apiserver and kube-controller-manager v1.20.2 from Debian's
 # kubernetes source package and cache them outside the repository.
 #
-# Idempotent: if both binaries are already in the cache, only the (cheap)
-# runtime-package check runs and the script exits.
+# Usage: build.sh [--node]
+#   --node  also the node's binaries, from the same source: kubelet, kube-scheduler,
+#           kube-proxy and the pause container's `pause` (build/pause/linux/pause.c,
+#           compiled with gcc -static). tests/node/ runs them.
+#
+# Idempotent: if every binary asked for is already in the cache, only the (cheap)
+# runtime-package check runs and the script exits. Only the missing binaries are built.
 #
 # Environment:
 #   IMAGEINDEX_KUBE_CACHE   cache dir (default /var/cache/imageindex/kube-v1.20.2);
@@ -18,10 +23,22 @@ CACHE_DIR="${IMAGEINDEX_KUBE_CACHE:-/var/cache/imageindex/kube-${KUBE_VERSION}}"
 BIN_DIR="${CACHE_DIR}/bin"
 WORK_PARENT="${IMAGEINDEX_KUBE_WORKDIR:-/var/tmp}"
 BINARIES=(kube-apiserver kube-controller-manager)
+NODE_BINARIES=(kubelet kube-scheduler kube-proxy)
+case "${1:-}" in
+    --node) WANT_NODE=1 ;;
+    "") WANT_NODE=0 ;;
+    *) printf 'usage: %s [--node]\n' "$0" >&2; exit 2 ;;
+esac
+GO_BINARIES=("${BINARIES[@]}")
+if [ "$WANT_NODE" = 1 ]; then
+    GO_BINARIES+=("${NODE_BINARIES[@]}")
+fi
 # Packages needed at run time by up.sh / down.sh.
 RUNTIME_PKGS=(etcd-server openssl curl ca-certificates)
 # Packages needed only to build.
 BUILD_PKGS=(dpkg-dev rsync make golang-1.19-go golang-github-modern-go-reflect2-dev)
+# To build the pause binary statically (libc6-dev has glibc's static libraries).
+NODE_BUILD_PKGS=(gcc libc6-dev)
 GO_BIN=/usr/lib/go-1.19/bin
 REFLECT2_SYSTEM=/usr/share/gocode/src/github.com/modern-go/reflect2
 
@@ -64,12 +81,16 @@ ensure_pkgs() {
     as_root "${APT_GET[@]}" install --no-install-recommends "${missing[@]}"
 }
 
-have_binaries() {
+# The Go binaries asked for that are not cached yet, one per line.
+missing_binaries() {
     local b
-    for b in "${BINARIES[@]}"; do
-        [ -x "${BIN_DIR}/${b}" ] || return 1
+    for b in "${GO_BINARIES[@]}"; do
+        [ -x "${BIN_DIR}/${b}" ] || printf '%s\n' "$b"
     done
-    return 0
+}
+have_binaries() {
+    [ -z "$(missing_binaries)" ] || return 1
+    [ "$WANT_NODE" = 0 ] || [ -x "${BIN_DIR}/pause" ]
 }
 
 # Add a deb-src copy of the deb822 Debian sources (idempotent).
@@ -116,6 +137,10 @@ START=$(date +%s)
 enable_deb_src
 apt_update_once
 ensure_pkgs "${BUILD_PKGS[@]}"
+if [ "$WANT_NODE" = 1 ]; then
+    ensure_pkgs "${NODE_BUILD_PKGS[@]}"
+fi
+mapfile -t TO_BUILD < <(missing_binaries)
 [ -x "${GO_BIN}/go" ] || die "${GO_BIN}/go missing after installing golang-1.19-go"
 [ -d "$REFLECT2_SYSTEM" ] || die "$REFLECT2_SYSTEM missing after installing golang-github-modern-go-reflect2-dev"
 
@@ -157,33 +182,45 @@ cp -rL "$REFLECT2_SYSTEM"/. "$VENDOR_R2"/
 rm -f "$VENDOR_R2/go.mod" "$VENDOR_R2/go.sum"
 find "$VENDOR_R2" -name '*_test.go' -delete
 
-log "building ${BINARIES[*]} (takes several minutes on 2 cores)"
-(
-    cd "$SRC"
-    export PATH="${GO_BIN}:${PATH}"
-    export CGO_ENABLED=0 KUBE_GIT_VERSION="$KUBE_VERSION" KUBE_GIT_TREE_STATE=clean
-    export GOCACHE="$WORK/gocache" GOFLAGS="${GOFLAGS:-}"
-    go version
-    nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager"
-)
-
-OUT="$SRC/_output/local/bin/linux/amd64"
-[ -d "$OUT" ] || OUT="$SRC/_output/bin"
 TMP_BIN="$(mktemp -d "${BIN_DIR}.tmp.XXXXXX")"
-for b in "${BINARIES[@]}"; do
-    [ -x "$OUT/$b" ] || die "build finished but $OUT/$b is missing"
-    cp "$OUT/$b" "$TMP_BIN/$b"
-    chmod 0755 "$TMP_BIN/$b"
-    "$TMP_BIN/$b" --version
-done
+if [ "${#TO_BUILD[@]}" -gt 0 ]; then
+    log "building ${TO_BUILD[*]} (takes several minutes on 2 cores)"
+    WHAT=""
+    for b in "${TO_BUILD[@]}"; do WHAT="${WHAT:+$WHAT }cmd/$b"; done
+    (
+        cd "$SRC"
+        export PATH="${GO_BIN}:${PATH}"
+        export CGO_ENABLED=0 KUBE_GIT_VERSION="$KUBE_VERSION" KUBE_GIT_TREE_STATE=clean
+        export GOCACHE="$WORK/gocache" GOFLAGS="${GOFLAGS:-}"
+        go version
+        nice -n 10 make WHAT="$WHAT"
+    )
+    OUT="$SRC/_output/local/bin/linux/amd64"
+    [ -d "$OUT" ] || OUT="$SRC/_output/bin"
+    for b in "${TO_BUILD[@]}"; do
+        [ -x "$OUT/$b" ] || die "build finished but $OUT/$b is missing"
+        cp "$OUT/$b" "$TMP_BIN/$b"
+        chmod 0755 "$TMP_BIN/$b"
+        "$TMP_BIN/$b" --version
+    done
+fi
+if [ "$WANT_NODE" = 1 ] && [ ! -x "${BIN_DIR}/pause" ]; then
+    # The pause container's process, as upstream's build/pause/Makefile builds it.
+    PAUSE_C="$SRC/build/pause/linux/pause.c"
+    [ -f "$PAUSE_C" ] || die "$PAUSE_C not found in the source package"
+    log "compiling $PAUSE_C (gcc -static)"
+    gcc -Os -Wall -Werror -static -DVERSION="${KUBE_VERSION}-imageindex" -o "$TMP_BIN/pause" "$PAUSE_C"
+    strip "$TMP_BIN/pause"
+fi
 # Move each binary into place with rename(2) (same filesystem: atomic).
-for b in "${BINARIES[@]}"; do
-    mv -f "$TMP_BIN/$b" "$BIN_DIR/$b"
+for f in "$TMP_BIN"/*; do
+    [ -e "$f" ] || continue
+    mv -f "$f" "$BIN_DIR/$(basename "$f")"
 done
 rmdir "$TMP_BIN"
 
 END=$(date +%s)
-log "built in $((END - START)) s; binaries in $BIN_DIR"
+log "built ${TO_BUILD[*]}$([ "$WANT_NODE" = 1 ] && echo ' pause') in $((END - START)) s; binaries in $BIN_DIR"
 
 if [ "${IMAGEINDEX_KUBE_KEEP_SRC:-0}" = 1 ]; then
     log "keeping source tree in $WORK"
