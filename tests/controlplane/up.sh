@@ -15,6 +15,8 @@
 #   KUBE_BIN_DIR        directory holding kube-apiserver and kube-controller-manager
 #   ETCD_BIN            etcd binary (default: etcd from PATH, i.e. Debian's /usr/bin/etcd)
 #   KUBE_APISERVER_EXTRA_ARGS, KUBE_CONTROLLER_MANAGER_EXTRA_ARGS  extra flags (word-split)
+#   KUBE_APISERVER_DISABLE_ADMISSION_PLUGINS  default ServiceAccount (no kubelet mounts
+#                       tokens); empty: every default admission plugin on (tests/node/up.sh)
 #   UP_TIMEOUT          seconds to wait for readiness (default 60)
 #
 # Writes into STATE_DIR: ca.crt, admin.kubeconfig, env (sourceable), *.log, *.pid.
@@ -268,6 +270,7 @@ wait_for "etcd health at $ETCD_URL/health" curl -fsS --max-time 2 "$ETCD_URL/hea
 # address into default/kubernetes Endpoints, and Endpoints validation rejects
 # loopback IPs ("may not be in the loopback range"), logged every 10 s. The
 # default/kubernetes Service is still created (10.0.0.1), without Endpoints.
+DISABLE_ADMISSION="${KUBE_APISERVER_DISABLE_ADMISSION_PLUGINS-ServiceAccount}"
 # shellcheck disable=SC2086 # extra args are meant to be word-split
 start_bg kube-apiserver "$APISERVER_PID_FILE" "$APISERVER_BIN" \
     --etcd-servers "$ETCD_URL" \
@@ -286,7 +289,7 @@ start_bg kube-apiserver "$APISERVER_PID_FILE" "$APISERVER_BIN" \
     --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 \
     --authorization-mode RBAC \
-    --disable-admission-plugins ServiceAccount \
+    ${DISABLE_ADMISSION:+--disable-admission-plugins "$DISABLE_ADMISSION"} \
     --allow-privileged=true \
     --profiling=false \
     --v 1 \
