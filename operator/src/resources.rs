@@ -11,10 +11,12 @@ use imageindex_crds::validate::{FieldError, ValidSpec};
 use imageindex_crds::{ImageIndexSpec, Preset};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -41,6 +43,59 @@ pub const BUILD_GRACE_SECONDS: i64 = 60;
 pub const MAX_NAME_LEN: usize = 63 - "-query".len();
 /// The termination-message file the scan writes its report to.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The user and group scan, build and query pods run as: the indexer image's (`USER` in
+/// indexer/Dockerfile), also the group that owns the index volume (`fsGroup`).
+pub const INDEXER_UID: i64 = 65532;
+/// Where each pod gets a writable scratch directory (an emptyDir): the root filesystem is
+/// read-only.
+pub const TMP_MOUNT: &str = "/tmp";
+
+/// Non-root, with the index volume's files owned by its group (changed only when the volume's
+/// root does not have it yet: the index may be large), the runtime's default seccomp profile.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(INDEXER_UID),
+        run_as_group: Some(INDEXER_UID),
+        fs_group: Some(INDEXER_UID),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// No privilege escalation, no capabilities, a read-only root filesystem.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn tmp_volume() -> Volume {
+    Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+fn tmp_mount() -> VolumeMount {
+    VolumeMount {
+        name: "tmp".into(),
+        mount_path: TMP_MOUNT.into(),
+        ..VolumeMount::default()
+    }
+}
 
 /// One ImageIndex as the builders need it.
 #[derive(Clone, Debug)]
@@ -267,15 +322,20 @@ impl Instance<'_> {
                     resources: Some(self.build_resources()),
                     termination_message_path: Some(TERMINATION_LOG.into()),
                     termination_message_policy: Some("File".into()),
-                    volume_mounts: Some(vec![VolumeMount {
-                        name: "dataset".into(),
-                        mount_path: DATASET_MOUNT.into(),
-                        read_only: Some(true),
-                        ..VolumeMount::default()
-                    }]),
+                    security_context: Some(container_security()),
+                    volume_mounts: Some(vec![
+                        VolumeMount {
+                            name: "dataset".into(),
+                            mount_path: DATASET_MOUNT.into(),
+                            read_only: Some(true),
+                            ..VolumeMount::default()
+                        },
+                        tmp_mount(),
+                    ]),
                     ..Container::default()
                 }],
-                volumes: Some(vec![self.dataset_volume()]),
+                security_context: Some(pod_security()),
+                volumes: Some(vec![self.dataset_volume(), tmp_volume()]),
                 ..PodSpec::default()
             }),
             ..Pod::default()
@@ -323,6 +383,7 @@ impl Instance<'_> {
                         ..ContainerPort::default()
                     }]),
                     resources: Some(self.build_resources()),
+                    security_context: Some(container_security()),
                     volume_mounts: Some(vec![
                         VolumeMount {
                             name: "dataset".into(),
@@ -335,10 +396,16 @@ impl Instance<'_> {
                             mount_path: INDEX_MOUNT.into(),
                             ..VolumeMount::default()
                         },
+                        tmp_mount(),
                     ]),
                     ..Container::default()
                 }],
-                volumes: Some(vec![self.dataset_volume(), self.index_volume()]),
+                security_context: Some(pod_security()),
+                volumes: Some(vec![
+                    self.dataset_volume(),
+                    self.index_volume(),
+                    tmp_volume(),
+                ]),
                 ..PodSpec::default()
             }),
             ..Pod::default()
@@ -387,6 +454,8 @@ impl Instance<'_> {
                 ..Volume::default()
             });
         }
+        mounts.push(tmp_mount());
+        volumes.push(tmp_volume());
         let limits = BTreeMap::from([
             (
                 "memory".to_string(),
@@ -449,9 +518,11 @@ impl Instance<'_> {
                                 limits: Some(limits),
                                 ..ResourceRequirements::default()
                             }),
+                            security_context: Some(container_security()),
                             volume_mounts: Some(mounts),
                             ..Container::default()
                         }],
+                        security_context: Some(pod_security()),
                         volumes: Some(volumes),
                         ..PodSpec::default()
                     }),
@@ -614,10 +685,17 @@ mod tests {
             c.termination_message_path.as_deref(),
             Some("/dev/termination-log")
         );
-        assert_eq!(
-            pod.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(),
-            1
-        );
+        let names: Vec<&str> = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(names, ["dataset", "tmp"]);
         assert!(c
             .resources
             .as_ref()
@@ -627,6 +705,48 @@ mod tests {
             .unwrap()
             .get("cpu")
             .is_none());
+    }
+
+    #[test]
+    fn every_pod_runs_non_root_on_a_read_only_root_with_a_writable_tmp() {
+        let s = spec(SPEC);
+        let (scan, build, query) = with(&s, |i| {
+            (
+                i.scan_pod(1).spec.unwrap(),
+                i.build_pod(1, &PresetName::Full.preset()).spec.unwrap(),
+                i.query_deployment().spec.unwrap().template.spec.unwrap(),
+            )
+        });
+        for pod in [scan, build, query] {
+            let ps = pod.security_context.as_ref().unwrap();
+            assert_eq!(ps.run_as_non_root, Some(true));
+            assert_eq!(ps.run_as_user, Some(INDEXER_UID));
+            // The index volume must be writable by that user on any storage.
+            assert_eq!(ps.fs_group, Some(INDEXER_UID));
+            let c = &pod.containers[0];
+            let cs = c.security_context.as_ref().unwrap();
+            assert_eq!(cs.read_only_root_filesystem, Some(true));
+            assert_eq!(cs.allow_privilege_escalation, Some(false));
+            assert_eq!(
+                cs.capabilities.as_ref().unwrap().drop.as_deref(),
+                Some(&["ALL".to_string()][..])
+            );
+            let tmp = c
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.mount_path == TMP_MOUNT)
+                .unwrap();
+            let vol = pod
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == tmp.name)
+                .unwrap();
+            assert!(vol.empty_dir.is_some());
+        }
     }
 
     #[test]
