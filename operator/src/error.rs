@@ -97,6 +97,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every step name [`Error::step`] returns: the metrics start each at 0, so dashboards
+    /// and alerts see the series before the first error.
+    pub const STEPS: [&'static str; 10] = [
+        "read_object",
+        "fetch",
+        "list_pods",
+        "ensure_index_claim",
+        "create_scan_pod",
+        "create_build_pod",
+        "delete_pod",
+        "apply_query_deployment",
+        "apply_query_service",
+        "write_status",
+    ];
+
     /// The step that failed, as a metric label.
     pub fn step(&self) -> &'static str {
         match self {
@@ -134,5 +149,55 @@ mod tests {
             .to_string()
             .starts_with("creating build pod cats-build-2: "));
         assert_eq!(e.step(), "create_build_pod");
+    }
+
+    #[test]
+    fn steps_lists_every_variants_step_once() {
+        let api = || kube::Error::LinesCodecMaxLineLengthExceeded;
+        let s = || "x".to_string();
+        let all = [
+            Error::MissingField {
+                instance: s(),
+                field: "f",
+            },
+            Error::Fetch {
+                instance: s(),
+                source: api(),
+            },
+            Error::ListPods {
+                instance: s(),
+                source: api(),
+            },
+            Error::EnsureIndexClaim {
+                claim: s(),
+                source: api(),
+            },
+            Error::CreateScanPod {
+                pod: s(),
+                source: api(),
+            },
+            Error::CreateBuildPod {
+                pod: s(),
+                source: api(),
+            },
+            Error::DeletePod {
+                pod: s(),
+                source: api(),
+            },
+            Error::ApplyDeployment {
+                name: s(),
+                source: api(),
+            },
+            Error::ApplyService {
+                name: s(),
+                source: api(),
+            },
+            Error::WriteStatus {
+                instance: s(),
+                source: api(),
+            },
+        ];
+        let steps: Vec<&str> = all.iter().map(Error::step).collect();
+        assert_eq!(steps, Error::STEPS);
     }
 }

@@ -1,9 +1,20 @@
 //! The operator's own Prometheus metrics (`imageindex_operator_*`).
 
+use crate::error::Error;
+use imageindex_crds::types::AttemptOutcome;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 use std::time::Instant;
+
+/// Every attempt outcome, in the order of [`AttemptOutcome`].
+const OUTCOMES: [AttemptOutcome; 5] = [
+    AttemptOutcome::Succeeded,
+    AttemptOutcome::OomKilled,
+    AttemptOutcome::MemoryPressureRestart,
+    AttemptOutcome::Failed,
+    AttemptOutcome::Interrupted,
+];
 
 /// Counters and timings of the controller.
 #[derive(Clone, Debug)]
@@ -52,6 +63,14 @@ impl Metrics {
             "imageindex_operator_scrape_errors_total",
             "Scrapes of a build pod's /metrics that failed.",
         )?;
+        // Every label value starts at 0, so a dashboard or alert sees the series (and a rate
+        // of 0) before the first error or the first attempt with that outcome.
+        for step in Error::STEPS {
+            reconcile_errors.with_label_values(&[step]);
+        }
+        for outcome in OUTCOMES {
+            attempts.with_label_values(&[outcome.as_str()]);
+        }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(attempts.clone()))?;
@@ -102,6 +121,32 @@ pub fn render(registry: &Registry) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_step_and_outcome_is_exported_from_the_start() {
+        let registry = Registry::new();
+        let _m = Metrics::new(&registry).unwrap();
+        let text = render(&registry);
+        for step in Error::STEPS {
+            let line = format!("imageindex_operator_reconcile_errors_total{{step=\"{step}\"}} 0");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        for outcome in OUTCOMES {
+            // Fails to compile when AttemptOutcome gains a variant OUTCOMES lacks.
+            match outcome {
+                AttemptOutcome::Succeeded
+                | AttemptOutcome::OomKilled
+                | AttemptOutcome::MemoryPressureRestart
+                | AttemptOutcome::Failed
+                | AttemptOutcome::Interrupted => {}
+            }
+            let line = format!(
+                "imageindex_operator_attempts_total{{outcome=\"{}\"}} 0",
+                outcome.as_str()
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
 
     #[test]
     fn names_follow_the_prefix_and_render() {
