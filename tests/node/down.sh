@@ -41,8 +41,8 @@ pid_is() { # PID NAME
     exe="$({ tr '\0' '\n' <"/proc/$1/cmdline"; } 2>/dev/null | head -n 1)" || return 1
     [ -n "$exe" ] && [ "$(basename -- "$exe")" = "$2" ]
 }
-stop() { # NAME (its pid file in NODE_DIR)
-    local f="$NODE_DIR/$1.pid" pid deadline
+stop() { # NAME [PID-FILE] (default: NODE_DIR/NAME.pid)
+    local f="${2:-$NODE_DIR/$1.pid}" pid deadline
     [ -s "$f" ] || return 0
     pid="$(cat "$f")"
     if pid_is "$pid" "$1"; then
@@ -111,7 +111,9 @@ if [ -n "$shims" ]; then
     sleep 0.3
 fi
 # 4. kube-proxy's rules (all KUBE-* chains in the filter and nat tables).
-if [ -x "${KUBE_BIN_DIR:-}/kube-proxy" ] && iptables-save 2>/dev/null | grep -q '^:KUBE-'; then
+# (Saved first: `iptables-save | grep -q` fails under pipefail when grep stops reading early.)
+rules="$(iptables-save 2>/dev/null || true)"
+if [ -x "${KUBE_BIN_DIR:-}/kube-proxy" ] && grep -q '^:KUBE-' <<<"$rules"; then
     log "removing kube-proxy's iptables rules (kube-proxy --cleanup)"
     "$KUBE_BIN_DIR/kube-proxy" --cleanup >"$NODE_DIR/kube-proxy-cleanup.log" 2>&1 || true
 fi
@@ -123,10 +125,10 @@ remove_kube_chains() {
     for table in filter nat mangle; do
         chains="$(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(KUBE-[^ ]*\) .*/\1/p')"
         [ -n "$chains" ] || continue
-        iptables-save -t "$table" | grep -E '^-A [A-Z]+ .*-j KUBE-' | grep -vE '^-A KUBE-' \
+        { iptables-save -t "$table" | grep -E '^-A [A-Z]+ .*-j KUBE-' || true; } \
             | while read -r rule; do
-                # shellcheck disable=SC2086 # a saved rule, re-split into its words
-                iptables -t "$table" -D ${rule#-A } 2>/dev/null || true
+                # A saved rule is shell-quoted (comments): eval re-splits it into its words.
+                eval "iptables -t \"\$table\" -D ${rule#-A }" 2>/dev/null || true
             done
         for chain in $chains; do iptables -t "$table" -F "$chain" 2>/dev/null || true; done
         for chain in $chains; do iptables -t "$table" -X "$chain" 2>/dev/null || true; done
@@ -174,7 +176,10 @@ if [ -s "$NODE_DIR/sysctls.saved" ]; then
         fi
     done <"$NODE_DIR/sysctls.saved"
 fi
-# 9. The control plane.
+# 9. The control plane: the API server before etcd (it removes its endpoint lease on the way
+#    out, and waits for etcd to do so), then the rest.
+stop kube-controller-manager "$STATE/kube-controller-manager.pid"
+stop kube-apiserver "$STATE/kube-apiserver.pid"
 "$REPO/tests/controlplane/down.sh" "$STATE"
 
 # What is left (there should be nothing).

@@ -1,11 +1,14 @@
 //! A whole test cluster on this machine: the control plane of tests/controlplane (etcd,
-//! kube-apiserver, kube-controller-manager v1.20.2), the test node agent ([`crate::node`]) as
-//! its only node, kubectl and helm pointed at it, and the helpers the cluster tests share:
-//! waiting with a deadline, resolving a Service to a pod address as kube-proxy would, queries,
-//! and a diagnostic dump for failure messages.
+//! kube-apiserver, kube-controller-manager v1.20.2) with, as its only node, either a real one
+//! (tests/node: containerd, kubelet, kube-proxy, kube-scheduler; [`crate::real_node`]) or the
+//! test node agent ([`crate::node`]); kubectl and helm pointed at it, and the helpers the
+//! cluster tests share: waiting with a deadline, resolving a Service to a pod address,
+//! queries, and a diagnostic dump for failure messages.
 
-use crate::chart::{helm_bin, kubectl_bin};
+use crate::chart::{helm_bin, kubectl_bin, tools_dir};
 use crate::node::{AgentConfig, ImageBinary, NodeAgent};
+use crate::provisioner::LocalPathProvisioner;
+use crate::real_node::RealNode;
 use crate::{bin, repo};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -15,33 +18,113 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// `PATH` with the tools of scripts/setup.sh (helm, kubectl) first.
+pub fn tools_path() -> String {
+    format!(
+        "{}:{}",
+        tools_dir().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped) and,
-/// once started, the node agent (stopped first).
+/// once started, the node agent (stopped first); or a control plane with a real node from
+/// tests/node/up.sh (stopped with tests/node/down.sh) and its volume provisioner.
 pub struct TestCluster {
     dir: tempfile::TempDir,
     env: BTreeMap<String, String>,
     agent: Option<NodeAgent>,
+    node: Option<RealNode>,
+    provisioner: Option<LocalPathProvisioner>,
+    /// The node's teardown left something behind: keep the directory (its state tells
+    /// tests/node/up.sh's next run what to clean up).
+    keep_dir: bool,
+}
+
+/// The 1.20 PV controller races with itself when a claim names a pre-bound volume (the
+/// volume's status update conflicts) and retries only at its resync: 15 s by default, 2 s
+/// here.
+fn controller_manager_args() -> String {
+    format!(
+        "{} --pvclaimbinder-sync-period=2s",
+        std::env::var("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS").unwrap_or_default()
+    )
+    .trim()
+    .to_string()
+}
+
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("imageindex-cluster-")
+        .tempdir()
+        .expect("a temporary directory")
 }
 
 impl TestCluster {
+    /// Starts a control plane and a real node (tests/node/up.sh) that has the image archives
+    /// in `images` (scripts/images.sh), and a local-path provisioner for its claims. Panics
+    /// with up.sh's output if it cannot.
+    pub fn start_with_node(images: &Path) -> TestCluster {
+        let dir = scratch_dir();
+        let state = dir.path().join("state");
+        let node = RealNode::start(
+            &state,
+            Some(images),
+            &[(
+                "KUBE_CONTROLLER_MANAGER_EXTRA_ARGS",
+                controller_manager_args(),
+            )],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = std::fs::read_to_string(state.join("env"))
+            .expect("up.sh writes STATE_DIR/env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches(['\'', '"']).to_string()))
+            .collect();
+        let provisioner = LocalPathProvisioner::start(
+            &state.join("admin.kubeconfig"),
+            &dir.path().join("volumes"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        TestCluster {
+            dir,
+            env,
+            agent: None,
+            node: Some(node),
+            provisioner: Some(provisioner),
+            keep_dir: false,
+        }
+    }
+
+    /// The real node (of [`TestCluster::start_with_node`]).
+    pub fn node(&self) -> &RealNode {
+        self.node
+            .as_ref()
+            .expect("the cluster was started with a real node")
+    }
+
+    /// Stops everything now; the error lists what the node's teardown found left behind
+    /// (processes, mounts, cgroups, the bridge, iptables chains).
+    pub fn stop(mut self) -> Result<(), String> {
+        self.provisioner.take();
+        let result = match self.node.as_mut() {
+            Some(node) => node.stop(),
+            None => Ok(()),
+        };
+        self.keep_dir = result.is_err();
+        result
+    }
+
     /// Starts the control plane (panics with up.sh's output if it cannot).
     pub fn start() -> TestCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("imageindex-cluster-")
-            .tempdir()
-            .expect("a temporary directory");
+        let dir = scratch_dir();
         let state = dir.path().join("state");
-        // The 1.20 PV controller races with itself when a claim names a pre-bound volume
-        // (the volume's status update conflicts) and retries only at its resync: 15 s by
-        // default, 2 s here.
-        let extra = format!(
-            "{} --pvclaimbinder-sync-period=2s",
-            std::env::var("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS").unwrap_or_default()
-        );
+        let extra = controller_manager_args();
         let out = Command::new("bash")
             .arg(repo().join("tests/controlplane/up.sh"))
             .arg(&state)
-            .env("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS", extra.trim())
+            .env("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS", extra)
             .stdin(Stdio::null())
             .output()
             .expect("cannot run tests/controlplane/up.sh");
@@ -62,6 +145,9 @@ impl TestCluster {
             dir,
             env,
             agent: None,
+            node: None,
+            provisioner: None,
+            keep_dir: false,
         }
     }
 
@@ -124,15 +210,7 @@ impl TestCluster {
     /// A command with this cluster's KUBECONFIG and a private helm home.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
-        let tools = kubectl_bin()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = tools_path();
         cmd.env("KUBECONFIG", self.admin_kubeconfig())
             .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
             .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
@@ -341,6 +419,32 @@ impl TestCluster {
             }
             section("node agent log", agent.log_tail(80));
         }
+        if let Some(node) = &self.node {
+            section(
+                "operator log",
+                kubectl(&[
+                    "logs",
+                    "-n",
+                    "imageindex-system",
+                    "deployment/imageindex-operator",
+                    "--tail=60",
+                ]),
+            );
+            for ns in namespaces {
+                let pods = self
+                    .kubectl_json_opt(&["get", "pods", "-n", ns])
+                    .unwrap_or_default();
+                for p in pods["items"].as_array().into_iter().flatten() {
+                    let pod = p["metadata"]["name"].as_str().unwrap_or("");
+                    section(
+                        &format!("log of {ns}/{pod}"),
+                        kubectl(&["logs", "-n", ns, pod, "--tail=15"]),
+                    );
+                }
+            }
+            section("kubelet log", node.log_tail("kubelet", 40));
+            section("containerd log", node.log_tail("containerd", 15));
+        }
         out
     }
 }
@@ -352,17 +456,28 @@ impl Drop for TestCluster {
         if let Some(agent) = self.agent.take() {
             agent.stop();
         }
-        let _ = Command::new("bash")
-            .arg(repo().join("tests/controlplane/down.sh"))
-            .arg(self.dir.path().join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if std::env::var("IMAGEINDEX_KEEP_CLUSTER").as_deref() == Ok("1") {
+        self.provisioner.take();
+        if let Some(mut node) = self.node.take() {
+            if let Err(e) = node.stop() {
+                eprintln!("{e}");
+                self.keep_dir = true;
+            }
+        } else {
+            let _ = Command::new("bash")
+                .arg(repo().join("tests/controlplane/down.sh"))
+                .arg(self.dir.path().join("state"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if self.keep_dir || std::env::var("IMAGEINDEX_KEEP_CLUSTER").as_deref() == Ok("1") {
             let kept =
                 std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
-            eprintln!("IMAGEINDEX_KEEP_CLUSTER=1: kept {}", kept.display());
+            eprintln!(
+                "kept {} (IMAGEINDEX_KEEP_CLUSTER=1 or a teardown that left something behind)",
+                kept.display()
+            );
         }
     }
 }

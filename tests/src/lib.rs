@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 pub mod chart;
 pub mod cluster;
 pub mod node;
+pub mod prometheus;
+pub mod provisioner;
+pub mod real_node;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -210,6 +213,16 @@ pub fn make_photos(dir: &Path, n: usize, width: i32) -> Vec<PathBuf> {
         out.push(p);
     }
     out
+}
+
+/// A time as the API writes it (RFC 3339, whole seconds, UTC).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|ts| ts.to_string())
+        .unwrap_or_default()
 }
 
 /// A free TCP port on the loopback interface.
