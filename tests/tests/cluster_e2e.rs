@@ -1,39 +1,57 @@
-//! End to end on a real control plane, with pods as real processes under real memory limits
-//! (issue 7).
+//! End to end on a real one-node cluster, with the project's own container images (issues 7
+//! and 12).
 //!
-//! One control plane (tests/controlplane: etcd, kube-apiserver and kube-controller-manager
-//! v1.20.2), the test node agent (imageindex_e2e::node) as its only node, and the chart
-//! installed with the `helm install` of its README: the operator runs from the chart's
-//! Deployment as a process the agent started, in-cluster, as the chart's ServiceAccount (a
-//! TokenRequest token bound to its pod), so the chart's RBAC is what authorises it. Its scan,
-//! build and query pods run as `indexer` processes, each in a cgroup limited to the pod's
-//! `resources.limits`, on its own address.
+//! The cluster is tests/node/up.sh's: the control plane of tests/controlplane (etcd,
+//! kube-apiserver, kube-controller-manager v1.20.2), containerd + runc with CNI bridge
+//! networking, and the kubelet, kube-proxy and kube-scheduler built from the same Debian source
+//! package as the API server. The operator and indexer images are scripts/images.sh's, built
+//! from the Dockerfiles and imported into containerd. The chart is installed with the `helm
+//! install` of its README; the operator runs from the chart's Deployment as a container, as the
+//! chart's ServiceAccount, reaching the API server through the `kubernetes` Service (kube-proxy).
+//! Its scan, build and query pods are containers of the indexer image: non-root, read-only root
+//! filesystems, memory limits enforced by the kernel in the kubelet's cgroups; an OOMKilled is
+//! the kubelet's report of a kernel kill. A real Prometheus discovers the build, query and
+//! operator pods through Kubernetes service discovery, with the scrape configs the Prometheus
+//! Operator would make from the chart's PodMonitor and ServiceMonitor, and loads the chart's
+//! PrometheusRule.
 //!
-//! Scenarios, in order, each ending in assertions on `kubectl get imgidx -o json` and on real
-//! queries (a scenario's failure prints the cluster's state and the scenario goes on to the
-//! next; the test fails at the end naming every failed scenario):
+//! Scenarios, in order, each ending in assertions on `kubectl get imgidx -o json`, the pods,
+//! the kernel's cgroups and real queries (a scenario's failure prints the cluster's state and
+//! the next scenario runs; the test fails at the end naming every failed scenario):
 //! 1. serve: an ImageIndex over the sample catalogue with a generous limit becomes Ready and
-//!    its `status.endpoint`, resolved through the Service's Endpoints as kube-proxy would,
-//!    finds the right image for attacked copies;
-//! 2. oom: `preset: full` under 80Mi over 24 large photos: the kernel OOM-kills the build, the
-//!    pod reads OOMKilled, the operator resumes with a poorer preset, Ready, attempts show
-//!    OOMKilled then Succeeded, with a Warning Event;
+//!    its `status.endpoint` finds the right image for attacked copies, through the Service's
+//!    ClusterIP (kube-proxy) and its endpoint;
+//! 2. oom: `preset: full` under 56Mi over small and large photos: the kernel OOM-kills the build (the
+//!    cgroup's oom_kill count), the kubelet reports OOMKilled, the operator resumes with a
+//!    poorer preset, Ready; the memory Prometheus recorded is written out for the README's
+//!    picture (`IMAGEINDEX_E2E_OUT`, docs/oom-memory.py);
 //! 3. floor: a limit below the poorest preset's floor: Failed/Degraded naming the limit and
 //!    the smallest that fits, and no build pod ever;
 //! 4. rebuild: `spec.rebuild` while queries run: a new generation is built and swapped in with
-//!    no failed query;
+//!    no failed query; during that build, every query of the Grafana dashboard is evaluated
+//!    through Prometheus' HTTP API and must return data, and the chart's alert rules evaluate
+//!    without error;
 //! 5. adopt: the operator's pod is deleted mid-build (the build is slowed by a CPU limit); the
 //!    Deployment's replacement adopts the running build pod, which finishes;
 //! 6. delete: deleting the ImageIndex removes every object it owned (garbage collection) and
-//!    every process, cgroup and address the agent had for it.
+//!    every container, cgroup and volume directory of its pods.
 //!
-//! Needs root (cgroups, mount namespaces, addresses on lo), tests/controlplane/build.sh's
-//! binaries, scripts/setup.sh's helm and kubectl and the built binaries (`cargo build
-//! --workspace --bins`). IMAGEINDEX_SKIP_APISERVER=1 skips it.
+//! Then the cluster is torn down and nothing may be left on the machine (processes, mounts,
+//! cgroups, network namespaces, the bridge, iptables chains).
+//!
+//! Needs root, tests/controlplane/build.sh --node's binaries, scripts/setup.sh's packages
+//! (containerd, runc, CNI plugins, prometheus, buildah, mmdebstrap) and tools, and the image
+//! archives of scripts/images.sh (`IMAGEINDEX_IMAGES_DIR`; made here when unset).
+//! IMAGEINDEX_SKIP_APISERVER=1 skips it.
 
+use imageindex_e2e::chart::helm_bin;
 use imageindex_e2e::cluster::{get_json, readme_commands, search, wait_for, TestCluster};
+use imageindex_e2e::prometheus::{
+    rule_file, scrape_configs, Discovery, KubernetesFileDiscovery, Prometheus,
+};
 use imageindex_e2e::*;
-use serde_json::Value;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,33 +61,60 @@ const OPERATOR_NS: &str = "imageindex-system";
 const RELEASE: &str = "imageindex-operator";
 const INSTANCE: &str = "app.kubernetes.io/instance";
 const COMPONENT: &str = "app.kubernetes.io/component";
+/// How often Prometheus scrapes in this test (a build can go from fine to OOMKilled in
+/// seconds).
+const SCRAPE: &str = "1s";
 
-/// The memory limit `preset: full` cannot fit on the photos (measured: OOM-killed at 90Mi,
-/// fine at 100Mi) but poorer presets can (medium and smaller pass at 50–70Mi).
-const OOM_LIMIT: &str = "80Mi";
-const OOM_LIMIT_BYTES: u64 = 80 << 20;
+/// The memory limit `preset: full` cannot fit on the 4000 px photos with one extraction
+/// thread (measured in a cgroup: killed at 56Mi and 60Mi, fine at 64Mi) but `medium` can
+/// (fine at 50Mi).
+const OOM_LIMIT: &str = "56Mi";
+const OOM_LIMIT_BYTES: u64 = 56 << 20;
 /// Below the poorest preset's floor for the photos (~54Mi), above what a scan needs (~24Mi).
 const FLOOR_LIMIT: &str = "40Mi";
-/// The CPU limit of scenario 5's build (one extraction thread, a tenth of a core).
+/// The CPU limit of scenario 5's build (a tenth of a core, enforced by the kubelet's CFS
+/// quota).
 const ADOPT_CPU: &str = "100m";
+/// The CPU limit of scenario 4's rebuild: long enough to evaluate the dashboard during it.
+const REBUILD_CPU: &str = "200m";
+/// The CPU of scan and build pods elsewhere (one extraction thread). The node has 2 CPUs
+/// and the scheduler counts requests: the operator (50m), three query pods and one build
+/// must fit together.
+const BUILD_CPU: &str = "1";
+/// The CPU of each query pod (the operator's default, 1, would not leave room).
+const QUERY_CPU: &str = "250m";
+/// The CPU of scenario 2's builds: slow enough that each attempt lives through several
+/// Prometheus scrapes (a new pod is scraped 5–10 s after it starts: Prometheus passes target
+/// changes on every 5 s).
+const OOM_CPU: &str = "100m";
+/// Small photos that come first in scenario 2's dataset (the first attempt builds them before
+/// the first large photo gets it killed).
+const SMALL_PHOTOS: usize = 10;
 
 struct Fixture {
     cluster: TestCluster,
+    prometheus: Prometheus,
+    discovery: KubernetesFileDiscovery,
     /// Dataset of scenarios 1, 4, 6: a claim directory with the sample catalogue in
     /// `catalogue/`.
     catalogue_claim: PathBuf,
     /// Dataset of scenarios 3 and 5: 12 photos of 4000 px.
     photos: PathBuf,
-    /// Dataset of scenario 2: the same 12 and 12 more, so that its attempts last longer than
-    /// a scrape interval and `status.attempts` gets their peak working set.
-    photos_24: PathBuf,
+    /// Dataset of scenario 2: 10 photos of 1600 px that come first (by name) and the same 12
+    /// of 4000 px: the first attempt builds for a while (several scrapes) before the first
+    /// large photo gets it killed.
+    oom_photos: PathBuf,
     /// Attacked copies of catalogue images and the file each must find.
     queries: Vec<(PathBuf, String)>,
-    /// A downscaled copy of a photo and its file name (one whose sample image no other photo
-    /// of the 24 was made from).
-    photo_query: (PathBuf, String),
-    /// How long making the datasets took.
+    /// A downscaled copy of a large photo of scenario 2's dataset, and the files it may find:
+    /// that photo, or a small photo made from the same sample image.
+    photo_query: (PathBuf, Vec<String>),
+    /// How long making the datasets and the images took.
     data_took: Duration,
+    images_took: Duration,
+    /// The logs of operator pods deleted during the test (pod name, log).
+    operator_logs: Mutex<Vec<(String, String)>>,
+    started: SystemTime,
     _data: tempfile::TempDir,
 }
 
@@ -91,14 +136,15 @@ spec:
     size: 1Gi
   query:
     replicas: 1
+    cpu: {QUERY_CPU}
   maxAttempts: 6
 "
     )
 }
 
-/// A namespace with the claim `photos` bound to a hostPath volume at `dir`. The volume goes
-/// first: a claim that names a volume the PV controller has not seen yet waits for its 15 s
-/// resync.
+/// A namespace with the claim `photos` bound to a read-only hostPath volume at `dir`. The
+/// volume goes first: a claim that names a volume the PV controller has not seen yet waits
+/// for its resync.
 fn dataset_namespace(cluster: &TestCluster, ns: &str, dir: &Path) {
     let t = Instant::now();
     cluster.kubectl(&["create", "namespace", ns]);
@@ -132,7 +178,6 @@ spec:
         || (phase("pv", &volume, None) == "Available").then_some(()),
         String::new,
     );
-    let available = t.elapsed();
     cluster.apply(&format!(
         "apiVersion: v1
 kind: PersistentVolumeClaim
@@ -153,8 +198,7 @@ spec:
         String::new,
     );
     eprintln!(
-        "    {ns}: volume Available after {:.1} s, claim Bound after {:.1} s",
-        available.as_secs_f64(),
+        "    {ns}: dataset claim Bound after {:.1} s",
         t.elapsed().as_secs_f64()
     );
 }
@@ -179,22 +223,49 @@ fn downscaled(src: &Path, to: &Path, width: i32) {
     imgcodecs::imwrite(to.to_str().unwrap(), &small, &params).unwrap();
 }
 
+/// The chart's monitoring objects as the Prometheus Operator would see them: the PodMonitor,
+/// ServiceMonitor and PrometheusRule of a `helm template` with the install's release name and
+/// namespace.
+fn chart_monitoring() -> Vec<Value> {
+    let out = std::process::Command::new(helm_bin())
+        .args(["template", RELEASE])
+        .arg(repo().join("charts/imageindex-operator"))
+        .args(["--namespace", OPERATOR_NS])
+        .args(["--set", "monitoring.podMonitor.enabled=true"])
+        .args(["--set", "monitoring.serviceMonitor.enabled=true"])
+        .args(["--set", "monitoring.prometheusRule.enabled=true"])
+        .output()
+        .expect("helm template");
+    let text = stdout_of_success(&out, "helm template");
+    imageindex_e2e::chart::parse_documents(&text)
+}
+
 impl Fixture {
     fn start() -> Fixture {
         let t = Instant::now();
+        let started = SystemTime::now();
         let data = tempfile::Builder::new()
             .prefix("imageindex-cluster-data-")
             .tempdir()
             .unwrap();
         let catalogue_claim = data.path().join("catalogue-claim");
         sample_subset(&catalogue_claim.join("catalogue"), 25);
-        let photos_24 = data.path().join("photos-24-claim");
-        make_photos(&photos_24, 24, 4000);
         let photos = data.path().join("photos-claim");
-        std::fs::create_dir(&photos).unwrap();
+        make_photos(&photos, 12, 4000);
+        let oom_photos = data.path().join("oom-claim");
+        let small = data.path().join("small");
+        for p in make_photos(&small, SMALL_PHOTOS, 1600) {
+            let name = p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace("photo_", "a_small_");
+            std::fs::create_dir_all(&oom_photos).unwrap();
+            std::fs::rename(&p, oom_photos.join(name)).unwrap();
+        }
         for i in 0..12 {
             let name = format!("photo_{i:03}.jpg");
-            std::fs::hard_link(photos_24.join(&name), photos.join(&name)).unwrap();
+            std::fs::hard_link(photos.join(&name), oom_photos.join(&name)).unwrap();
         }
         let qdir = data.path().join("queries");
         let mut queries = Vec::new();
@@ -205,11 +276,40 @@ impl Fixture {
         }
         let photo_query = qdir.join("photo_010_small.jpg");
         downscaled(&photos.join("photo_010.jpg"), &photo_query, 1200);
+        // make_photos draws photo i from the sample's JPEGs in turn: the small photos made from
+        // photo_010's sample image show the same scene.
+        let jpegs = std::fs::read_dir(sample_catalogue())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "jpg"))
+            .count();
+        let mut photo_query_answers = vec!["photo_010.jpg".to_string()];
+        photo_query_answers.extend(
+            (0..SMALL_PHOTOS)
+                .filter(|i| i % jpegs == 10 % jpegs)
+                .map(|i| format!("a_small_{i:03}.jpg")),
+        );
         let data_took = t.elapsed();
 
-        let mut cluster = TestCluster::start();
-        cluster.start_agent();
-        // The chart README's install, as written, plus a faster scrape and debug logs.
+        let t = Instant::now();
+        let images = image_archives(&data.path().join("images"));
+        let images_took = t.elapsed();
+        let cluster = TestCluster::start_with_node(&images);
+        let docs = chart_monitoring();
+        // Debian's Prometheus has no Kubernetes service discovery: the test discovers pods
+        // and endpoints for it (same __meta_kubernetes_* labels, see imageindex_e2e::prometheus).
+        let sd_dir = cluster.dir().join("prometheus/sd");
+        let discovery = KubernetesFileDiscovery::start(&cluster.admin_kubeconfig(), &sd_dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let prometheus = Prometheus::start(
+            &cluster.dir().join("prometheus"),
+            &scrape_configs(&docs, Discovery::Files(&sd_dir), SCRAPE),
+            Some(&rule_file(&docs)),
+            SCRAPE,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // The chart README's install, as written, with the images the node has (imported,
+        // never pulled), a faster scrape and debug logs.
         let readme = repo().join("charts/imageindex-operator/README.md");
         let commands = readme_commands(&readme, "Install on Kubernetes");
         let find = |prefix: &str| {
@@ -220,12 +320,13 @@ impl Fixture {
                 .clone()
         };
         cluster.shell(&format!(
-            "{} --set operator.scrapeInterval=500ms --set 'operator.logLevel=info\\,operator=debug'",
+            "{} --set image.repository=imageindex/operator --set indexer.image.repository=imageindex/indexer \
+             --set operator.scrapeInterval=500ms --set 'operator.logLevel=info\\,operator=debug'",
             find("helm install imageindex-operator")
         ));
         let rollout = find("kubectl --namespace imageindex-system rollout status");
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            cluster.shell(&format!("{rollout} --timeout=120s"))
+            cluster.shell(&format!("{rollout} --timeout=180s"))
         }));
         if out.is_err() {
             panic!(
@@ -235,34 +336,39 @@ impl Fixture {
         }
         let f = Fixture {
             cluster,
+            prometheus,
+            discovery,
             catalogue_claim,
             photos,
-            photos_24,
+            oom_photos,
             queries,
-            photo_query: (photo_query, "photo_010.jpg".into()),
+            photo_query: (photo_query, photo_query_answers),
             data_took,
+            images_took,
+            operator_logs: Mutex::new(Vec::new()),
+            started,
             _data: data,
         };
-        // The operator runs as the chart's non-root user, from the chart's Deployment.
-        let op = f.operator_pod().expect("the operator's pod");
-        let run = f
+        // The operator's container runs as the chart's non-root user, from the image.
+        let (op, _, _) = f.operator_pod().expect("the operator's pod");
+        let pod = f
             .cluster
-            .agent()
-            .runs()
-            .into_iter()
-            .rev()
-            .find(|r| r.pod == op.0)
-            .expect("the agent ran the operator's pod");
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", run.pid)).unwrap_or_default();
-        let uid = status
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .unwrap_or_default()
-            .to_string();
+            .kubectl_json(&["get", "pod", &op, "-n", OPERATOR_NS]);
+        let cs = &pod["status"]["containerStatuses"][0];
         assert!(
-            uid.contains("65532"),
-            "the operator runs as {uid:?}, not the chart's runAsUser 65532"
+            cs["image"]
+                .as_str()
+                .unwrap_or("")
+                .contains("imageindex/operator:"),
+            "{cs}"
+        );
+        let uids = f
+            .cluster
+            .node()
+            .process_uids(cs["containerID"].as_str().unwrap_or(""));
+        assert!(
+            !uids.is_empty() && uids.iter().all(|u| *u == (65532, 65532)),
+            "the operator's processes run as {uids:?}, not the chart's runAsUser 65532"
         );
         f
     }
@@ -287,18 +393,6 @@ impl Fixture {
             },
             || format!("last status: {:#}", self.imgidx(ns, name)["status"]),
         )
-    }
-
-    /// The build processes the agent ran in namespace `ns`.
-    fn build_runs(&self, ns: &str) -> Vec<imageindex_e2e::node::ContainerRun> {
-        self.cluster
-            .agent()
-            .runs()
-            .into_iter()
-            .filter(|r| {
-                r.namespace == ns && r.labels.get(COMPONENT).map(String::as_str) == Some("build")
-            })
-            .collect()
     }
 
     /// The pods of ImageIndex `name` with `component`.
@@ -337,7 +431,8 @@ impl Fixture {
         })
     }
 
-    /// The query service's address behind `status.endpoint`.
+    /// The query service's address behind `status.endpoint`: the ready endpoint of its
+    /// Service (a pod address, reachable over the node's bridge).
     fn query_address(&self, ns: &str, name: &str) -> std::net::SocketAddr {
         let endpoint = self.imgidx(ns, name)["status"]["endpoint"]
             .as_str()
@@ -350,6 +445,38 @@ impl Fixture {
             String::new,
         )
     }
+
+    /// The logs of every operator pod: those deleted during the test and the current ones.
+    fn all_operator_logs(&self) -> Vec<(String, String)> {
+        let mut logs = self.operator_logs.lock().unwrap().clone();
+        if let Some((pod, _, _)) = self.operator_pod() {
+            let out = self
+                .cluster
+                .kubectl_output(&["logs", &pod, "-n", OPERATOR_NS]);
+            logs.push((pod, String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        logs
+    }
+}
+
+/// The project's image archives: `IMAGEINDEX_IMAGES_DIR` (scripts/test.sh builds them once),
+/// else scripts/images.sh writes them into `dir` now (cached by its inputs outside the clone;
+/// many minutes the first time).
+fn image_archives(dir: &Path) -> PathBuf {
+    if let Some(d) = std::env::var_os("IMAGEINDEX_IMAGES_DIR") {
+        return PathBuf::from(d);
+    }
+    eprintln!(
+        "IMAGEINDEX_IMAGES_DIR is not set: building the images with scripts/images.sh {}",
+        dir.display()
+    );
+    let status = std::process::Command::new("bash")
+        .arg(repo().join("scripts/images.sh"))
+        .arg(dir)
+        .status()
+        .expect("scripts/images.sh");
+    assert!(status.success(), "scripts/images.sh failed");
+    dir.to_path_buf()
 }
 
 fn top_path(answer: &Value) -> String {
@@ -364,9 +491,24 @@ fn mib(v: &Value) -> String {
         .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
 }
 
+fn mib_of(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
 fn seconds_between(a: &Value, b: &Value) -> Option<f64> {
     let t = |v: &Value| v.as_str()?.parse::<k8s_openapi::jiff::Timestamp>().ok();
     (t(b)? - t(a)?).total(k8s_openapi::jiff::Unit::Second).ok()
+}
+
+fn container_status(pod: &Value) -> &Value {
+    &pod["status"]["containerStatuses"][0]
+}
+
+/// Where the test writes what it measured for docs/oom-memory.py (`IMAGEINDEX_E2E_OUT`).
+fn out_dir() -> PathBuf {
+    std::env::var_os("IMAGEINDEX_E2E_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("imageindex-e2e"))
 }
 
 // ------------------------------------------------------------------------------ scenarios
@@ -377,8 +519,14 @@ fn serve(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-serve", "catalogue");
     dataset_namespace(&f.cluster, ns, &f.catalogue_claim);
     let t = Instant::now();
-    f.cluster
-        .apply(&imageindex(name, ns, "/catalogue", "auto", "512Mi", "2"));
+    f.cluster.apply(&imageindex(
+        name,
+        ns,
+        "/catalogue",
+        "auto",
+        "512Mi",
+        BUILD_CPU,
+    ));
     let ii = f.wait_ready(ns, name, Duration::from_secs(240));
     let ready_after = t.elapsed();
     let st = &ii["status"];
@@ -397,11 +545,12 @@ fn serve(f: &Fixture) -> Vec<String> {
     let attempts = st["attempts"].as_array().unwrap();
     assert_eq!(attempts.last().unwrap()["outcome"], "Succeeded", "{st:#}");
     assert_eq!(st["scan"]["images"], 25, "{st:#}");
-    // Every pod was a process the agent ran, and the scan and build ended as kubelets report.
+    // The scan and build ended as the kubelet reports them, the scan's report in its
+    // termination message.
     let scan = f.pods(ns, name, "scan");
     assert_eq!(scan.len(), 1);
     assert_eq!(scan[0]["status"]["phase"], "Succeeded");
-    let term = &scan[0]["status"]["containerStatuses"][0]["state"]["terminated"];
+    let term = &container_status(&scan[0])["state"]["terminated"];
     assert_eq!(
         (term["exitCode"].as_i64(), term["reason"].as_str()),
         (Some(0), Some("Completed"))
@@ -416,21 +565,58 @@ fn serve(f: &Fixture) -> Vec<String> {
     let build = f.pods(ns, name, "build");
     assert_eq!(build.len(), 1);
     assert_eq!(build[0]["status"]["phase"], "Succeeded");
-    let runs = f.cluster.agent().runs();
-    for component in ["scan", "build", "query"] {
+    // Every pod was a container of the indexer image in containerd, with the image's
+    // hardening: non-root, read-only root filesystem.
+    let containers = f.cluster.node().ctr(&["containers", "ls", "-q"]).unwrap();
+    let query = f.pods(ns, name, "query");
+    assert_eq!(query.len(), 1, "{query:#?}");
+    for pod in scan.iter().chain(&build).chain(&query) {
+        let cs = container_status(pod);
+        let id = cs["containerID"].as_str().unwrap_or("");
         assert!(
-            runs.iter().any(|r| r.namespace == ns
-                && r.labels.get(COMPONENT).map(String::as_str) == Some(component)),
-            "the agent ran no {component} process"
+            cs["image"]
+                .as_str()
+                .unwrap_or("")
+                .contains("imageindex/indexer:"),
+            "{cs}"
         );
+        assert!(
+            id.strip_prefix("containerd://")
+                .is_some_and(|id| containers.contains(id)),
+            "{id} is not one of containerd's containers"
+        );
+        let sc = &pod["spec"]["containers"][0]["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
     }
-    // The query service, reached through the Service's Endpoints.
+    let query_uids = f.cluster.node().process_uids(
+        container_status(&query[0])["containerID"]
+            .as_str()
+            .unwrap_or(""),
+    );
+    assert!(
+        !query_uids.is_empty() && query_uids.iter().all(|u| *u == (65532, 65532)),
+        "the query service runs as {query_uids:?}"
+    );
+    // The query service, reached through the Service's endpoint and its ClusterIP.
     let addr = f.query_address(ns, name);
     let index = get_json(addr, "/v1/index").unwrap();
     assert_eq!(index["generation"], 1, "{index}");
+    let svc = f
+        .cluster
+        .kubectl_json(&["get", "service", &format!("{name}-query"), "-n", ns]);
+    let cluster_ip: std::net::IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let via_proxy = std::net::SocketAddr::new(cluster_ip, 8080);
+    let index_via_proxy = wait_for(
+        &format!("the query Service's ClusterIP {via_proxy} (kube-proxy)"),
+        Duration::from_secs(30),
+        || get_json(via_proxy, "/v1/index").ok(),
+        || f.cluster.node().log_tail("kube-proxy", 20),
+    );
+    assert_eq!(index_via_proxy["generation"], 1);
     let queried = Instant::now();
-    for (q, want) in &f.queries {
-        let (status, answer) = search(addr, &std::fs::read(q).unwrap()).unwrap();
+    for (i, (q, want)) in f.queries.iter().enumerate() {
+        let to = if i % 2 == 0 { addr } else { via_proxy };
+        let (status, answer) = search(to, &std::fs::read(q).unwrap()).unwrap();
         assert_eq!(status, 200, "{}: {answer}", q.display());
         assert!(
             top_path(&answer).ends_with(want.as_str()),
@@ -441,15 +627,17 @@ fn serve(f: &Fixture) -> Vec<String> {
     }
     vec![format!(
         "Ready {:.1} s after kubectl apply; preset {}; {} attacked copies found their original \
-         through {addr} (Endpoints of {name}-query) in {:.1} s",
+         through {addr} (endpoint) and {via_proxy} (ClusterIP, kube-proxy) in {:.1} s; scan, \
+         build and query ran as containers of {}",
         ready_after.as_secs_f64(),
         st["preset"],
         f.queries.len(),
-        queried.elapsed().as_secs_f64()
+        queried.elapsed().as_secs_f64(),
+        container_status(&build[0])["image"].as_str().unwrap_or("")
     )]
 }
 
-/// Scenario 2: the kernel OOM-kills `preset: full` under 80Mi; the next attempt resumes with
+/// Scenario 2: the kernel OOM-kills `preset: full` under 56Mi; the next attempt resumes with
 /// a poorer preset and succeeds.
 fn oom(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-oom", "oom");
@@ -458,12 +646,12 @@ fn oom(f: &Fixture) -> Vec<String> {
         "indexer",
         &[
             "scan",
-            f.photos_24.to_str().unwrap(),
+            f.oom_photos.to_str().unwrap(),
             "--json",
             "--memory-limit",
             OOM_LIMIT,
             "--threads",
-            "2",
+            BUILD_CPU,
         ],
     ));
     let est = |preset: &str| {
@@ -481,10 +669,11 @@ fn oom(f: &Fixture) -> Vec<String> {
         "calibration: the memory estimates no longer put {OOM_LIMIT} between full and a poorer preset: {:#}",
         scan["estimates"]
     );
-    dataset_namespace(&f.cluster, ns, &f.photos_24);
+    dataset_namespace(&f.cluster, ns, &f.oom_photos);
     let t = Instant::now();
+    let applied = SystemTime::now();
     f.cluster
-        .apply(&imageindex(name, ns, "/", "full", OOM_LIMIT, "2"));
+        .apply(&imageindex(name, ns, "/", "full", OOM_LIMIT, OOM_CPU));
     let ii = f.wait_ready(ns, name, Duration::from_secs(300));
     let ready_after = t.elapsed();
     let st = &ii["status"];
@@ -495,35 +684,39 @@ fn oom(f: &Fixture) -> Vec<String> {
     let last = attempts.last().unwrap();
     assert_eq!(last["outcome"], "Succeeded", "{st:#}");
     assert_ne!(last["preset"], "full", "{st:#}");
-    // The first build pod's status says what the kubelet would: OOMKilled, 137.
+    // The first build pod's status is the kubelet's: OOMKilled, 137, never restarted.
     let first_pod = attempts[0]["pod"].as_str().unwrap();
     let pod = f.cluster.kubectl_json(&["get", "pod", first_pod, "-n", ns]);
-    let term = &pod["status"]["containerStatuses"][0]["state"]["terminated"];
+    let cs = container_status(&pod);
+    let term = &cs["state"]["terminated"];
     assert_eq!(
         (term["reason"].as_str(), term["exitCode"].as_i64()),
         (Some("OOMKilled"), Some(137)),
         "{pod:#}"
     );
     assert_eq!(pod["status"]["phase"], "Failed");
-    // The kernel did it: the cgroup's OOM killer fired for that run, under the limit.
-    let runs = f.build_runs(ns);
-    assert_eq!(
-        runs.len(),
-        attempts.len(),
-        "one process per attempt: {runs:#?}"
+    assert_eq!(cs["restartCount"], 0);
+    // The kernel did it: the OOM killer fired in that pod's cgroups, at the limit.
+    let node = f.cluster.node();
+    let container = node
+        .container_memory(cs["containerID"].as_str().unwrap_or(""))
+        .unwrap_or_else(|| panic!("the first attempt's container cgroup was never seen: {cs}"));
+    let pod_cgroup = node
+        .pod_memory(pod["metadata"]["uid"].as_str().unwrap_or(""))
+        .expect("the first attempt's pod cgroup");
+    let kills = node.oom_kills_of(cs["containerID"].as_str().unwrap_or(""));
+    assert!(
+        kills.iter().any(|k| k.task == "indexer" && k.uid == 65532),
+        "the kernel logged no OOM kill of the first attempt's indexer (uid 65532): {kills:?} \
+         (cgroups: {container:?} {pod_cgroup:?})"
     );
-    let first_run = runs
-        .iter()
-        .find(|r| r.pod == first_pod)
-        .expect("the first attempt's run");
-    let end = first_run.ended.as_ref().expect("ended");
-    assert_eq!(end.reason, "OOMKilled");
+    assert_eq!(container.limit_bytes, OOM_LIMIT_BYTES, "{container:?}");
     // The kernel charges in per-CPU batches, so the recorded peak may pass the limit by a
     // few pages before the OOM killer acts.
-    let peak = end.peak_memory.unwrap_or(0);
     assert!(
-        peak <= OOM_LIMIT_BYTES + (1 << 20),
-        "the cgroup's peak {peak} is over the {OOM_LIMIT} limit: was the limit enforced? {end:?}"
+        pod_cgroup.peak_bytes <= OOM_LIMIT_BYTES + (1 << 20),
+        "the pod cgroup's peak {} is over the {OOM_LIMIT} limit: was the limit enforced? {pod_cgroup:?}",
+        pod_cgroup.peak_bytes
     );
     // A Warning Event on the ImageIndex.
     let events = f.cluster.kubectl_json(&["get", "events", "-n", ns]);
@@ -548,7 +741,12 @@ fn oom(f: &Fixture) -> Vec<String> {
     let addr = f.query_address(ns, name);
     let (status, answer) = search(addr, &std::fs::read(&f.photo_query.0).unwrap()).unwrap();
     assert_eq!(status, 200, "{answer}");
-    assert!(top_path(&answer).ends_with(&f.photo_query.1), "{answer}");
+    let top = top_path(&answer);
+    assert!(
+        f.photo_query.1.iter().any(|a| top.ends_with(a.as_str())),
+        "found {top}, not one of {:?}: {answer}",
+        f.photo_query.1
+    );
 
     let mut notes = vec![format!(
         "Ready {:.1} s after kubectl apply; Warning Events: {}",
@@ -559,20 +757,96 @@ fn oom(f: &Fixture) -> Vec<String> {
             .collect::<Vec<_>>()
             .join(", ")
     )];
+    let mut attempts_out = Vec::new();
     for a in &attempts {
-        let run = runs
-            .iter()
-            .find(|r| Some(r.pod.as_str()) == a["pod"].as_str());
+        let pod_name = a["pod"].as_str().unwrap_or("");
+        let pod = f
+            .cluster
+            .kubectl_json_opt(&["get", "pod", pod_name, "-n", ns])
+            .unwrap_or_default();
+        let cs = container_status(&pod);
+        let term = &cs["state"]["terminated"];
+        let container = node.container_memory(cs["containerID"].as_str().unwrap_or(""));
+        let pod_cgroup = node.pod_memory(pod["metadata"]["uid"].as_str().unwrap_or(""));
+        let kills = node.oom_kills_of(cs["containerID"].as_str().unwrap_or(""));
         notes.push(format!(
-            "attempt {} preset {:<7} {:<10} {:>5.1} s  peak working set (status.attempts) {:>9}, cgroup peak (kernel) {:>9}",
+            "attempt {} preset {:<7} {:<10} {:>5.1} s  kubelet: {} exit {}; peak working set (status.attempts) {:>9}; kernel peak: container cgroup {:>9}, pod cgroup {:>9}; kernel OOM kills {}",
             a["number"],
             a["preset"].as_str().unwrap_or(""),
             a["outcome"].as_str().unwrap_or(""),
             seconds_between(&a["startTime"], &a["endTime"]).unwrap_or(f64::NAN),
+            term["reason"].as_str().unwrap_or("-"),
+            term["exitCode"],
             mib(&a["peakWorkingSet"]),
-            run.and_then(|r| r.ended.as_ref()).and_then(|e| e.peak_memory).map_or("-".into(), |p| format!("{:.1} MiB", p as f64 / 1048576.0)),
+            container.as_ref().map_or("-".into(), |c| mib_of(c.peak_bytes)),
+            pod_cgroup.as_ref().map_or("-".into(), |c| mib_of(c.peak_bytes)),
+            if kills.is_empty() {
+                "none".to_string()
+            } else {
+                kills
+                    .iter()
+                    .map(|k| format!(
+                        "{} pid {} uid {} (anon-rss {}, out of memory in {})",
+                        k.task,
+                        k.pid,
+                        k.uid,
+                        k.anon_rss_bytes.map_or("-".into(), mib_of),
+                        k.oom_memcg.rsplit('/').next().unwrap_or("")
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
         ));
+        attempts_out.push(json!({
+            "number": a["number"], "preset": a["preset"], "outcome": a["outcome"], "pod": pod_name,
+            "startTime": a["startTime"], "endTime": a["endTime"], "peakWorkingSet": a["peakWorkingSet"],
+            "kubelet": {"reason": term["reason"], "exitCode": term["exitCode"],
+                "startedAt": term["startedAt"], "finishedAt": term["finishedAt"]},
+            "kernel": {"containerPeakBytes": container.as_ref().map(|c| c.peak_bytes),
+                "podPeakBytes": pod_cgroup.as_ref().map(|c| c.peak_bytes),
+                "oomKills": kills.len()},
+        }));
     }
+    // What Prometheus recorded, as the dashboard's memory panel queries it, for the README's
+    // picture (docs/oom-memory.py).
+    let range = |expr: &str| {
+        f.prometheus
+            .query_range(expr, applied, SystemTime::now(), Duration::from_secs(1))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let working_set = range(&format!(
+        "max by (pod) (imageindex_memory_working_set_bytes{{namespace=\"{ns}\", imageindex=\"{name}\"}})"
+    ));
+    let limit = range(&format!(
+        "max by (pod) (imageindex_memory_limit_bytes{{namespace=\"{ns}\", imageindex=\"{name}\"}})"
+    ));
+    for a in &attempts {
+        let pod = a["pod"].as_str().unwrap_or("");
+        assert!(
+            working_set
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["metric"]["pod"] == pod)),
+            "Prometheus has no working set of {pod}: {working_set}"
+        );
+    }
+    let out = out_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join("oom-memory.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json!({
+            "namespace": ns, "imageindex": name, "limit": OOM_LIMIT, "limitBytes": OOM_LIMIT_BYTES,
+            "appliedAt": rfc3339(applied),
+            "attempts": attempts_out,
+            "workingSet": working_set, "limitSeries": limit,
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    notes.push(format!(
+        "Prometheus' working set and limit series written to {}",
+        path.display()
+    ));
     notes
 }
 
@@ -582,7 +856,7 @@ fn floor(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-floor", "too-small");
     dataset_namespace(&f.cluster, ns, &f.photos);
     f.cluster
-        .apply(&imageindex(name, ns, "/", "auto", FLOOR_LIMIT, "2"));
+        .apply(&imageindex(name, ns, "/", "auto", FLOOR_LIMIT, BUILD_CPU));
     let ii = wait_for(
         "the ImageIndex below the floor to fail",
         Duration::from_secs(120),
@@ -632,15 +906,153 @@ fn floor(f: &Fixture) -> Vec<String> {
         assert_eq!(f.imgidx(ns, name)["status"]["phase"], "Failed");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let builds = f.build_runs(ns).len();
-    assert_eq!(builds, 0);
     vec![format!(
         "Failed: {message} (smallest that fits: {smallest})"
     )]
 }
 
+/// A dashboard query with its Grafana variables filled in: (panel, legend, PromQL).
+fn dashboard_queries(ns: &str, name: &str, range: Duration) -> Vec<(String, String, String)> {
+    let path = repo().join("charts/imageindex-operator/dashboards/imageindex.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fill = |expr: &str| {
+        expr.replace("${namespace}", ns)
+            .replace("$namespace", ns)
+            .replace("${imageindex}", name)
+            .replace("$imageindex", name)
+            // Grafana's $__rate_interval: at least four scrape intervals; 20 s of 1 s scrapes.
+            .replace("$__rate_interval", "20s")
+            .replace("$__interval", "5s")
+            .replace("$__range", &format!("{}s", range.as_secs().max(60)))
+    };
+    let mut out = Vec::new();
+    // The template variables: label_values(METRIC, LABEL) lists LABEL's values of METRIC.
+    for v in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let q = v["query"]["query"].as_str().or(v["query"].as_str());
+        if let Some(inner) = q.and_then(|q| q.strip_prefix("label_values(")) {
+            let inner = inner.trim_end_matches(')');
+            if let Some((metric, label)) = inner.rsplit_once(',') {
+                out.push((
+                    format!("variable {}", v["name"].as_str().unwrap_or("")),
+                    label.trim().to_string(),
+                    fill(&format!("group by ({}) ({metric})", label.trim())),
+                ));
+            }
+        }
+    }
+    fn panels(list: &Value, out: &mut Vec<Value>) {
+        for p in list.as_array().into_iter().flatten() {
+            out.push(p.clone());
+            panels(&p["panels"], out);
+        }
+    }
+    let mut all = Vec::new();
+    panels(&dashboard["panels"], &mut all);
+    for p in all {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = t["expr"].as_str() {
+                out.push((
+                    p["title"].as_str().unwrap_or("").to_string(),
+                    t["legendFormat"].as_str().unwrap_or("").to_string(),
+                    fill(expr),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Evaluates every dashboard query for ImageIndex `ns/name` until each returns data (or
+/// `timeout`); one line per query with what it returned, and the queries that returned
+/// nothing.
+fn evaluate_dashboard(
+    f: &Fixture,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> (Vec<String>, Vec<String>) {
+    let range = f.started.elapsed().unwrap_or_default();
+    let queries = dashboard_queries(ns, name, range);
+    assert!(queries.len() >= 20, "{queries:#?}");
+    let start = Instant::now();
+    let mut answered: BTreeMap<usize, String> = BTreeMap::new();
+    loop {
+        for (i, (panel, legend, expr)) in queries.iter().enumerate() {
+            if answered.contains_key(&i) {
+                continue;
+            }
+            let result = f
+                .prometheus
+                .query(expr)
+                .unwrap_or_else(|e| panic!("{panel}: {e}"));
+            let series = result.as_array().cloned().unwrap_or_default();
+            let mut wanted = !series.is_empty();
+            if panel.starts_with("variable ") {
+                // Our namespace or ImageIndex must be among the variable's values.
+                wanted = series.iter().any(|s| {
+                    s["metric"][legend.as_str()] == ns || s["metric"][legend.as_str()] == name
+                });
+            }
+            if wanted {
+                let shown: Vec<String> = series
+                    .iter()
+                    .take(4)
+                    .map(|s| {
+                        let labels: Vec<String> = s["metric"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect();
+                        let value: f64 = s["value"][1]
+                            .as_str()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(f64::NAN);
+                        format!("{{{}}} {}", labels.join(","), format_value(value))
+                    })
+                    .collect();
+                answered.insert(
+                    i,
+                    format!(
+                        "{panel} [{legend}]: {} series: {}{}",
+                        series.len(),
+                        shown.join("; "),
+                        if series.len() > 4 { "; ..." } else { "" }
+                    ),
+                );
+            }
+        }
+        if answered.len() == queries.len() || start.elapsed() > timeout {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let empty = queries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !answered.contains_key(i))
+        .map(|(_, (panel, legend, expr))| format!("{panel} [{legend}]: {expr}"))
+        .collect();
+    (answered.into_values().collect(), empty)
+}
+
+fn format_value(v: f64) -> String {
+    if v.abs() >= 1048576.0 {
+        format!("{:.1} MiB", v / 1048576.0)
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 /// Scenario 4: a rebuild while queries run; the new generation is swapped in without a failed
-/// query.
+/// query. During the rebuild's build, every dashboard query returns data and the alert rules
+/// evaluate.
 fn rebuild(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-serve", "catalogue");
     let before = f.imgidx(ns, name);
@@ -711,13 +1123,36 @@ fn rebuild(f: &Fixture) -> Vec<String> {
         "--type",
         "merge",
         "-p",
-        r#"{"spec":{"rebuild":"r2"}}"#,
+        &format!(r#"{{"spec":{{"rebuild":"r2","cpu":"{REBUILD_CPU}"}}}}"#),
     ]);
     let next = generation + 1;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The dashboard, while the rebuild's build runs and the clients query.
+        wait_for(
+            "the rebuild's build pod to run and report progress",
+            Duration::from_secs(120),
+            || {
+                let running = f.pods(ns, name, "build").iter().any(|p| {
+                    p["metadata"]["labels"]["imagematch.dev/attempt"] != "1"
+                        && !container_status(p)["state"]["running"].is_null()
+                });
+                let scraped = f
+                    .prometheus
+                    .query(&format!(
+                        "imageindex_images_processed_total{{namespace=\"{ns}\", imageindex=\"{name}\", component=\"build\", attempt!=\"1\"}} > 0"
+                    ))
+                    .ok()
+                    .and_then(|r| r.as_array().map(|a| !a.is_empty()))
+                    .unwrap_or(false);
+                (running && scraped).then_some(())
+            },
+            || format!("{:#}", f.imgidx(ns, name)["status"]),
+        );
+        let (dashboard, empty) = evaluate_dashboard(f, ns, name, Duration::from_secs(20));
+        let rules = f.prometheus.rules().unwrap_or_else(|e| panic!("{e}"));
         wait_for(
             "the rebuilt generation to be Ready and served",
-            Duration::from_secs(240),
+            Duration::from_secs(300),
             || {
                 let st = f.imgidx(ns, name)["status"].clone();
                 let served = get_json(addr, "/v1/index").ok()?["generation"].as_u64();
@@ -736,13 +1171,13 @@ fn rebuild(f: &Fixture) -> Vec<String> {
             || (count(next) >= 3).then_some(()),
             String::new,
         );
-        swapped
+        (swapped, dashboard, empty, rules)
     }));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.join();
     }
-    let swapped = match result {
+    let (swapped, dashboard, empty, rules) = match result {
         Ok(s) => s,
         Err(e) => std::panic::resume_unwind(e),
     };
@@ -790,6 +1225,42 @@ fn rebuild(f: &Fixture) -> Vec<String> {
             swapped.as_secs_f64()
         ),
     );
+    // Every dashboard query returned data during the build.
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data during a build:\n{}\n(answered: {dashboard:#?})",
+        empty.join("\n")
+    );
+    notes.push(format!(
+        "all {} dashboard queries returned data during the rebuild:",
+        dashboard.len()
+    ));
+    notes.extend(dashboard.iter().map(|d| format!("  {d}")));
+    // The chart's alert rules are loaded and evaluate without error.
+    let loaded: Vec<&Value> = rules
+        .iter()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    assert_eq!(loaded.len(), 3, "{rules:#?}");
+    for r in &loaded {
+        assert_eq!(
+            r["health"], "ok",
+            "rule {} does not evaluate: {r:#}",
+            r["name"]
+        );
+    }
+    notes.push(format!(
+        "alert rules loaded and evaluating: {}",
+        loaded
+            .iter()
+            .map(|r| format!(
+                "{} ({})",
+                r["name"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or("")
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     notes
 }
 
@@ -798,11 +1269,11 @@ fn rebuild(f: &Fixture) -> Vec<String> {
 fn adopt(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-adopt", "adopt");
     dataset_namespace(&f.cluster, ns, &f.photos);
-    // A CPU limit of 100m (enforced by the agent's cpu cgroup) makes the full build of the
-    // photos last long enough (~20 s) to replace the operator in the middle of it.
+    // A CPU limit of 100m (the kubelet's CFS quota) makes the full build of the photos last
+    // long enough to replace the operator in the middle of it.
     f.cluster
         .apply(&imageindex(name, ns, "/", "full", "512Mi", ADOPT_CPU));
-    let (build_pod, build_uid, processed_at_delete, total) = wait_for(
+    let (build_pod, build_uid, container_id, processed_at_delete, total) = wait_for(
         "the build to be running and making progress",
         Duration::from_secs(180),
         || {
@@ -811,12 +1282,16 @@ fn adopt(f: &Fixture) -> Vec<String> {
             let total = st["progress"]["total"].as_u64().unwrap_or(0);
             let pods = f.pods(ns, name, "build");
             let pod = pods.first()?;
-            let running = !pod["status"]["containerStatuses"][0]["state"]["running"].is_null();
+            let running = !container_status(pod)["state"]["running"].is_null();
             (st["phase"] == "Building" && processed >= 1 && processed < total && running).then(
                 || {
                     (
                         pod["metadata"]["name"].as_str().unwrap().to_string(),
                         pod["metadata"]["uid"].as_str().unwrap().to_string(),
+                        container_status(pod)["containerID"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
                         processed,
                         total,
                     )
@@ -826,6 +1301,14 @@ fn adopt(f: &Fixture) -> Vec<String> {
         || format!("{:#}", f.imgidx(ns, name)["status"]),
     );
     let (old_op, old_uid, _) = f.operator_pod().expect("the operator's pod");
+    // Its log, for the RBAC check at the end (the pod and its log go with the deletion).
+    let log = f
+        .cluster
+        .kubectl_output(&["logs", &old_op, "-n", OPERATOR_NS]);
+    f.operator_logs.lock().unwrap().push((
+        old_op.clone(),
+        String::from_utf8_lossy(&log.stdout).into_owned(),
+    ));
     let t = Instant::now();
     f.cluster
         .kubectl(&["delete", "pod", &old_op, "-n", OPERATOR_NS, "--wait=false"]);
@@ -844,7 +1327,7 @@ fn adopt(f: &Fixture) -> Vec<String> {
     assert_eq!(pods.len(), 1, "{pods:#?}");
     assert_eq!(pods[0]["metadata"]["uid"], build_uid.as_str());
     assert!(
-        !pods[0]["status"]["containerStatuses"][0]["state"]["running"].is_null(),
+        !container_status(&pods[0])["state"]["running"].is_null(),
         "the build ended before the replacement operator was ready: slow it down further \
          (CPU limit) so that adoption of a running build is tested: {:#}",
         pods[0]["status"]
@@ -861,12 +1344,10 @@ fn adopt(f: &Fixture) -> Vec<String> {
     let pods = f.pods(ns, name, "build");
     assert_eq!(pods.len(), 1, "a duplicate build pod: {pods:#?}");
     assert_eq!(pods[0]["metadata"]["uid"], build_uid.as_str());
-    let runs = f.build_runs(ns);
-    assert_eq!(
-        runs.len(),
-        1,
-        "the build process was started again: {runs:#?}"
-    );
+    // One container ran the build from start to end: never restarted, never replaced.
+    let cs = container_status(&pods[0]);
+    assert_eq!(cs["restartCount"], 0, "{cs}");
+    assert_eq!(cs["containerID"], container_id.as_str(), "{cs}");
     let old_gone = f
         .cluster
         .kubectl_output(&["get", "pod", &old_op, "-n", OPERATOR_NS]);
@@ -874,19 +1355,10 @@ fn adopt(f: &Fixture) -> Vec<String> {
         !old_gone.status.success(),
         "the old operator pod is still there"
     );
-    let agent = f.cluster.agent();
-    let old_run = agent
-        .runs()
-        .into_iter()
-        .find(|r| r.pod == old_op)
-        .expect("the old operator's run");
-    assert!(
-        old_run.ended.is_some(),
-        "the old operator's process still runs"
-    );
-    let log = agent
-        .container_log_tail(OPERATOR_NS, &new_op.0, 2000)
-        .unwrap_or_default();
+    let log = f
+        .cluster
+        .kubectl_output(&["logs", &new_op.0, "-n", OPERATOR_NS]);
+    let log = String::from_utf8_lossy(&log.stdout);
     assert!(
         !log.to_lowercase().contains("forbidden"),
         "the operator was refused something:\n{log}"
@@ -896,17 +1368,17 @@ fn adopt(f: &Fixture) -> Vec<String> {
     vec![format!(
         "operator {old_op} deleted at {processed_at_delete}/{total} images built; replacement {} \
          Ready {:.1} s later (status then said {processed_at_takeover}/{total}, build pod still running) \
-         and adopted {build_pod} (same uid, one process); the build took {build_secs:.1} s under cpu {ADOPT_CPU}",
+         and adopted {build_pod} (same uid, same container, never restarted); the build took {build_secs:.1} s under cpu {ADOPT_CPU}",
         new_op.0,
         replaced_after.as_secs_f64()
     )]
 }
 
-/// Scenario 6: deleting the ImageIndex removes every object it owned and every process the
-/// agent ran for it.
+/// Scenario 6: deleting the ImageIndex removes every object it owned, and the kubelet every
+/// container and cgroup of its pods.
 fn delete(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-serve", "catalogue");
-    let agent = f.cluster.agent();
+    let node = f.cluster.node();
     let claim = f
         .cluster
         .kubectl_json(&["get", "pvc", &format!("{name}-index"), "-n", ns]);
@@ -921,22 +1393,42 @@ fn delete(f: &Fixture) -> Vec<String> {
         "the index volume's directory {}",
         volume_dir.display()
     );
-    let ours = |labels: &std::collections::BTreeMap<String, String>| {
-        labels.get(INSTANCE).map(String::as_str) == Some(name)
-    };
-    let pods_before: Vec<_> = agent
-        .pods()
-        .into_iter()
-        .filter(|p| p.namespace == ns && ours(&p.labels))
+    let selector = format!("{INSTANCE}={name}");
+    let pods_before = f
+        .cluster
+        .kubectl_json(&["get", "pods", "-n", ns, "-l", &selector])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let uids: Vec<String> = pods_before
+        .iter()
+        .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from))
         .collect();
     assert!(
-        pods_before.len() >= 5,
-        "scan, build, query pods of scenarios 1 and 4: {pods_before:#?}"
+        uids.len() >= 3,
+        "the scan, build and query pods of scenarios 1 and 4: {pods_before:#?}"
+    );
+    // The containers containerd has for those pods (sandboxes included).
+    let containers_of = |uid: &str| -> Vec<String> {
+        node.ctr(&[
+            "containers",
+            "ls",
+            "-q",
+            &format!("labels.\"io.kubernetes.pod.uid\"=={uid}"),
+        ])
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+    };
+    let containers: Vec<String> = uids.iter().flat_map(|u| containers_of(u)).collect();
+    assert!(
+        !containers.is_empty(),
+        "containerd has no container of {uids:?}"
     );
     let t = Instant::now();
     f.cluster
         .kubectl(&["delete", "imgidx", name, "-n", ns, "--wait=false"]);
-    let selector = format!("{INSTANCE}={name}");
     wait_for(
         "every object the ImageIndex owned to be gone",
         Duration::from_secs(120),
@@ -969,71 +1461,30 @@ fn delete(f: &Fixture) -> Vec<String> {
         || f.cluster.kubectl(&["get", "all,pvc,pv", "-n", ns]),
     );
     let gone_after = t.elapsed();
+    // The kubelet stopped every container and removed the pods' cgroups; no task (process)
+    // of theirs runs in containerd.
     wait_for(
-        "the agent to tear down every pod of the ImageIndex",
-        Duration::from_secs(60),
+        "the kubelet to remove every cgroup and stop every task of the ImageIndex's pods",
+        Duration::from_secs(90),
         || {
-            agent
-                .pods()
-                .into_iter()
-                .filter(|p| p.namespace == ns && ours(&p.labels))
-                .all(|p| p.torn_down)
-                .then_some(())
+            let cgroups = node.live_cgroups();
+            let cgroup_left = cgroups.iter().any(|c| {
+                let s = c.to_string_lossy();
+                uids.iter().any(|u| s.contains(&format!("pod{u}")))
+            });
+            let tasks = node.ctr(&["tasks", "ls", "-q"]).unwrap_or_default();
+            let task_left = containers.iter().any(|c| tasks.lines().any(|t| t == c));
+            (!cgroup_left && !task_left).then_some(())
         },
-        || format!("{:#?}", agent.pods()),
+        || {
+            format!(
+                "cgroups: {:?}\ntasks: {}",
+                node.live_cgroups(),
+                node.ctr(&["tasks", "ls"]).unwrap_or_default()
+            )
+        },
     );
-    let runs: Vec<_> = agent
-        .runs()
-        .into_iter()
-        .filter(|r| r.namespace == ns && ours(&r.labels))
-        .collect();
-    for r in &runs {
-        assert!(
-            r.ended.is_some(),
-            "{}'s process {} did not end",
-            r.pod,
-            r.pid
-        );
-        let cgroup_of_pid =
-            std::fs::read_to_string(format!("/proc/{}/cgroup", r.pid)).unwrap_or_default();
-        let group = r
-            .cgroup
-            .strip_prefix("/sys/fs/cgroup/memory")
-            .unwrap_or(&r.cgroup)
-            .to_string_lossy()
-            .into_owned();
-        assert!(
-            !cgroup_of_pid.contains(&group),
-            "process {} of {} still lives in {group}",
-            r.pid,
-            r.pod
-        );
-        assert!(!r.cgroup.exists(), "{} still exists", r.cgroup.display());
-    }
-    let all_pods = agent.pods();
-    let addresses = agent.addresses_in_use();
-    for p in all_pods
-        .iter()
-        .filter(|p| p.namespace == ns && ours(&p.labels))
-    {
-        // Addresses are reused: one still on lo must belong to a live pod of someone else.
-        if let Some(ip) = p.ip.filter(|ip| addresses.contains(ip)) {
-            let holder = all_pods.iter().find(|q| q.ip == Some(ip) && !q.torn_down);
-            assert!(
-                holder.is_some_and(|q| !(q.namespace == ns && ours(&q.labels))),
-                "{}'s address {ip} is still on lo, held by {holder:?}",
-                p.name
-            );
-        }
-        assert!(
-            !p.dir.join("rootfs").exists(),
-            "{}'s root is still there",
-            p.name
-        );
-        for g in &p.cgroups {
-            assert!(!g.exists(), "{} still exists", g.display());
-        }
-    }
+    let cleaned_after = t.elapsed();
     assert!(
         !volume_dir.exists(),
         "the index volume's directory {} is still there",
@@ -1041,10 +1492,12 @@ fn delete(f: &Fixture) -> Vec<String> {
     );
     f.cluster.kubectl(&["get", "pvc", "photos", "-n", ns]);
     vec![format!(
-        "all owned objects (pods, Deployment, ReplicaSet, Service, Endpoints, claim, volume) gone {:.1} s after kubectl delete; {} processes of {} pods ended, their cgroups, addresses and roots removed",
+        "all owned objects (pods, Deployment, ReplicaSet, Service, Endpoints, claim, volume) gone {:.1} s after kubectl delete; \
+         the {} pods' cgroups and {} containerd tasks gone after {:.1} s, the volume's directory removed",
         gone_after.as_secs_f64(),
-        runs.len(),
-        pods_before.len()
+        uids.len(),
+        containers.len(),
+        cleaned_after.as_secs_f64()
     )]
 }
 
@@ -1058,14 +1511,14 @@ struct Outcome {
 }
 
 #[test]
-fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
+fn scenarios_on_a_real_node_with_the_projects_images() {
     if std::env::var("IMAGEINDEX_SKIP_APISERVER").as_deref() == Ok("1") {
         eprintln!("IMAGEINDEX_SKIP_APISERVER=1: skipped");
         return;
     }
     assert!(
         cgroups_writable(),
-        "the cluster test needs root: the node agent makes cgroups, mount namespaces and addresses on lo"
+        "the cluster test needs root: a kubelet and containerd make cgroups, mounts and network namespaces"
     );
     let t0 = Instant::now();
     let started = SystemTime::now();
@@ -1095,8 +1548,10 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
                     .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
                 eprintln!(
-                    "--- scenario {name} FAILED: {message}\n{}",
-                    f.cluster.diagnostics(namespaces)
+                    "--- scenario {name} FAILED: {message}\n{}\n===== Prometheus =====\n{}\nservice discovery errors: {:?}",
+                    f.cluster.diagnostics(namespaces),
+                    f.prometheus.log_tail(10),
+                    f.discovery.errors().last()
                 );
                 (Vec::new(), Some(message))
             }
@@ -1108,18 +1563,14 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
             failure,
         });
     }
-    // The chart's RBAC sufficed: no operator process was refused anything, ever.
+    // The chart's RBAC sufficed: no operator was refused anything, ever.
     let refused: Vec<String> = f
-        .cluster
-        .agent()
-        .runs()
+        .all_operator_logs()
         .iter()
-        .filter(|r| r.container == "operator")
-        .flat_map(|r| {
-            let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+        .flat_map(|(pod, log)| {
             log.lines()
                 .filter(|l| l.to_lowercase().contains("forbidden"))
-                .map(|l| format!("{}: {l}", r.pod))
+                .map(|l| format!("{pod}: {l}"))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -1127,7 +1578,7 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
         name: "rbac",
         took: Duration::ZERO,
         notes: vec![format!(
-            "operator processes run as the chart's ServiceAccount: {}",
+            "operator containers run as the chart's ServiceAccount: {}",
             if refused.is_empty() {
                 "never refused"
             } else {
@@ -1138,11 +1589,12 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
             .then(|| format!("the operator was refused:\n{}", refused.join("\n"))),
     });
     let mut summary = format!(
-        "cluster e2e on kube-apiserver v1.20.2 + test node agent (started {}): setup {:.1} s \
-         (datasets {:.1} s, then control plane, agent, helm install, operator rolled out)\n",
-        imageindex_e2e::node::status::rfc3339(started),
+        "cluster e2e on a real node (kubelet, containerd, kube-proxy v1.20.2; started {}): setup {:.1} s \
+         (datasets {:.1} s, images {:.1} s, then control plane, node, Prometheus, helm install, operator rolled out)\n",
+        rfc3339(started),
         setup.as_secs_f64(),
-        f.data_took.as_secs_f64()
+        f.data_took.as_secs_f64(),
+        f.images_took.as_secs_f64()
     );
     for o in &outcomes {
         summary.push_str(&format!(
@@ -1155,12 +1607,32 @@ fn scenarios_on_a_real_control_plane_with_pods_as_processes() {
             summary.push_str(&format!("    {n}\n"));
         }
     }
+    // Teardown: nothing may be left on the machine.
+    let Fixture {
+        cluster,
+        prometheus,
+        ..
+    } = f;
+    drop(prometheus);
+    let t = Instant::now();
+    let teardown = cluster.stop();
+    summary.push_str(&format!(
+        "teardown {:.1} s: {}\n",
+        t.elapsed().as_secs_f64(),
+        match &teardown {
+            Ok(()) => "nothing left behind".to_string(),
+            Err(e) => e.clone(),
+        }
+    ));
     summary.push_str(&format!("total {:.1} s\n", t0.elapsed().as_secs_f64()));
     eprintln!("{summary}");
-    let failed: Vec<String> = outcomes
+    let mut failed: Vec<String> = outcomes
         .iter()
         .filter_map(|o| o.failure.as_ref().map(|m| format!("{}: {m}", o.name)))
         .collect();
+    if let Err(e) = teardown {
+        failed.push(format!("teardown: {e}"));
+    }
     assert!(
         failed.is_empty(),
         "failed scenarios:\n{}",
