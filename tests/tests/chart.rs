@@ -85,6 +85,8 @@ fn values_schema_rejects_typos_and_bad_values() {
         "indexer.image.pullPolicy=Sometimes",
         "metrics.port=70000",
         "monitoring.podMonitor.enabld=true",
+        "monitoring.prometheusRule.memoryPressure.ratio=1.5",
+        "monitoring.prometheusRule.oomKills.window=half an hour",
     ] {
         let out = Command::new(helm_bin())
             .args(["template", "x"])
@@ -155,6 +157,7 @@ fn rendered_manifests_and_examples_validate() {
         "OK ConfigMap/imageindex-operator-dashboard: Kubernetes",
         "OK ServiceMonitor/imageindex-operator: prometheus-operator model",
         "OK PodMonitor/imageindex-operator-indexes: prometheus-operator model",
+        "OK PrometheusRule/imageindex-operator: prometheus-operator model",
         "OK ImageIndex/catalogue: CRD imageindexes.imagematch.dev openAPIV3Schema",
         "OK ImageIndex/invalid: CRD",
         "OK ImageIndex/too-small: CRD",
@@ -431,9 +434,9 @@ fn deployment_runs_the_operator_with_the_values() {
         }
     }
     // Monitoring is off by default (its CRDs may not exist); the dashboard is on.
-    assert!(docs
-        .iter()
-        .all(|d| d["kind"] != "ServiceMonitor" && d["kind"] != "PodMonitor"));
+    assert!(docs.iter().all(|d| d["kind"] != "ServiceMonitor"
+        && d["kind"] != "PodMonitor"
+        && d["kind"] != "PrometheusRule"));
     assert_eq!(
         one(&docs, "ConfigMap")["metadata"]["labels"]["grafana_dashboard"],
         "1"
@@ -1036,23 +1039,38 @@ fn dockerfiles_build_and_install_what_exists() {
                 packages.extend(pkgs);
                 if let Some(rest) = run.split("cargo build").nth(1) {
                     let words: Vec<&str> = rest.split_whitespace().collect();
-                    let arg = |f: &str| {
+                    let values = |flag: &str| -> Vec<String> {
                         words
                             .windows(2)
-                            .find(|w| w[0] == f)
+                            .filter(|w| w[0] == flag)
                             .map(|w| w[1].to_string())
-                            .unwrap_or_else(|| panic!("{file}: cargo build without {f}"))
+                            .collect()
                     };
-                    let (package, binary) = (arg("-p"), arg("--bin"));
+                    let (packages, binaries) = (values("-p"), values("--bin"));
                     assert!(
-                        words.contains(&"--release") && words.contains(&"--locked"),
+                        !binaries.is_empty()
+                            && words.contains(&"--release")
+                            && words.contains(&"--locked"),
                         "{file}: {run}"
                     );
-                    assert!(
-                        workspace_bins.contains(&(package.clone(), binary.clone())),
-                        "{file}: {package} has no bin {binary} (workspace bins: {workspace_bins:?})"
-                    );
-                    built.insert(format!("/src/target/release/{binary}"));
+                    for binary in &binaries {
+                        assert!(
+                            packages.iter().any(|p| workspace_bins.contains(&(p.clone(), binary.clone()))),
+                            "{file}: none of {packages:?} has a bin {binary} (workspace bins: {workspace_bins:?})"
+                        );
+                    }
+                    // Each binary leaves the build directory (a cache mount) for /out, its
+                    // debug info stripped: `objcopy --strip-debug target/release/X /out/X`.
+                    for cmd in run.split("&&") {
+                        let w: Vec<&str> = cmd.split_whitespace().collect();
+                        if let ["objcopy", "--strip-debug", from, to] = w.as_slice() {
+                            let name = from.strip_prefix("target/release/").unwrap_or_else(|| {
+                                panic!("{file}: objcopy from {from}, not target/release/")
+                            });
+                            assert!(binaries.iter().any(|b| b == name), "{file}: {cmd}");
+                            built.insert(to.to_string());
+                        }
+                    }
                 }
             } else if let Some(copy) = step.strip_prefix("COPY ") {
                 let words: Vec<&str> = copy.split_whitespace().collect();
@@ -1113,6 +1131,74 @@ fn dockerfiles_build_and_install_what_exists() {
             }
         }
     }
+}
+
+/// Both Dockerfiles build both binaries in the same builder stage, so building the second
+/// image reuses the first's from the layer cache (scripts/images.sh, `docker build`).
+#[test]
+fn dockerfiles_share_one_builder_stage() {
+    let builder = |file: &str| -> Vec<String> {
+        instructions(&read(&repo().join(file)))
+            .into_iter()
+            .skip_while(|s| !s.starts_with("FROM "))
+            .enumerate()
+            .take_while(|(i, s)| *i == 0 || !s.starts_with("FROM "))
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let (indexer, operator) = (builder(DOCKERFILES[0]), builder(DOCKERFILES[1]));
+    assert!(indexer.len() >= 5, "{indexer:#?}");
+    assert_eq!(indexer, operator);
+}
+
+// ------------------------------------------------------------------------- alert rules
+
+/// The PrometheusRule's expressions and alerts, through promtool (Debian's prometheus
+/// package): `promtool check rules` and the unit tests of tests/prometheus/rules-test.yaml
+/// (a build near its limit fires after `for`, a query pod or a build at 70% does not; one OOM
+/// kill does not, two in the window do, also across an operator restart; a failed build).
+#[test]
+fn prometheus_rules_pass_promtool() {
+    let promtool = imageindex_e2e::prometheus::PROMTOOL_BIN;
+    assert!(
+        Path::new(promtool).is_file(),
+        "{promtool} not found: apt-get install prometheus (scripts/setup.sh installs it)"
+    );
+    let docs = render(&["--set", "monitoring.prometheusRule.enabled=true"]);
+    let rules = imageindex_e2e::prometheus::rule_file(&docs);
+    assert_eq!(
+        rules["groups"][0]["rules"].as_array().map(Vec::len),
+        Some(3),
+        "{rules:#}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&rules).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/prometheus/rules-test.yaml"),
+        dir.path().join("rules-test.yaml"),
+    )
+    .unwrap();
+    let check = run_ok(
+        Command::new(promtool)
+            .args(["check", "rules", "rules.yaml"])
+            .current_dir(dir.path()),
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 3 rules found"));
+    let test = Command::new(promtool)
+        .args(["test", "rules", "rules-test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool");
+    assert!(
+        test.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
 }
 
 // ------------------------------------------------------------------------- NOTES.txt
