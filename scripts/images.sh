@@ -235,9 +235,10 @@ KEY="$(inputs_key)"
 KEPT="$CACHE/archives/$KEY"
 
 if [ "${IMAGEINDEX_IMAGES_REBUILD:-0}" != 1 ] && [ -s "$KEPT/images.env" ]; then
-    log "inputs unchanged ($KEY): copying the archives built before from $KEPT"
+    log "inputs unchanged ($KEY): the archives built before, from $KEPT"
     for name in "${IMAGES[@]}"; do
-        cp "$KEPT/$name.tar" "$OUT/$name.tar.tmp"
+        # A hard link when on the same filesystem (the archives are never modified).
+        ln -f "$KEPT/$name.tar" "$OUT/$name.tar.tmp" 2>/dev/null || cp "$KEPT/$name.tar" "$OUT/$name.tar.tmp"
         mv "$OUT/$name.tar.tmp" "$OUT/$name.tar"
     done
     cp "$KEPT/images.env" "$OUT/images.env"
@@ -275,7 +276,7 @@ for name in "${IMAGES[@]}"; do
     log "building $ref from $name/Dockerfile (the first build compiles both binaries in release: many minutes on 2 cores)"
     # --network host: the build's apt-get and cargo reach deb.debian.org and crates.io
     # directly (no bridge network or IP forwarding needed on the build machine).
-    nice -n 5 "${B[@]}" bud --quiet --layers --pull=never --network host \
+    nice -n 5 "${B[@]}" bud --layers --pull=never --network host \
         -f "$name/Dockerfile" -t "$ref" . >&2
     check_image "$name" "$ref"
     "${B[@]}" push --quiet "$ref" "docker-archive:$STAGE/$name.tar:imageindex/${name}:${TAG}" >&2

