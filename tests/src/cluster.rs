@@ -1,15 +1,14 @@
 //! A whole test cluster on this machine: the control plane of tests/controlplane (etcd,
-//! kube-apiserver, kube-controller-manager v1.20.2) with, as its only node, either a real one
-//! (tests/node: containerd, kubelet, kube-proxy, kube-scheduler; [`crate::real_node`]) or the
-//! test node agent ([`crate::node`]); kubectl and helm pointed at it, and the helpers the
-//! cluster tests share: waiting with a deadline, resolving a Service to a pod address,
-//! queries, and a diagnostic dump for failure messages.
+//! kube-apiserver, kube-controller-manager v1.20.2), alone or with a real node (tests/node:
+//! containerd, kubelet, kube-proxy, kube-scheduler; [`crate::real_node`]) and a local-path
+//! provisioner; kubectl and helm pointed at it, and the helpers the cluster tests share:
+//! waiting with a deadline, resolving a Service to a pod address, queries, and a diagnostic
+//! dump for failure messages.
 
 use crate::chart::{helm_bin, kubectl_bin, tools_dir};
-use crate::node::{AgentConfig, ImageBinary, NodeAgent};
 use crate::provisioner::LocalPathProvisioner;
 use crate::real_node::RealNode;
-use crate::{bin, repo};
+use crate::repo;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -27,13 +26,12 @@ pub fn tools_path() -> String {
     )
 }
 
-/// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped) and,
-/// once started, the node agent (stopped first); or a control plane with a real node from
-/// tests/node/up.sh (stopped with tests/node/down.sh) and its volume provisioner.
+/// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped), or a
+/// control plane with a real node from tests/node/up.sh (stopped with tests/node/down.sh) and
+/// its volume provisioner.
 pub struct TestCluster {
     dir: tempfile::TempDir,
     env: BTreeMap<String, String>,
-    agent: Option<NodeAgent>,
     node: Option<RealNode>,
     provisioner: Option<LocalPathProvisioner>,
     /// The node's teardown left something behind: keep the directory (its state tells
@@ -90,7 +88,6 @@ impl TestCluster {
         TestCluster {
             dir,
             env,
-            agent: None,
             node: Some(node),
             provisioner: Some(provisioner),
             keep_dir: false,
@@ -144,7 +141,6 @@ impl TestCluster {
         TestCluster {
             dir,
             env,
-            agent: None,
             node: None,
             provisioner: None,
             keep_dir: false,
@@ -159,7 +155,7 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("{key} is not in up.sh's env"))
     }
 
-    /// The cluster's scratch directory (control-plane state, agent state, helm's home).
+    /// The cluster's scratch directory (control-plane and node state, volumes, helm's home).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -167,44 +163,6 @@ impl TestCluster {
     /// The admin's kubeconfig (group system:masters).
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.dir.path().join("state/admin.kubeconfig")
-    }
-
-    /// Starts the node agent as node `imageindex-node` with the workspace's `indexer` and
-    /// `operator` binaries standing for their images.
-    pub fn start_agent(&mut self) -> &NodeAgent {
-        self.start_agent_with(Vec::new())
-    }
-
-    /// Starts the node agent with `extra` images besides `indexer` and `operator`.
-    pub fn start_agent_with(&mut self, extra: Vec<ImageBinary>) -> &NodeAgent {
-        let mut config = AgentConfig {
-            node_name: "imageindex-node".into(),
-            kubeconfig: self.admin_kubeconfig(),
-            state_dir: self.dir.path().join("node"),
-            images: vec![
-                ImageBinary {
-                    repository: "imageindex/indexer".into(),
-                    binary: bin("indexer"),
-                },
-                ImageBinary {
-                    repository: "imageindex/operator".into(),
-                    binary: bin("operator"),
-                },
-            ],
-            apiserver_host: "127.0.0.1".into(),
-            apiserver_port: self.env("APISERVER_PORT").parse().expect("APISERVER_PORT"),
-            ca_cert: PathBuf::from(self.env("CA_CERT")),
-            restart_backoff: Duration::from_secs(1),
-            max_restart_backoff: Duration::from_secs(20),
-        };
-        config.images.extend(extra);
-        let agent = NodeAgent::start(config).unwrap_or_else(|e| panic!("{e:#}"));
-        self.agent.insert(agent)
-    }
-
-    /// The running node agent.
-    pub fn agent(&self) -> &NodeAgent {
-        self.agent.as_ref().expect("the node agent was started")
     }
 
     /// A command with this cluster's KUBECONFIG and a private helm home.
@@ -348,7 +306,7 @@ impl TestCluster {
     }
 
     /// What a failure message needs: ImageIndexes, pods with their container states,
-    /// events, and the logs of the operator and the agent.
+    /// events, and the logs of the operator, the pods and the node.
     pub fn diagnostics(&self, namespaces: &[&str]) -> String {
         let mut out = String::new();
         let mut section = |title: &str, text: String| {
@@ -399,26 +357,6 @@ impl TestCluster {
                 kubectl(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]),
             );
         }
-        if let Some(agent) = &self.agent {
-            let runs = agent.runs();
-            if let Some(op) = runs.iter().rev().find(|r| r.container == "operator") {
-                section(
-                    &format!("operator log ({})", op.pod),
-                    agent
-                        .container_log_tail(&op.namespace, &op.pod, 60)
-                        .unwrap_or_default(),
-                );
-            }
-            for ns in namespaces {
-                for r in runs.iter().filter(|r| r.namespace == *ns) {
-                    section(
-                        &format!("log of {}/{} run {}", r.namespace, r.pod, r.restart),
-                        crate::node::tail(&r.log, 15),
-                    );
-                }
-            }
-            section("node agent log", agent.log_tail(80));
-        }
         if let Some(node) = &self.node {
             section(
                 "operator log",
@@ -450,12 +388,9 @@ impl TestCluster {
 }
 
 impl Drop for TestCluster {
-    /// Stops the agent (killing every pod process) and the control plane; removes the
+    /// Stops the node (if any) and the control plane; removes the
     /// scratch directory unless IMAGEINDEX_KEEP_CLUSTER=1 (then its path is printed).
     fn drop(&mut self) {
-        if let Some(agent) = self.agent.take() {
-            agent.stop();
-        }
         self.provisioner.take();
         if let Some(mut node) = self.node.take() {
             if let Err(e) = node.stop() {

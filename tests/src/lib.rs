@@ -6,7 +6,6 @@ use std::process::{Command, Output};
 
 pub mod chart;
 pub mod cluster;
-pub mod node;
 pub mod prometheus;
 pub mod provisioner;
 pub mod real_node;
