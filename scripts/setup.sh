@@ -2,7 +2,7 @@
 # Installs everything imageindex needs on a fresh Debian 12 machine (idempotent):
 # the C libraries the Rust crates link (OpenCV, libclang for its bindings), Python tools for
 # the benchmarks' old-system baseline and for offline manifest validation, and helm/kubectl.
-# iproute2 gives the cluster test's node agent its pod addresses (`ip addr add … dev lo`).
+# iproute2 sets up the real node's bridge (tests/node/up.sh).
 # The end-to-end run's real node (tests/node) needs containerd, runc, the CNI plugins,
 # iptables and conntrack (kube-proxy); its monitoring Debian's prometheus (and promtool for the
 # alert rules); scripts/images.sh buildah and mmdebstrap. Packages that ship a daemon

@@ -138,7 +138,7 @@ pick_port() {
     done
     die "no free port found"
 }
-# A 10.245.N.0/24 no route uses yet (the test node agent uses 10.244.N.x on lo).
+# A 10.245.N.0/24 no route or address uses yet.
 POD_NET=""
 for n in $(seq 0 254); do
     if [ -z "$(ip -4 route show "10.245.$n.0/24" 2>/dev/null)" ] \
