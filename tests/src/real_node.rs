@@ -443,6 +443,8 @@ impl RealNode {
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run tests/node/down.sh: {e}"))?;
+        // Its progress lines (timestamped), for the test's output.
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if out.status.success() {
             Ok(())
         } else {

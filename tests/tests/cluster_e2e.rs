@@ -1611,9 +1611,18 @@ fn scenarios_on_a_real_node_with_the_projects_images() {
     let Fixture {
         cluster,
         prometheus,
+        discovery,
         ..
     } = f;
+    let t = Instant::now();
     drop(prometheus);
+    let discovery_errors = discovery.errors();
+    drop(discovery);
+    summary.push_str(&format!(
+        "Prometheus and its discovery stopped in {:.1} s; discovery errors: {}\n",
+        t.elapsed().as_secs_f64(),
+        discovery_errors.last().map_or("none", String::as_str)
+    ));
     let t = Instant::now();
     let teardown = cluster.stop();
     summary.push_str(&format!(
