@@ -273,7 +273,11 @@ mkdir -p "$STAGE"
 for name in "${IMAGES[@]}"; do
     ref="docker.io/imageindex/${name}:${TAG}"
     t0=$(date +%s)
-    log "building $ref from $name/Dockerfile (the first build compiles both binaries in release: many minutes on 2 cores)"
+    if [ "$name" = "${IMAGES[0]}" ]; then
+        log "building $ref from $name/Dockerfile (its builder stage compiles both binaries in release; without cargo's cache: many minutes on 2 cores)"
+    else
+        log "building $ref from $name/Dockerfile (the same builder stage: from the layer cache)"
+    fi
     # --network host: the build's apt-get and cargo reach deb.debian.org and crates.io
     # directly (no bridge network or IP forwarding needed on the build machine).
     nice -n 5 "${B[@]}" bud --layers --pull=never --network host \
