@@ -10,10 +10,11 @@
 //! chart's ServiceAccount, reaching the API server through the `kubernetes` Service (kube-proxy).
 //! Its scan, build and query pods are containers of the indexer image: non-root, read-only root
 //! filesystems, memory limits enforced by the kernel in the kubelet's cgroups; an OOMKilled is
-//! the kubelet's report of a kernel kill. A real Prometheus discovers the build, query and
-//! operator pods through Kubernetes service discovery, with the scrape configs the Prometheus
-//! Operator would make from the chart's PodMonitor and ServiceMonitor, and loads the chart's
-//! PrometheusRule.
+//! the kubelet's report of a kernel kill. A real Prometheus (Debian's) scrapes the build,
+//! query and operator pods with the scrape configs the Prometheus Operator would make from the
+//! chart's PodMonitor and ServiceMonitor, and loads the chart's PrometheusRule; its targets
+//! come from the test API server through a stand-in for Kubernetes service discovery, which
+//! Debian builds it without (imageindex_e2e::prometheus).
 //!
 //! Scenarios, in order, each ending in assertions on `kubectl get imgidx -o json`, the pods,
 //! the kernel's cgroups and real queries (a scenario's failure prints the cluster's state and
@@ -21,10 +22,11 @@
 //! 1. serve: an ImageIndex over the sample catalogue with a generous limit becomes Ready and
 //!    its `status.endpoint` finds the right image for attacked copies, through the Service's
 //!    ClusterIP (kube-proxy) and its endpoint;
-//! 2. oom: `preset: full` under 56Mi over small and large photos: the kernel OOM-kills the build (the
-//!    cgroup's oom_kill count), the kubelet reports OOMKilled, the operator resumes with a
-//!    poorer preset, Ready; the memory Prometheus recorded is written out for the README's
-//!    picture (`IMAGEINDEX_E2E_OUT`, docs/oom-memory.py);
+//! 2. oom: `preset: full` under 56Mi over small and large photos: the kernel OOM-kills the
+//!    build (its log names the container's indexer process, uid 65532), the kubelet reports
+//!    OOMKilled, the operator resumes with a poorer preset, Ready; the memory Prometheus
+//!    recorded is written out for the README's picture (`IMAGEINDEX_E2E_OUT`,
+//!    docs/oom-memory.py);
 //! 3. floor: a limit below the poorest preset's floor: Failed/Degraded naming the limit and
 //!    the smallest that fits, and no build pod ever;
 //! 4. rebuild: `spec.rebuild` while queries run: a new generation is built and swapped in with
