@@ -182,6 +182,8 @@ pub struct Features {
     pub keypoints: Vec<[u16; 2]>,
     /// Descriptors, same order as `keypoints`, strongest response first.
     pub descriptors: Vec<Descriptor>,
+    /// The image's global descriptor (`None` for a flat image).
+    pub global: Option<crate::global::GlobalDescriptor>,
     /// Container format.
     pub format: Format,
 }
@@ -429,6 +431,7 @@ impl Detector {
         let t = std::time::Instant::now();
         let (work, factor) = to_work_size(&gray, self.params.max_side)?;
         drop(gray);
+        let global = crate::global::describe(&work)?;
         let (keypoints, descriptors, mut adaptation) = self.features_of_work_image(&work)?;
         adaptation.resize = factor as f32;
         adaptation.decode_scale = scale as u8;
@@ -440,6 +443,7 @@ impl Detector {
             adaptation,
             keypoints,
             descriptors,
+            global,
             format: header.format,
         };
         Ok((f, work, decode_ms, t.elapsed().as_secs_f64() * 1000.0))
@@ -458,6 +462,9 @@ impl Detector {
             adaptation,
             keypoints,
             descriptors,
+            global: of
+                .global
+                .map(|g| crate::global::oriented(&g, false, true, false)),
             ..of.clone()
         })
     }

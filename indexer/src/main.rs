@@ -8,7 +8,7 @@ use indexer::features::{self, Detector, ExtractParams};
 use indexer::memory::MemorySource;
 use indexer::metrics::{self, BuildMetrics};
 use indexer::progress::{BuildProgress, ProgressDisplay};
-use indexer::search::{Engine, Index, SearchParams};
+use indexer::search::{Index, SearchParams};
 use indexer::{dataset, IndexError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,9 +78,6 @@ enum Command {
         /// Benchmarks: add this many synthetic descriptors after the dataset's.
         #[arg(long, hide = true, default_value_t = 0)]
         pad_synthetic: u64,
-        /// Tests: descriptors per arroy shard instead of the memory plan's.
-        #[arg(long, hide = true)]
-        shard_items: Option<u64>,
     },
     /// Search an index with query images.
     Search {
@@ -101,12 +98,12 @@ enum Command {
         /// Do not search the mirrored image when nothing verifies.
         #[arg(long)]
         no_mirror: bool,
-        /// Lookup structure: ivf (fast, default) or arroy.
-        #[arg(long, default_value = "ivf")]
-        engine: String,
         /// Inverted lists probed per descriptor.
         #[arg(long)]
         nprobe: Option<usize>,
+        /// Vocabulary cells whose lists a descriptor considers.
+        #[arg(long)]
+        cells: Option<usize>,
     },
     /// Show what a published index holds: generation, preset, counts, timings, failures.
     Info {
@@ -212,9 +209,6 @@ enum BenchCommand {
         /// Real cgroup memory limit for the builds.
         #[arg(long)]
         memory_limit: Option<String>,
-        /// Engines to measure, comma-separated (ivf, arroy).
-        #[arg(long, default_value = "ivf,arroy", value_delimiter = ',')]
-        engines: Vec<String>,
         /// Old-system feature counts to run (comma-separated).
         #[arg(long, default_value = "150,1000", value_delimiter = ',')]
         baseline: Vec<u32>,
@@ -228,6 +222,9 @@ enum BenchCommand {
         /// Inverted lists probed per descriptor (default: from the index's preset).
         #[arg(long)]
         nprobe: Option<usize>,
+        /// Vocabulary cells whose lists a descriptor considers.
+        #[arg(long)]
+        cells: Option<usize>,
         /// Add this many synthetic ORB-like descriptors to the index (e.g. 1M, 10M), so the
         /// real queries run inside an index of that size.
         #[arg(long, default_value = "0")]
@@ -285,7 +282,7 @@ enum BenchCommand {
         #[arg(long)]
         reuse: bool,
         /// Inverted lists probed per descriptor.
-        #[arg(long, default_value_t = SearchParams::default().nprobe)]
+        #[arg(long, default_value_t = SearchParams::default().probe.lists)]
         nprobe: usize,
         /// Also print the rows as JSON.
         #[arg(long)]
@@ -400,7 +397,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             strict_memory,
             json,
             pad_synthetic,
-            shard_items,
         } => {
             let preset = PresetChoice::parse(&preset).ok_or_else(|| {
                 IndexError::Usage(format!(
@@ -444,7 +440,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 strict_memory,
                 sample: 512,
                 pad_descriptors: pad_synthetic,
-                shard_items,
             };
             let ctx = BuildContext {
                 progress: progress.clone(),
@@ -460,7 +455,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let m = &summary.meta;
                 println!(
-                    "published generation {} at {}\n  preset {} ({} features, {} trees)\n  images {} indexed, {} failed, {} descriptors\n  extract {:.1}s ({:.1} images/s on {} threads), train {:.1}s, lists {:.1}s, arroy {:.1}s\n  peak working set {} MiB of {} MiB",
+                    "published generation {} at {}\n  preset {} ({} features, {} trees)\n  images {} indexed, {} failed, {} descriptors\n  extract {:.1}s ({:.1} images/s on {} threads), train {:.1}s, lists {:.1}s, layouts {:.1}s\n  peak working set {} MiB of {} MiB",
                     summary.generation,
                     summary.path.display(),
                     m.preset,
@@ -474,7 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     threads,
                     m.timings.train,
                     m.timings.assign,
-                    m.timings.arroy,
+                    m.timings.global,
                     m.peak_working_set >> 20,
                     m.memory_budget >> 20
                 );
@@ -488,8 +483,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             no_verify,
             no_mirror,
-            engine,
             nprobe,
+            cells,
         } => {
             let idx = Index::open(&index)?;
             let mut params = SearchParams {
@@ -498,17 +493,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mirror: !no_mirror,
                 ..SearchParams::for_index(&idx.meta)
             };
-            params.engine = match engine.as_str() {
-                "ivf" => Engine::Ivf,
-                "arroy" => Engine::Arroy,
-                other => {
-                    return Err(
-                        IndexError::Usage(format!("unknown engine {other:?} (ivf, arroy)")).into(),
-                    )
-                }
-            };
             if let Some(n) = nprobe {
-                params.nprobe = n.max(1);
+                params.probe.lists = n.max(1);
+            }
+            if let Some(c) = cells {
+                params.probe.cells = c.max(1);
             }
             let mut detector = Detector::for_queries(ExtractParams::for_query(&idx.meta.preset))?;
             let mut results = Vec::new();
@@ -722,23 +711,15 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
             work,
             presets,
             memory_limit,
-            engines,
             baseline,
             no_baseline,
             python,
             nprobe,
+            cells,
             pad,
             reuse,
             json,
         } => {
-            let engines = engines
-                .iter()
-                .map(|e| match e.as_str() {
-                    "ivf" => Ok(Engine::Ivf),
-                    "arroy" => Ok(Engine::Arroy),
-                    other => Err(IndexError::Usage(format!("unknown engine {other:?}"))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
             let b = images::ImagesBench {
                 catalogue,
                 queries,
@@ -746,10 +727,10 @@ fn bench(what: BenchCommand) -> anyhow::Result<()> {
                 work,
                 presets,
                 memory_limit: parse_limit(memory_limit.as_deref())?,
-                engines,
                 baseline_features: if no_baseline { Vec::new() } else { baseline },
                 python: python.unwrap_or_else(default_python),
                 nprobe,
+                cells,
                 pad: parse_count(&pad)?,
                 reuse,
             };

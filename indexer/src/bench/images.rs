@@ -8,7 +8,8 @@ use super::child::{self, ChildBuild};
 use super::stats::{mean, mib, percentile};
 use crate::attacks;
 use crate::features::{Detector, ExtractParams};
-use crate::search::{self, Engine, Index, SearchParams};
+use crate::lists::Probe;
+use crate::search::{self, Index, SearchParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -27,14 +28,14 @@ pub struct ImagesBench {
     pub presets: Vec<String>,
     /// Memory limit for the builds (a real cgroup limit).
     pub memory_limit: Option<u64>,
-    /// Lookup engines to measure.
-    pub engines: Vec<Engine>,
     /// Run the Python + Annoy baseline with these feature counts (empty = skip).
     pub baseline_features: Vec<u32>,
     /// Python interpreter for the baseline.
     pub python: String,
     /// Inverted lists probed per descriptor (`None`: the index's preset decides).
     pub nprobe: Option<usize>,
+    /// Cells considered per descriptor (`None`: the default).
+    pub cells: Option<usize>,
     /// Synthetic descriptors added to the catalogue's (queries then run inside an index of
     /// that size).
     pub pad: u64,
@@ -120,20 +121,25 @@ pub fn prepare_queries(b: &ImagesBench) -> std::io::Result<PathBuf> {
 pub fn measure(
     index: &Index,
     queries: &[PathBuf],
-    engine: Engine,
     nprobe: Option<usize>,
+    cells: Option<usize>,
 ) -> crate::error::Result<EngineRow> {
     let defaults = SearchParams::for_index(&index.meta);
     let params = SearchParams {
         k: 5,
         verify: true,
-        engine,
-        nprobe: nprobe.unwrap_or(defaults.nprobe),
+        probe: Probe {
+            cells: cells.unwrap_or(defaults.probe.cells),
+            lists: nprobe.unwrap_or(defaults.probe.lists),
+        },
         ..defaults
     };
     let mut detector = Detector::for_queries(ExtractParams::for_query(&index.meta.preset))?;
     let mut row = EngineRow {
-        system: format!("{} {:?}", index.meta.preset, engine).to_lowercase(),
+        system: format!(
+            "{} c{} l{}",
+            index.meta.preset, params.probe.cells, params.probe.lists
+        ),
         ..Default::default()
     };
     let (mut hit1, mut hit5, mut n) = (0usize, 0usize, 0usize);
@@ -219,12 +225,10 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
             );
         }
         let index = Index::open(&out)?;
-        for engine in &b.engines {
-            let mut row = measure(&index, &queries, *engine, b.nprobe)?;
-            row.build_s = built.seconds;
-            row.build_peak = (built.peak_working_set, built.peak_rss_anon);
-            rows.push(row);
-        }
+        let mut row = measure(&index, &queries, b.nprobe, b.cells)?;
+        row.build_s = built.seconds;
+        row.build_peak = (built.peak_working_set, built.peak_rss_anon);
+        rows.push(row);
     }
     for nf in &b.baseline_features {
         let r: BaselineReport = baseline::run(&b.python, &b.catalogue, &queries_dir, *nf, 15, 50)?;

@@ -1,6 +1,6 @@
 //! `indexer build`: list the dataset, extract ORB features under a memory budget, build the
-//! inverted lists and arroy shards, and publish a generation atomically — resumable at
-//! every step from the checkpoint in `IDX/build/`.
+//! vocabulary, inverted lists and global-descriptor index, and publish a generation
+//! atomically — resumable at every step from the checkpoint in `IDX/build/`.
 
 mod extract;
 mod governor;
@@ -8,7 +8,6 @@ mod index;
 mod publish;
 
 pub use governor::MemoryGovernor;
-pub use index::read_offsets;
 
 use crate::dataset;
 use crate::error::{IndexError, Result};
@@ -42,9 +41,6 @@ pub struct BuildOptions {
     /// filler images) after the dataset's, to measure queries on a real catalogue inside a
     /// large index.
     pub pad_descriptors: u64,
-    /// Descriptors per arroy shard instead of the plan's (tests: many shards from a small
-    /// catalogue). Ignored when a build is resumed: its shard size is fixed at its first shard.
-    pub shard_items: Option<u64>,
 }
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
@@ -132,10 +128,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
                 .unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
         }),
     };
-    let mut plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
-    if let Some(items) = opts.shard_items {
-        plan.shard_items = items.max(1);
-    }
+    let plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
     ctx.progress.set_preset(preset);
     tracing::info!(
         preset = %preset,
@@ -143,7 +136,6 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         skipped = listing.skipped.len(),
         budget_mib = budget >> 20,
         image_mib = plan.image_bytes >> 20,
-        shard_items = plan.shard_items,
         "build planned"
     );
     let scan_secs = started.elapsed().as_secs_f64();
@@ -220,9 +212,9 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         images_indexed,
         images_failed: images_failed + listing.skipped.len() as u64,
         descriptors: index_stats.descriptors,
-        ivf_lists: index_stats.lists,
-        arroy_shards: index_stats.shards,
-        shard_items: index_stats.shard_items,
+        cells: index_stats.cells,
+        lists: index_stats.lists,
+        globals: index_stats.globals,
         memory_budget: budget,
         peak_working_set: governor.peak_working_set(),
         started_at,
@@ -378,11 +370,9 @@ fn open_or_reset(
     Ok((store, work, false))
 }
 
-/// Runs the index phases to the end, closing and reopening the build environment between
-/// arroy shards: LMDB frees the buffers of its dirty pages only when the environment closes,
-/// so without this every shard after the first would also hold the previous shard's.
+/// Runs the index phases to the end.
 fn index_phases(
-    mut store: Store,
+    store: Store,
     work: &WorkStore,
     preset: &Preset,
     plan: &BuildPlan,
@@ -390,16 +380,10 @@ fn index_phases(
     timings: &mut Timings,
     governor: &MemoryGovernor,
 ) -> Result<(index::IndexStats, Store)> {
-    loop {
-        if let Some(stats) = index::run(&store, work, preset, plan, ctx, timings, &|| {
-            governor.release_now()
-        })? {
-            return Ok((stats, store));
-        }
-        let dir = store.env.path().to_path_buf();
-        store.close();
-        store = Store::create(&dir)?;
-    }
+    let stats = index::run(&store, work, preset, plan, ctx, timings, &|| {
+        governor.release_now()
+    })?;
+    Ok((stats, store))
 }
 
 /// The working environment's directory inside the build directory.
@@ -432,7 +416,7 @@ fn count_images(store: &Store) -> Result<(u64, u64)> {
         let (_, rec) = r?;
         if rec.error.is_some() {
             failed += 1;
-        } else if rec.count > 0 {
+        } else if rec.count > 0 || rec.global {
             ok += 1;
         }
     }
@@ -485,7 +469,7 @@ fn ingest_synthetic(
         let d = store::descriptors_blob(&descs);
         bytes += d.len() as u64;
         work.descs.put(&mut work_txn, &i, &d)?;
-        store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
+        work.kps.put(&mut work_txn, &i, &store::keypoints_blob(&kps))?;
         ctx.progress.image_done(descs.len() as u64, false);
         if bytes >= plan.write_batch_bytes {
             store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
@@ -575,9 +559,9 @@ pub fn run_synthetic(
         images_indexed: source.images as u64,
         images_failed: 0,
         descriptors: stats.descriptors,
-        ivf_lists: stats.lists,
-        arroy_shards: stats.shards,
-        shard_items: stats.shard_items,
+        cells: stats.cells,
+        lists: stats.lists,
+        globals: stats.globals,
         memory_budget: budget,
         peak_working_set: governor.peak_working_set(),
         started_at,

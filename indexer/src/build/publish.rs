@@ -21,8 +21,9 @@ fn free_share(store: &Store) -> Result<f64> {
         |st: heed::DatabaseStat| (st.branch_pages + st.leaf_pages + st.overflow_pages) as f64;
     let used = pages(store.meta.stat(&rtxn)?)
         + pages(store.images.stat(&rtxn)?)
-        + pages(store.kps.stat(&rtxn)?)
+        + pages(store.cells.stat(&rtxn)?)
         + pages(store.lists.stat(&rtxn)?)
+        + pages(store.globals.stat(&rtxn)?)
         + pages(store.arroy.stat(&rtxn)?)
         + 2.0;
     Ok(((total - used) / total).max(0.0))
@@ -63,9 +64,9 @@ pub(super) fn run(
     }
     store.env.force_sync()?;
     let build_dir = dir.build_dir();
-    // Pages freed during the build (merged list chunks, arroy's bookkeeping) stay in the file
-    // until a later write reuses them. Many shards reuse them as they go; a small build can
-    // end with a large free share: then publish a compacted copy instead of the directory.
+    // Pages freed during the build (index phases redone for another preset, arroy's
+    // bookkeeping) stay in the file until a later write reuses them: with a large free share,
+    // publish a compacted copy instead of the directory.
     let free = free_share(store)?;
     let compact = free > MAX_FREE_SHARE;
     tracing::info!(free_share = free, compact, "publishing");

@@ -253,7 +253,6 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
         strict_memory: false,
         sample: 512,
         pad_descriptors: 0,
-        shard_items: None,
     };
     let ctx = BuildContext {
         progress: progress.clone(),
