@@ -3,7 +3,7 @@
 //! shards), publish it atomically, and search it.
 #![warn(missing_docs)]
 
-pub mod attacks;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod build;
 pub mod cgroup;

@@ -18,8 +18,10 @@ fn main() {
         Command::Search(a) => a.run(),
         Command::Info(a) => a.run(),
         Command::Serve(a) => a.run(),
-        Command::Bench(a) => a.run(),
         Command::ExecLimited(a) => a.run(),
+        #[cfg(feature = "bench")]
+        Command::Bench(a) => a.run(),
+        #[cfg(feature = "bench")]
         Command::BuildSynthetic(a) => a.run(),
     };
     std::process::exit(cli::exit_code(outcome));

@@ -27,7 +27,7 @@ const ASSIGN_BATCH_IMAGES: usize = 256;
 const TRAIN_SEED: u64 = 0x1D_1DE0;
 
 /// What the index phases produced.
-pub(super) struct IndexStats {
+pub(crate) struct IndexStats {
     pub descriptors: u64,
     pub lists: u32,
     pub shards: u32,

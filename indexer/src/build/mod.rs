@@ -5,7 +5,7 @@
 mod extract;
 mod governor;
 mod index;
-mod publish;
+pub(crate) mod publish;
 
 pub use governor::MemoryGovernor;
 pub use index::read_offsets;
@@ -38,10 +38,6 @@ pub struct BuildOptions {
     pub strict_memory: bool,
     /// Headers sampled to learn the largest image.
     pub sample: usize,
-    /// Benchmarks only: add this many synthetic ORB-like descriptors (as 1000-descriptor
-    /// filler images) after the dataset's, to measure queries on a real catalogue inside a
-    /// large index.
-    pub pad_descriptors: u64,
     /// Descriptors per arroy shard instead of the plan's (tests: many shards from a small
     /// catalogue). Ignored when a build is resumed: its shard size is fixed at its first shard.
     pub shard_items: Option<u64>,
@@ -107,20 +103,52 @@ pub struct BuildContext {
     pub memory: Arc<MemorySource>,
 }
 
-/// Runs a build to completion (or to an error with the checkpoint intact).
-pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
-    run_inner(opts, ctx).map_err(|e| e.or_no_space(&opts.out))
+/// Images a build adds after its dataset's, before the index phases (the benchmarks pad a
+/// real catalogue with generated descriptors to measure queries inside a large index).
+pub trait ExtraImages {
+    /// Appended to the dataset's fingerprint, so that a build with other extras is not
+    /// resumed as this one.
+    fn fingerprint_suffix(&self) -> String;
+    /// Writes the extra images' records and descriptors under ids from `first` on, resuming
+    /// where an earlier run stopped.
+    fn ingest(
+        &self,
+        store: &Store,
+        work: &WorkStore,
+        first: u32,
+        preset: &Preset,
+        plan: &BuildPlan,
+        ctx: &BuildContext,
+    ) -> Result<()>;
 }
 
-fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+/// Runs a build to completion (or to an error with the checkpoint intact).
+pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+    run_with_extra(opts, ctx, None)
+}
+
+/// [`run`], adding `extra`'s images after the dataset's.
+pub fn run_with_extra(
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+    extra: Option<&dyn ExtraImages>,
+) -> Result<BuildSummary> {
+    run_inner(opts, ctx, extra).map_err(|e| e.or_no_space(&opts.out))
+}
+
+fn run_inner(
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+    extra: Option<&dyn ExtraImages>,
+) -> Result<BuildSummary> {
     let started = Instant::now();
     let started_at = now_rfc3339();
     let dir = IndexDir::new(&opts.out);
     let _lock = dir.lock()?;
     ctx.progress.set_phase(Phase::Scan);
     let mut listing = dataset::list(&opts.dataset)?;
-    if opts.pad_descriptors > 0 {
-        listing.fingerprint = format!("{}+pad{}", listing.fingerprint, opts.pad_descriptors);
+    if let Some(extra) = extra {
+        listing.fingerprint.push_str(&extra.fingerprint_suffix());
     }
     let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
     let budget = ctx.memory.limit();
@@ -179,21 +207,11 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         ctx,
     )?;
     timings.extract += t.elapsed().as_secs_f64();
-    if opts.pad_descriptors > 0 {
-        let generator = crate::bench::synthetic::Generator::new(7);
-        let generate = move |i: u32| generator.image(i);
-        let per = crate::bench::synthetic::PER_IMAGE;
-        let source = SyntheticSource {
-            images: opts.pad_descriptors.div_ceil(per as u64) as u32,
-            per_image: per,
-            generate: &generate,
-            fingerprint: String::new(),
-        };
-        ingest_synthetic(
+    if let Some(extra) = extra {
+        extra.ingest(
             &store,
             &work,
             listing.files.len() as u32,
-            &source,
             &preset,
             &plan,
             ctx,
@@ -322,7 +340,7 @@ fn adopt_unswitched(
 
 /// Opens the in-progress build, discarding it when the dataset changed or when it was
 /// extracted with fewer features than this preset wants.
-fn open_or_reset(
+pub(crate) fn open_or_reset(
     build_dir: &std::path::Path,
     listing: &dataset::Listing,
     preset: &Preset,
@@ -381,7 +399,7 @@ fn open_or_reset(
 /// Runs the index phases to the end, closing and reopening the build environment between
 /// arroy shards: LMDB frees the buffers of its dirty pages only when the environment closes,
 /// so without this every shard after the first would also hold the previous shard's.
-fn index_phases(
+pub(crate) fn index_phases(
     mut store: Store,
     work: &WorkStore,
     preset: &Preset,
@@ -406,7 +424,7 @@ fn index_phases(
 pub const WORK_DIR: &str = "work";
 
 /// Moves the checkpoint from extraction to the index phases.
-fn enter_training(store: &Store, preset: &Preset) -> Result<()> {
+pub(crate) fn enter_training(store: &Store, preset: &Preset) -> Result<()> {
     let mut wtxn = store.env.write_txn()?;
     store.set_checkpoint(
         &mut wtxn,
@@ -442,158 +460,4 @@ fn count_images(store: &Store) -> Result<(u64, u64)> {
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// Writes the records of synthetic images `first..first + source.images` (resuming from the
-/// `synthetic_next` metadata key), in batched write transactions.
-fn ingest_synthetic(
-    store: &Store,
-    work: &WorkStore,
-    first: u32,
-    source: &SyntheticSource,
-    preset: &Preset,
-    plan: &BuildPlan,
-    ctx: &BuildContext,
-) -> Result<()> {
-    let end = first + source.images;
-    let next: u32 = {
-        let rtxn = store.env.read_txn()?;
-        store.get_json(&rtxn, "synthetic_next")?.unwrap_or(first)
-    };
-    let mut wtxn = store.env.write_txn()?;
-    let mut work_txn = work.env.write_txn()?;
-    let mut bytes = 0u64;
-    for i in next.max(first)..end {
-        if ctx.progress.is_cancelled() {
-            store.put_json(&mut wtxn, "synthetic_next", &i)?;
-            work_txn.commit()?;
-            wtxn.commit()?;
-            return Err(IndexError::Interrupted);
-        }
-        let descs = (source.generate)(i - first);
-        let kps: Vec<[u16; 2]> = (0..descs.len())
-            .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
-            .collect();
-        let mut rec: ImageRecord = store.images.get(&wtxn, &i)?.unwrap_or_default();
-        if rec.path.is_empty() {
-            rec.path = format!("synthetic/{:08}", i - first);
-        }
-        rec.count = descs.len() as u32;
-        rec.extracted_with = preset.nfeatures;
-        (rec.width, rec.height, rec.work_width, rec.work_height) = (640, 480, 640, 480);
-        store.images.put(&mut wtxn, &i, &rec)?;
-        let d = store::descriptors_blob(&descs);
-        bytes += d.len() as u64;
-        work.descs.put(&mut work_txn, &i, &d)?;
-        store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
-        ctx.progress.image_done(descs.len() as u64, false);
-        if bytes >= plan.write_batch_bytes {
-            store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
-            // Descriptors first: a crash between the two commits only redoes images.
-            work_txn.commit()?;
-            wtxn.commit()?;
-            wtxn = store.env.write_txn()?;
-            work_txn = work.env.write_txn()?;
-            bytes = 0;
-        }
-    }
-    store.put_json(&mut wtxn, "synthetic_next", &end)?;
-    work_txn.commit()?;
-    wtxn.commit()?;
-    Ok(())
-}
-
-/// A build from generated descriptors instead of images (for benchmarks at sizes no sample
-/// dataset reaches): `images` groups of `per_image` descriptors from `generate(image)`.
-pub struct SyntheticSource<'a> {
-    /// Number of synthetic images.
-    pub images: u32,
-    /// Descriptors per image.
-    pub per_image: u32,
-    /// Makes the descriptors of one image (deterministic).
-    pub generate: &'a (dyn Fn(u32) -> Vec<crate::features::Descriptor> + Sync),
-    /// Identifies the generated set (its fingerprint).
-    pub fingerprint: String,
-}
-
-/// Builds and publishes an index of synthetic descriptors through the same index phases,
-/// checkpoints and publish step as an image build.
-pub fn run_synthetic(
-    out: &std::path::Path,
-    source: &SyntheticSource,
-    preset: &Preset,
-    ctx: &BuildContext,
-) -> Result<BuildSummary> {
-    let started_at = now_rfc3339();
-    let dir = IndexDir::new(out);
-    let _lock = dir.lock()?;
-    let budget = ctx.memory.limit();
-    let shape = estimate::DatasetShape {
-        images: source.images as u64,
-        bytes: 0,
-        max_width: 640,
-        max_height: 480,
-        max_is_jpeg: true,
-    };
-    let plan = plan_for(preset, &shape, budget, false)?;
-    let listing = dataset::Listing {
-        files: (0..source.images)
-            .map(|i| dataset::FileEntry {
-                path: format!("synthetic/{i:08}"),
-                bytes: 0,
-                mtime: 0,
-            })
-            .collect(),
-        skipped: Vec::new(),
-        fingerprint: source.fingerprint.clone(),
-    };
-    let (store, work, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
-    drop(listing);
-    let governor = MemoryGovernor::start(
-        ctx.memory.clone(),
-        &plan,
-        Some(store.env.path().to_path_buf()),
-    );
-    ctx.progress.set_total(source.images as u64);
-    ctx.progress.set_phase(Phase::Extract);
-    let mut timings = Timings::default();
-    let t = Instant::now();
-    ingest_synthetic(&store, &work, 0, source, preset, &plan, ctx)?;
-    enter_training(&store, preset)?;
-    timings.extract = t.elapsed().as_secs_f64();
-    ctx.progress.set_phase(Phase::Index);
-    let (stats, store) = index_phases(store, &work, preset, &plan, ctx, &mut timings, &governor)?;
-    ctx.progress.set_phase(Phase::Publish);
-    let generation = dir.next_generation()?;
-    let meta = BuildMeta {
-        format_version: store::FORMAT_VERSION,
-        generation,
-        preset: *preset,
-        dataset: "synthetic".into(),
-        fingerprint: source.fingerprint.clone(),
-        images_total: source.images as u64,
-        images_indexed: source.images as u64,
-        images_failed: 0,
-        descriptors: stats.descriptors,
-        ivf_lists: stats.lists,
-        arroy_shards: stats.shards,
-        shard_items: stats.shard_items,
-        memory_budget: budget,
-        peak_working_set: governor.peak_working_set(),
-        started_at,
-        finished_at: now_rfc3339(),
-        timings,
-        indexer_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let path = publish::run(&dir, &store, work, &meta, &dataset::Listing::default())?;
-    ctx.progress.set_phase(Phase::Done);
-    let memory = governor.memory();
-    Ok(BuildSummary {
-        generation,
-        path,
-        meta,
-        resumed,
-        extracted_now: 0,
-        memory,
-    })
 }

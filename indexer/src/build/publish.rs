@@ -29,7 +29,7 @@ fn free_share(store: &Store) -> Result<f64> {
 }
 
 /// Publishes the build in `store` as generation `meta.generation`; returns its directory.
-pub(super) fn run(
+pub(crate) fn run(
     dir: &IndexDir,
     store: &Store,
     work: WorkStore,

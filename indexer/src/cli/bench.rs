@@ -2,15 +2,15 @@
 //! runs its scale builds through.
 
 use super::build::start_display;
+use super::output;
 use super::search::EngineArg;
 use super::signals;
 use anyhow::Context;
-use indexer::bench::{images, synthetic};
-use indexer::build::{self, BuildContext};
+use indexer::bench::{images, load, synthetic, synthetic_index};
+use indexer::build::BuildContext;
 use indexer::memory::MemorySource;
 use indexer::progress::BuildProgress;
 use indexer::search::SearchParams;
-use indexer::serve::load;
 use indexer::IndexError;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -214,9 +214,9 @@ impl ImagesArgs {
             reuse: self.reuse,
         };
         let rows = images::run(&b)?;
-        images::print(&rows);
+        output::print(images::ImagesTable(&rows))?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            output::print(serde_json::to_string_pretty(&rows)?)?;
         }
         Ok(())
     }
@@ -247,9 +247,9 @@ impl LoadArgs {
             k: self.k,
             token: self.token,
         })?;
-        load::print(&report);
+        output::print(&report)?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            output::print(serde_json::to_string_pretty(&report)?)?;
         }
         Ok(())
     }
@@ -270,13 +270,16 @@ impl SyntheticArgs {
                 self.nprobe,
                 self.reuse,
             )?;
-            synthetic::print(std::slice::from_ref(&row), limit);
+            output::print(synthetic::SyntheticTable {
+                rows: std::slice::from_ref(&row),
+                limit,
+            })?;
             rows.push(row);
         }
-        println!();
-        synthetic::print(&rows, limit);
+        output::print("")?;
+        output::print(synthetic::SyntheticTable { rows: &rows, limit })?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            output::print(serde_json::to_string_pretty(&rows)?)?;
         }
         Ok(())
     }
@@ -293,7 +296,7 @@ impl BuildSyntheticArgs {
         let generator = synthetic::Generator::new(1);
         let per = synthetic::PER_IMAGE;
         let generate = move |i: u32| generator.image(i);
-        let source = build::SyntheticSource {
+        let source = synthetic_index::SyntheticSource {
             images: self.descriptors.div_ceil(per as u64) as u32,
             per_image: per,
             generate: &generate,
@@ -304,18 +307,17 @@ impl BuildSyntheticArgs {
             memory: memory.clone(),
         };
         let display = start_display(&progress, &memory);
-        let summary = build::run_synthetic(&self.out, &source, &preset, &ctx);
+        let summary = synthetic_index::run_synthetic(&self.out, &source, &preset, &ctx);
         drop(display);
         let summary = summary?;
         if self.json {
-            println!("{}", serde_json::to_string(&summary)?);
+            output::print(serde_json::to_string(&summary)?)
         } else {
-            println!(
+            output::print(format_args!(
                 "published {} descriptors at {}",
                 summary.meta.descriptors,
                 summary.path.display()
-            );
+            ))
         }
-        Ok(())
     }
 }

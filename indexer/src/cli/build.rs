@@ -39,6 +39,7 @@ pub struct BuildArgs {
     #[arg(long)]
     json: bool,
     /// Benchmarks: add this many synthetic descriptors after the dataset's.
+    #[cfg(feature = "bench")]
     #[arg(long, hide = true, default_value_t = 0)]
     pad_synthetic: u64,
     /// Tests: descriptors per arroy shard instead of the memory plan's.
@@ -88,13 +89,22 @@ impl BuildArgs {
             threads,
             strict_memory: self.strict_memory,
             sample: 512,
-            pad_descriptors: self.pad_synthetic,
             shard_items: self.shard_items,
         };
         let ctx = BuildContext {
             progress: progress.clone(),
             memory: memory.clone(),
         };
+        #[cfg(feature = "bench")]
+        let padding = (self.pad_synthetic > 0)
+            .then(|| indexer::bench::synthetic_index::Padding::new(self.pad_synthetic));
+        #[cfg(feature = "bench")]
+        let summary = build::run_with_extra(
+            &opts,
+            &ctx,
+            padding.as_ref().map(|p| p as &dyn build::ExtraImages),
+        );
+        #[cfg(not(feature = "bench"))]
         let summary = build::run(&opts, &ctx);
         drop(display);
         let summary = summary?;

@@ -2,6 +2,7 @@
 //! method; [`output`] holds what the commands print, [`signals`] turns SIGTERM/SIGINT into a
 //! build's cancellation.
 
+#[cfg(feature = "bench")]
 mod bench;
 mod build;
 mod exec_limited;
@@ -46,10 +47,12 @@ pub enum Command {
     /// Serve an index over HTTP: search by image, catalogue, rebuild, metrics, OpenAPI docs.
     Serve(serve::ServeArgs),
     /// Benchmarks printed as tables (speed, memory, disk, recall; the old system beside ours).
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
     /// Run a command inside a fresh cgroup with a real memory limit (used by local mode).
     ExecLimited(exec_limited::ExecLimitedArgs),
     /// Build an index of generated ORB-like descriptors (benchmarks).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BuildSynthetic(bench::BuildSyntheticArgs),
 }

@@ -19,7 +19,7 @@ const NONE: (u32, u32) = (u32::MAX, u32::MAX);
 
 impl Index {
     /// Best few (distance, descriptor id) for each query descriptor.
-    pub(super) fn lookup(
+    pub(crate) fn lookup(
         &self,
         descriptors: &[Descriptor],
         params: &SearchParams,
@@ -152,18 +152,6 @@ fn insert_best(best: &mut [(u32, u32); 4], cand: (u32, u32)) {
 /// dimensions.
 fn arroy_hamming(normalized: f32) -> u32 {
     (normalized * (crate::features::DESCRIPTOR_BYTES * 8) as f32 / 2.0).round() as u32
-}
-
-impl Index {
-    /// The nearest stored descriptor to one query descriptor (for lookup benchmarks).
-    pub fn nearest(&self, d: &Descriptor, params: &SearchParams) -> Result<Option<u32>> {
-        let best = self.lookup(std::slice::from_ref(d), params)?;
-        Ok(best
-            .first()
-            .map(|b| b[0])
-            .filter(|(dist, _)| *dist != u32::MAX)
-            .map(|(_, id)| id))
-    }
 }
 
 #[cfg(test)]

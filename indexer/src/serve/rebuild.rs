@@ -252,7 +252,6 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
         threads: rebuilds.threads,
         strict_memory: false,
         sample: 512,
-        pad_descriptors: 0,
         shard_items: None,
     };
     let ctx = BuildContext {
