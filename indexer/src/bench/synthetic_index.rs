@@ -8,7 +8,7 @@ use crate::build::{self, BuildContext, BuildSummary, ExtraImages};
 use crate::dataset;
 use crate::error::{IndexError, Result};
 use crate::layout::IndexDir;
-use crate::progress::Phase;
+use crate::progress::BuildPhase;
 use crate::store::{self, BuildMeta, ImageRecord, Store, Timings, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::preset::Preset;
@@ -125,16 +125,16 @@ pub fn run_synthetic(
         Some(store.env.path().to_path_buf()),
     );
     ctx.progress.set_total(source.images as u64);
-    ctx.progress.set_phase(Phase::Extract);
+    ctx.progress.set_phase(BuildPhase::Extract);
     let mut timings = Timings::default();
     let t = Instant::now();
     ingest(&store, &work, 0, source, preset, &plan, ctx)?;
     build::enter_training(&store, preset)?;
     timings.extract = t.elapsed().as_secs_f64();
-    ctx.progress.set_phase(Phase::Index);
+    ctx.progress.set_phase(BuildPhase::Index);
     let (stats, store) =
         build::index_phases(store, &work, preset, &plan, ctx, &mut timings, &governor)?;
-    ctx.progress.set_phase(Phase::Publish);
+    ctx.progress.set_phase(BuildPhase::Publish);
     let generation = dir.next_generation()?;
     let meta = BuildMeta {
         format_version: store::FORMAT_VERSION,
@@ -157,7 +157,7 @@ pub fn run_synthetic(
         indexer_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let path = build::publish::run(&dir, &store, work, &meta, &dataset::Listing::default())?;
-    ctx.progress.set_phase(Phase::Done);
+    ctx.progress.set_phase(BuildPhase::Done);
     let memory = governor.memory();
     Ok(BuildSummary {
         generation,

@@ -14,7 +14,7 @@ use crate::dataset;
 use crate::error::{IndexError, Result};
 use crate::layout::IndexDir;
 use crate::memory::MemorySource;
-use crate::progress::{BuildProgress, Phase};
+use crate::progress::{BuildPhase, BuildProgress};
 use crate::store::{self, BuildMeta, Checkpoint, ImageRecord, Store, Timings, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::policy;
@@ -31,7 +31,7 @@ pub struct BuildOptions {
     /// The index directory.
     pub out: PathBuf,
     /// `auto` or a preset label.
-    pub preset: PresetChoice,
+    pub preset: PresetRequest,
     /// Extraction threads.
     pub threads: usize,
     /// Refuse to start when the preset's estimate exceeds the budget (instead of trying).
@@ -45,20 +45,20 @@ pub struct BuildOptions {
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PresetChoice {
+pub enum PresetRequest {
     /// Let the policy choose from the dataset and the budget.
     Auto,
     /// This step of the ladder.
     Exact(Preset),
 }
 
-impl PresetChoice {
+impl PresetRequest {
     /// Parses `auto` or a preset label.
-    pub fn parse(text: &str) -> Option<PresetChoice> {
+    pub fn parse(text: &str) -> Option<PresetRequest> {
         if PresetSelector::parse(text) == Some(PresetSelector::Auto) {
-            return Some(PresetChoice::Auto);
+            return Some(PresetRequest::Auto);
         }
-        Preset::from_label(text.trim()).map(PresetChoice::Exact)
+        Preset::from_label(text.trim()).map(PresetRequest::Exact)
     }
 }
 
@@ -145,7 +145,7 @@ fn run_inner(
     let started_at = now_rfc3339();
     let dir = IndexDir::new(&opts.out);
     let _lock = dir.lock()?;
-    ctx.progress.set_phase(Phase::Scan);
+    ctx.progress.set_phase(BuildPhase::Scan);
     let mut listing = dataset::list(&opts.dataset)?;
     if let Some(extra) = extra {
         listing.fingerprint.push_str(&extra.fingerprint_suffix());
@@ -153,8 +153,8 @@ fn run_inner(
     let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
     let budget = ctx.memory.limit();
     let preset = match opts.preset {
-        PresetChoice::Exact(p) => p,
-        PresetChoice::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
+        PresetRequest::Exact(p) => p,
+        PresetRequest::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
             *Preset::ladder()
                 .last()
                 .unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
@@ -219,12 +219,12 @@ fn run_inner(
     }
     save_timings(&store, &timings)?;
 
-    ctx.progress.set_phase(Phase::Index);
+    ctx.progress.set_phase(BuildPhase::Index);
     let (index_stats, store) =
         index_phases(store, &work, &preset, &plan, ctx, &mut timings, &governor)?;
     save_timings(&store, &timings)?;
 
-    ctx.progress.set_phase(Phase::Publish);
+    ctx.progress.set_phase(BuildPhase::Publish);
     let t = Instant::now();
     let generation = dir.next_generation()?;
     let (images_indexed, images_failed) = count_images(&store)?;
@@ -254,7 +254,7 @@ fn run_inner(
     let path = publish::run(&dir, &store, work, &meta, &listing)?;
     let mut meta = meta;
     meta.timings.publish = t.elapsed().as_secs_f64();
-    ctx.progress.set_phase(Phase::Done);
+    ctx.progress.set_phase(BuildPhase::Done);
     let memory = governor.memory();
     drop(governor);
     Ok(BuildSummary {

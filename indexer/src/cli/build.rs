@@ -3,9 +3,9 @@
 use super::output::{self, BuildReport};
 use super::signals;
 use anyhow::Context;
-use indexer::build::{self, BuildContext, BuildOptions, PresetChoice};
+use indexer::build::{self, BuildContext, BuildOptions, PresetRequest};
 use indexer::memory::MemorySource;
-use indexer::metrics::{self, BuildMetrics};
+use indexer::metrics::{self, BuildExporter};
 use indexer::progress::{BuildProgress, ProgressDisplay};
 use indexer::IndexError;
 use std::net::SocketAddr;
@@ -22,7 +22,7 @@ pub struct BuildArgs {
     out: PathBuf,
     /// auto, full, small, medium, large, xlarge (or a ladder label like xlarge-nf50).
     #[arg(long, default_value = "auto", value_parser = preset_choice)]
-    preset: PresetChoice,
+    preset: PresetRequest,
     /// Memory limit (default: the cgroup limit, else the machine's memory).
     #[arg(long, value_parser = super::memory_size)]
     memory_limit: Option<u64>,
@@ -48,8 +48,8 @@ pub struct BuildArgs {
 }
 
 /// Parses `auto` or a preset label.
-pub fn preset_choice(text: &str) -> Result<PresetChoice, IndexError> {
-    PresetChoice::parse(text).ok_or_else(|| {
+pub fn preset_choice(text: &str) -> Result<PresetRequest, IndexError> {
+    PresetRequest::parse(text).ok_or_else(|| {
         IndexError::Usage(format!(
             "unknown preset {text:?} (auto, full, small, medium, large, xlarge)"
         ))
@@ -67,8 +67,8 @@ impl BuildArgs {
         let memory = Arc::new(MemorySource::detect(self.memory_limit));
         let progress = BuildProgress::new();
         signals::cancel_on_stop(progress.clone())?;
-        let build_metrics = BuildMetrics::new();
-        if let PresetChoice::Exact(p) = self.preset {
+        let build_metrics = BuildExporter::new();
+        if let PresetRequest::Exact(p) = self.preset {
             build_metrics.set_info(&p);
         }
         if let Some(addr) = self.metrics_addr {

@@ -1,6 +1,6 @@
 //! `indexer info`: what a published index holds.
 
-use super::output::{self, IndexInfo};
+use super::output::{self, InfoReport};
 use indexer::search::Index;
 use std::path::PathBuf;
 
@@ -21,7 +21,7 @@ impl InfoArgs {
     /// Opens the current generation and prints its metadata, sizes and failed images.
     pub fn run(self) -> anyhow::Result<()> {
         let idx = Index::open(&self.index)?;
-        let info = IndexInfo {
+        let info = InfoReport {
             failed: idx.failed_images(self.failures)?,
             database_bytes: idx.database_bytes()?,
             index: &idx,

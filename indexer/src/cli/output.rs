@@ -164,7 +164,7 @@ impl Display for SearchReport<'_> {
 }
 
 /// `indexer info`: a generation's metadata, its size by database and its failed images.
-pub struct IndexInfo<'a> {
+pub struct InfoReport<'a> {
     /// The opened generation.
     pub index: &'a Index,
     /// Failed images with their reasons.
@@ -173,7 +173,7 @@ pub struct IndexInfo<'a> {
     pub database_bytes: Vec<(&'static str, u64)>,
 }
 
-impl IndexInfo<'_> {
+impl InfoReport<'_> {
     /// The same as JSON (`--json`).
     pub fn to_json(&self) -> serde_json::Value {
         let idx = self.index;
@@ -198,7 +198,7 @@ impl IndexInfo<'_> {
     }
 }
 
-impl Display for IndexInfo<'_> {
+impl Display for InfoReport<'_> {
     fn fmt(&self, f: &mut Formatter) -> fmt::Result {
         let idx = self.index;
         let m = &idx.meta;

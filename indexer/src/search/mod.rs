@@ -16,7 +16,7 @@ pub mod ranking;
 
 pub use index::Index;
 pub use lookup::Candidates;
-pub use query::{search_bytes, search_file, Answer, QueryError, Timings};
+pub use query::{search_bytes, search_file, Answer, QueryError, QueryTimings};
 pub use ranking::Match;
 
 use crate::store::BuildMeta;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 /// Time spent per step of one query (milliseconds).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct Timings {
+pub struct QueryTimings {
     /// Decoding the upload.
     pub decode_ms: f64,
     /// ORB.
@@ -30,7 +30,7 @@ pub struct Answer {
     /// What the detector adapted for the query.
     pub adaptation: crate::features::Adaptation,
     /// Per-step times (of both searches when the mirror was searched too).
-    pub timings: Timings,
+    pub timings: QueryTimings,
     /// Whether the matches come from the query mirrored left to right.
     pub mirrored: bool,
 }
@@ -63,7 +63,7 @@ pub fn search_bytes(
         matches,
         features: f.descriptors.len(),
         adaptation: f.adaptation,
-        timings: Timings {
+        timings: QueryTimings {
             decode_ms,
             extract_ms,
             lookup_ms,
