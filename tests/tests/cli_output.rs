@@ -16,14 +16,20 @@ fn with_stdout_closed(args: &[&str]) -> (Option<i32>, String) {
         .unwrap();
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_quiet(args: &[&str]) {
     let (code, stderr) = with_stdout_closed(args);
     assert_eq!(code, Some(0), "{args:?} with stdout closed: {stderr}");
     for noise in ["panicked", "Broken pipe", "\"level\":\"ERROR\""] {
-        assert!(!stderr.contains(noise), "{args:?} printed {noise:?}: {stderr}");
+        assert!(
+            !stderr.contains(noise),
+            "{args:?} printed {noise:?}: {stderr}"
+        );
     }
     assert!(
         !stderr.lines().any(|l| l.starts_with("error:")),
