@@ -4,7 +4,7 @@
 //! search it.
 #![warn(missing_docs)]
 
-pub mod attacks;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod build;
 pub mod cgroup;

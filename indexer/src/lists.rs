@@ -69,6 +69,29 @@ pub struct Probe {
     pub lists: usize,
 }
 
+/// How evenly the entries fill the lists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListStats {
+    /// Top-level cells.
+    pub cells: u32,
+    /// Lists (leaves).
+    pub lists: u64,
+    /// Entries in all lists.
+    pub entries: u64,
+    /// Mean entries per list.
+    pub mean: f64,
+    /// Median list length.
+    pub p50: u32,
+    /// 99th percentile of list length.
+    pub p99: u32,
+    /// Longest list.
+    pub max: u32,
+    /// Mean length of the list an entry is in (what a lookup scans per probed list when
+    /// queries fall where the data is): above the mean when lists are uneven.
+    pub entry_weighted_mean: f64,
+}
+
 /// The vocabulary and list layout of a published generation.
 pub struct ListIndex {
     vocab: Vocabulary,
@@ -102,9 +125,10 @@ impl ListIndex {
                 .and_then(CellRecord::from_bytes)
                 .ok_or_else(|| bad(&format!("cell {c} missing or damaged")))?;
             entries += rec.entries();
-            cell_leaves.push(
+            cell_leaves.push((
                 vocab::centroids_from_bytes(&rec.leaves).ok_or_else(|| bad("leaf centroids"))?,
-            );
+                rec.prices,
+            ));
             layout.push(CellLayout {
                 starts: rec.starts,
                 parts: rec.parts,
@@ -139,6 +163,29 @@ impl ListIndex {
         let local = (leaf - self.vocab.cell_leaves(c).start) as usize;
         let s = &self.layout[c as usize].starts;
         s[local + 1] - s[local]
+    }
+
+    /// How evenly the entries fill the lists.
+    pub fn stats(&self) -> ListStats {
+        let mut lens: Vec<u32> = self
+            .layout
+            .iter()
+            .flat_map(|l| l.starts.windows(2).map(|w| w[1] - w[0]))
+            .collect();
+        lens.sort_unstable();
+        let n = lens.len().max(1);
+        let at = |q: f64| lens.get(((n - 1) as f64 * q) as usize).copied().unwrap_or(0);
+        let squares: f64 = lens.iter().map(|&l| l as f64 * l as f64).sum();
+        ListStats {
+            cells: self.vocab.cells() as u32,
+            lists: lens.len() as u64,
+            entries: self.entries,
+            mean: self.entries as f64 / n as f64,
+            p50: at(0.5),
+            p99: at(0.99),
+            max: lens.last().copied().unwrap_or(0),
+            entry_weighted_mean: squares / self.entries.max(1) as f64,
+        }
     }
 
     /// The bytes of one leaf's list.

@@ -2,7 +2,7 @@
 //! dashboard read them), and a small HTTP exporter for builds.
 
 use crate::memory::{MemorySnapshot, MemorySource};
-use crate::progress::{BuildProgress, Phase};
+use crate::progress::{BuildPhase, BuildProgress};
 use imageindex_crds::preset::Preset;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::net::SocketAddr;
@@ -82,9 +82,10 @@ impl MemoryMetrics {
     }
 }
 
-/// The build's metrics: memory, progress, phase and build info.
+/// The build's Prometheus registry and metrics (memory, progress, phase, build info), served
+/// on `indexer build --metrics-addr`.
 #[derive(Clone)]
-pub struct BuildMetrics {
+pub struct BuildExporter {
     /// The registry to export.
     pub registry: Registry,
     /// Memory gauges.
@@ -97,7 +98,7 @@ pub struct BuildMetrics {
     info: IntGaugeVec,
 }
 
-impl BuildMetrics {
+impl BuildExporter {
     /// Registers every build metric in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -113,7 +114,7 @@ impl BuildMetrics {
             let _ = registry.register(Box::new(v.clone()));
             v
         };
-        BuildMetrics {
+        BuildExporter {
             images_total: gauge(
                 &registry,
                 "imageindex_images_total",
@@ -177,7 +178,7 @@ impl BuildMetrics {
         bump(&self.images_processed, s.images_processed);
         bump(&self.images_failed, s.images_failed);
         self.descriptors.set(s.descriptors as i64);
-        for p in Phase::ALL {
+        for p in BuildPhase::ALL {
             self.phase
                 .with_label_values(&[p.as_str()])
                 .set(i64::from(p == s.phase));
@@ -191,7 +192,7 @@ impl BuildMetrics {
     }
 }
 
-impl Default for BuildMetrics {
+impl Default for BuildExporter {
     fn default() -> Self {
         Self::new()
     }
@@ -208,7 +209,7 @@ pub fn render(registry: &Registry) -> String {
 /// gauges on every scrape. Returns the bound address.
 pub fn serve_build_metrics(
     addr: SocketAddr,
-    metrics: BuildMetrics,
+    metrics: BuildExporter,
     progress: Arc<BuildProgress>,
     memory: Arc<MemorySource>,
 ) -> std::io::Result<SocketAddr> {
@@ -264,12 +265,12 @@ mod tests {
 
     #[test]
     fn every_contract_metric_is_exported() {
-        let m = BuildMetrics::new();
+        let m = BuildExporter::new();
         m.set_info(&imageindex_crds::PresetName::Full.preset());
         let p = BuildProgress::new();
         p.set_total(5);
         p.image_done(10, false);
-        p.set_phase(Phase::Extract);
+        p.set_phase(BuildPhase::Extract);
         m.observe(
             &p,
             &MemorySnapshot {
@@ -300,7 +301,7 @@ mod tests {
 
     #[test]
     fn counters_follow_progress_without_going_back() {
-        let m = BuildMetrics::new();
+        let m = BuildExporter::new();
         let p = BuildProgress::new();
         p.resume_at(40, 2, 0);
         m.observe(&p, &MemorySnapshot::default());

@@ -62,12 +62,15 @@ pub fn part_key(cell: u32, part: u32) -> u64 {
     ((cell as u64) << 32) | part as u64
 }
 
-/// Where a cell's leaves are: its leaf centroids, and for each leaf the index of its first
-/// entry (counted from the cell's first entry), plus the first leaf of every part.
+/// Where a cell's leaves are: its leaf centroids and their prices, and for each leaf the
+/// index of its first entry (counted from the cell's first entry), plus the first leaf of
+/// every part.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CellRecord {
     /// The leaf centroids, 32 bytes each.
     pub leaves: Vec<u8>,
+    /// Each leaf's price ([`crate::vocab::balance`]).
+    pub prices: Vec<u16>,
     /// Entry index where each leaf starts, plus the cell's entry count at the end.
     pub starts: Vec<u32>,
     /// First leaf (local index) of each part; `parts[0] == 0`.
@@ -95,14 +98,20 @@ impl CellRecord {
 }
 
 impl CellRecord {
-    /// Encodes the record: three little-endian u32 counts, then the leaves, starts and
-    /// parts.
+    /// Encodes the record: three little-endian u32 counts, then the leaves, their prices
+    /// (u16), starts and parts (u32).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(12 + self.leaves.len() + 4 * (self.starts.len() + self.parts.len()));
-        out.extend_from_slice(&(self.leaves.len() as u32 / 32).to_le_bytes());
+        let n = self.leaves.len() / 32;
+        let mut out =
+            Vec::with_capacity(12 + n * 34 + 4 * (self.starts.len() + self.parts.len()));
+        out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.parts.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.leaves);
+        for i in 0..n {
+            let p = self.prices.get(i).copied().unwrap_or(0);
+            out.extend_from_slice(&p.to_le_bytes());
+        }
         for v in self.starts.iter().chain(&self.parts) {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -118,17 +127,23 @@ impl CellRecord {
         let n_starts = u32_at(4)? as usize;
         let n_parts = u32_at(8)? as usize;
         let leaves_end = 12usize.checked_add(n_leaves.checked_mul(32)?)?;
-        let end = leaves_end.checked_add((n_starts + n_parts).checked_mul(4)?)?;
+        let prices_end = leaves_end.checked_add(n_leaves.checked_mul(2)?)?;
+        let end = prices_end.checked_add((n_starts + n_parts).checked_mul(4)?)?;
         if b.len() != end || n_starts != n_leaves + 1 || n_parts == 0 {
             return None;
         }
         let leaves = b[12..leaves_end].to_vec();
+        let prices = b[leaves_end..prices_end]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         let ints: Vec<u32> = (0..n_starts + n_parts)
-            .map(|i| u32_at(leaves_end + i * 4))
+            .map(|i| u32_at(prices_end + i * 4))
             .collect::<Option<_>>()?;
         let (starts, parts) = ints.split_at(n_starts);
         let rec = CellRecord {
             leaves,
+            prices,
             starts: starts.to_vec(),
             parts: parts.to_vec(),
         };
@@ -168,6 +183,7 @@ mod tests {
         // 4 leaves with 3, 0, 5, 2 entries; parts start at leaves 0 and 2.
         let rec = CellRecord {
             leaves: vec![0; 4 * 32],
+            prices: vec![0, 3, 0, 1],
             starts: vec![0, 3, 3, 8, 10],
             parts: vec![0, 2],
         };
@@ -178,10 +194,13 @@ mod tests {
         assert_eq!(rec.locate(3), Some((1, 5 * ENTRY_BYTES..7 * ENTRY_BYTES)));
         assert_eq!(rec.locate(4), None);
         let bytes = rec.to_bytes();
-        assert_eq!(CellRecord::from_bytes(&bytes), Some(rec));
+        assert_eq!(CellRecord::from_bytes(&bytes), Some(rec.clone()));
         assert_eq!(CellRecord::from_bytes(&bytes[..bytes.len() - 1]), None);
         let mut bad = bytes.clone();
         bad[8] = 0; // no parts
         assert_eq!(CellRecord::from_bytes(&bad[..bad.len() - 8]), None);
+        let mut unordered = rec.clone();
+        unordered.starts = vec![0, 3, 2, 8, 10];
+        assert_eq!(CellRecord::from_bytes(&unordered.to_bytes()), None);
     }
 }

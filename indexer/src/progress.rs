@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// Build phases, as in the `imageindex_build_phase{phase=...}` metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Phase {
+pub enum BuildPhase {
     /// Listing the dataset.
     Scan = 0,
     /// Decoding and ORB.
@@ -22,29 +22,32 @@ pub enum Phase {
     Done = 4,
 }
 
-impl Phase {
+impl BuildPhase {
     /// All phases in order.
-    pub const ALL: [Phase; 5] = [
-        Phase::Scan,
-        Phase::Extract,
-        Phase::Index,
-        Phase::Publish,
-        Phase::Done,
+    pub const ALL: [BuildPhase; 5] = [
+        BuildPhase::Scan,
+        BuildPhase::Extract,
+        BuildPhase::Index,
+        BuildPhase::Publish,
+        BuildPhase::Done,
     ];
 
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Scan => "scan",
-            Phase::Extract => "extract",
-            Phase::Index => "index",
-            Phase::Publish => "publish",
-            Phase::Done => "done",
+            BuildPhase::Scan => "scan",
+            BuildPhase::Extract => "extract",
+            BuildPhase::Index => "index",
+            BuildPhase::Publish => "publish",
+            BuildPhase::Done => "done",
         }
     }
 
-    fn from_u8(v: u8) -> Phase {
-        Phase::ALL.get(v as usize).copied().unwrap_or(Phase::Done)
+    fn from_u8(v: u8) -> BuildPhase {
+        BuildPhase::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(BuildPhase::Done)
     }
 }
 
@@ -66,7 +69,7 @@ pub struct BuildProgress {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ProgressSnapshot {
     /// Current phase.
-    pub phase: Phase,
+    pub phase: BuildPhase,
     /// Image files in the dataset.
     pub images_total: u64,
     /// Images extracted or skipped.
@@ -88,7 +91,7 @@ impl BuildProgress {
     }
 
     /// Enters a phase.
-    pub fn set_phase(&self, p: Phase) {
+    pub fn set_phase(&self, p: BuildPhase) {
         self.phase.store(p as u8, Ordering::Relaxed);
     }
 
@@ -154,7 +157,7 @@ impl BuildProgress {
     /// Reads the counters.
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
-            phase: Phase::from_u8(self.phase.load(Ordering::Relaxed)),
+            phase: BuildPhase::from_u8(self.phase.load(Ordering::Relaxed)),
             images_total: self.images_total.load(Ordering::Relaxed),
             images_processed: self.images_processed.load(Ordering::Relaxed),
             images_failed: self.images_failed.load(Ordering::Relaxed),
@@ -200,7 +203,7 @@ impl ProgressDisplay {
                     let s = progress.snapshot();
                     let (ws, limit) = memory();
                     let (pos, len) = match s.phase {
-                        Phase::Index => (s.step_done, s.step_total),
+                        BuildPhase::Index => (s.step_done, s.step_total),
                         _ => (s.images_processed, s.images_total),
                     };
                     if let Some(b) = &bar {
@@ -261,13 +264,13 @@ mod tests {
         p.resume_at(4, 1, 400);
         p.image_done(100, false);
         p.image_done(0, true);
-        p.set_phase(Phase::Index);
+        p.set_phase(BuildPhase::Index);
         let s = p.snapshot();
         assert_eq!(
             (s.images_processed, s.images_failed, s.descriptors),
             (6, 2, 500)
         );
-        assert_eq!(s.phase, Phase::Index);
+        assert_eq!(s.phase, BuildPhase::Index);
         assert!(!p.is_cancelled());
         p.cancel();
         assert!(p.is_cancelled());

@@ -62,6 +62,12 @@ impl VocabShape {
 
 /// Trains `k` binary centroids on `samples` with k-majority (each bit of a centroid is the
 /// majority bit of its members). Deterministic for a given seed and sample order.
+///
+/// k-majority can collapse: inside one dense, shapeless blob of descriptors every member's
+/// majority is the blob's centre, so the centroids converge on it and one of them takes
+/// nearly every member. The largest cluster is watched on every pass, and when training made
+/// it larger than it was with the initial centroids (distinct samples, which split such a
+/// blob evenly), the initial centroids are kept: lists stay short where it matters most.
 pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Words> {
     if samples.is_empty() {
         return vec![[0; 4]];
@@ -74,23 +80,38 @@ pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Wor
         let j = rng.random_range(i..order.len());
         order.swap(i, j);
     }
-    let mut centroids: Vec<Words> = order[..k].iter().map(|&i| samples[i]).collect();
-    if k == 1 && samples.len() == 1 {
-        return centroids;
+    let seeds: Vec<Words> = order[..k].iter().map(|&i| samples[i]).collect();
+    if k == 1 || iterations == 0 {
+        return seeds;
     }
     let parallel = samples.len() * k >= 1 << 16;
-    for _ in 0..iterations {
-        let assign: Vec<u32> = if parallel {
+    let assign = |centroids: &[Words]| -> Vec<u32> {
+        if parallel {
             samples
                 .par_iter()
-                .map(|s| nearest(&centroids, s).1)
+                .map(|s| nearest(centroids, s).1)
                 .collect()
         } else {
-            samples.iter().map(|s| nearest(&centroids, s).1).collect()
-        };
+            samples.iter().map(|s| nearest(centroids, s).1).collect()
+        }
+    };
+    let largest = |assignment: &[u32]| -> u32 {
+        let mut sizes = vec![0u32; k];
+        for &c in assignment {
+            sizes[c as usize] += 1;
+        }
+        sizes.into_iter().max().unwrap_or(0)
+    };
+    let mut centroids = seeds.clone();
+    let mut seeds_largest = 0;
+    for it in 0..iterations {
+        let assignment = assign(&centroids);
+        if it == 0 {
+            seeds_largest = largest(&assignment);
+        }
         let mut counts = vec![[0u32; 256]; k];
         let mut sizes = vec![0u32; k];
-        for (s, &c) in samples.iter().zip(&assign) {
+        for (s, &c) in samples.iter().zip(&assignment) {
             let c = c as usize;
             sizes[c] += 1;
             for (wi, w) in s.iter().enumerate() {
@@ -117,6 +138,10 @@ pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Wor
             centroids[c] = w;
         }
     }
+    // Trained centroids win unless they made the largest cluster markedly larger.
+    if largest(&assign(&centroids)) as u64 * 2 > seeds_largest as u64 * 3 {
+        return seeds;
+    }
     centroids
 }
 
@@ -131,6 +156,73 @@ pub fn nearest(centroids: &[Words], q: &Words) -> (u32, u32) {
         }
     }
     best
+}
+
+/// (distance + price, index) of the centroid nearest to `q` once each centroid's price is
+/// added to its distance (ties: lowest index).
+#[inline]
+pub fn nearest_priced(centroids: &[Words], prices: &[u16], q: &Words) -> (u32, u32) {
+    let mut best = (u32::MAX, 0u32);
+    for (i, (c, p)) in centroids.iter().zip(prices).enumerate() {
+        let d = distance_words(q, c) + *p as u32;
+        if d < best.0 {
+            best = (d, i as u32);
+        }
+    }
+    best
+}
+
+/// Largest list, as a multiple of the mean, that [`balance`] accepts.
+pub const BALANCE_FACTOR: f64 = 2.5;
+/// Most price rounds [`balance`] runs.
+pub const BALANCE_ROUNDS: u32 = 40;
+
+/// Prices (extra Hamming distance) that keep any centroid from taking more than
+/// `max_factor` × its share of `samples`.
+///
+/// In a region where many groups of descriptors sit at about the same distance from each
+/// other, one centroid near the region's middle is the nearest of nearly every descriptor
+/// (a "hub" — nearest-neighbour hubness in high dimensions), and its list would hold the
+/// whole region. Raising an over-full centroid's price moves the boundary of its catchment
+/// inwards until its share is reasonable; queries route with the same prices, so they look
+/// where the descriptors were put. Where lists are already even (most real data) this is a
+/// single assignment pass that changes nothing.
+pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: u32) -> Vec<u16> {
+    let k = centroids.len();
+    let mut prices = vec![0u16; k];
+    if k <= 1 || samples.is_empty() {
+        return prices;
+    }
+    let cap = ((samples.len() as f64 / k as f64) * max_factor).ceil().max(1.0);
+    for _ in 0..rounds {
+        let assign: Vec<u32> = if samples.len() * k >= 1 << 16 {
+            samples
+                .par_iter()
+                .map(|s| nearest_priced(centroids, &prices, s).1)
+                .collect()
+        } else {
+            samples
+                .iter()
+                .map(|s| nearest_priced(centroids, &prices, s).1)
+                .collect()
+        };
+        let mut sizes = vec![0u32; k];
+        for c in assign {
+            sizes[c as usize] += 1;
+        }
+        let mut over = false;
+        for (p, &n) in prices.iter_mut().zip(&sizes) {
+            if n as f64 > cap {
+                over = true;
+                let step = (2.0 * (n as f64 / cap).log2()).ceil().max(1.0) as u16;
+                *p = p.saturating_add(step);
+            }
+        }
+        if !over {
+            break;
+        }
+    }
+    prices
 }
 
 /// The `n` smallest (distance, index) pairs of `centroids` to `q`, nearest first, appended
@@ -169,6 +261,8 @@ pub struct Vocabulary {
     /// Cell `c`'s leaves are `first_leaf[c]..first_leaf[c + 1]`.
     first_leaf: Vec<u32>,
     leaves: Vec<Words>,
+    /// Each leaf's price ([`balance`]).
+    prices: Vec<u16>,
 }
 
 /// Scratch space for [`Vocabulary::probe`], reused across descriptors.
@@ -179,12 +273,15 @@ pub struct ProbeScratch {
 }
 
 impl Vocabulary {
-    /// Assembles a vocabulary from its top centroids and each cell's leaves (in cell order).
-    pub fn new(top: Vec<Words>, cell_leaves: Vec<Vec<Words>>) -> Vocabulary {
+    /// Assembles a vocabulary from its top centroids and each cell's leaves and their
+    /// prices (in cell order).
+    pub fn new(top: Vec<Words>, cell_leaves: Vec<(Vec<Words>, Vec<u16>)>) -> Vocabulary {
         let mut first_leaf = Vec::with_capacity(top.len() + 1);
         let mut leaves = Vec::new();
+        let mut prices = Vec::new();
         first_leaf.push(0);
-        for l in cell_leaves {
+        for (l, p) in cell_leaves {
+            prices.extend(p.iter().copied().chain(std::iter::repeat(0)).take(l.len()));
             leaves.extend(l);
             first_leaf.push(leaves.len() as u32);
         }
@@ -195,6 +292,7 @@ impl Vocabulary {
             top,
             first_leaf,
             leaves,
+            prices,
         }
     }
 
@@ -227,11 +325,12 @@ impl Vocabulary {
     /// The leaf a descriptor of cell `c` is stored in.
     pub fn nearest_leaf_in(&self, c: u32, q: &Words) -> u32 {
         let r = self.cell_leaves(c);
-        r.start + nearest(&self.leaves[r.start as usize..r.end as usize], q).1
+        let (a, b) = (r.start as usize, r.end as usize);
+        r.start + nearest_priced(&self.leaves[a..b], &self.prices[a..b], q).1
     }
 
     /// The `nprobe` leaves nearest to `q` among the leaves of its `cells` nearest cells,
-    /// nearest first, as (distance to the leaf centroid, leaf id).
+    /// nearest first, as (distance to the leaf centroid plus its price, leaf id).
     pub fn probe<'s>(
         &self,
         q: &Words,
@@ -245,11 +344,13 @@ impl Vocabulary {
         for &(_, c) in &scratch.cells {
             let r = self.cell_leaves(c);
             let start = scratch.leaves.len();
+            let (a, b) = (r.start as usize, r.end as usize);
             scratch.leaves.extend(
-                self.leaves[r.start as usize..r.end as usize]
+                self.leaves[a..b]
                     .iter()
+                    .zip(&self.prices[a..b])
                     .enumerate()
-                    .map(|(i, l)| (distance_words(q, l), r.start + i as u32)),
+                    .map(|(i, (l, p))| (distance_words(q, l) + *p as u32, r.start + i as u32)),
             );
             // Keep at most nprobe from each cell before the final selection.
             let n = nprobe.min(scratch.leaves.len() - start);
@@ -280,7 +381,7 @@ impl Vocabulary {
 
     /// Bytes the vocabulary takes in memory.
     pub fn memory_bytes(&self) -> u64 {
-        (self.top.len() * 32 + self.first_leaf.len() * 4 + self.leaves.len() * 32) as u64
+        (self.top.len() * 32 + self.first_leaf.len() * 4 + self.leaves.len() * 34) as u64
     }
 }
 
@@ -388,23 +489,52 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(c, m)| {
-                train(
+                let l = train(
                     m,
                     shape.leaves_for_cell(m.len() as u64) as usize,
                     LEAF_ITERATIONS,
                     c as u64,
-                )
+                );
+                let p = balance(m, &l, BALANCE_FACTOR, BALANCE_ROUNDS);
+                (l, p)
             })
             .collect();
         Vocabulary::new(top, leaves)
     }
 
+    /// Like real ORB descriptors: dense regions made of smaller groups (a corner type, seen
+    /// at many scales and in many images), of very different sizes: region i holds
+    /// `groups * (1 + 3 * i)` groups of `per` members.
+    pub(super) fn regions(n_regions: usize, groups: usize, per: usize, seed: u64) -> Vec<Words> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let flip = |w: &Words, p: f64, rng: &mut rand_chacha::ChaCha8Rng| -> Words {
+            let mut d = *w;
+            for bit in 0..256 {
+                if rng.random_bool(p) {
+                    d[bit / 64] ^= 1 << (bit % 64);
+                }
+            }
+            d
+        };
+        let mut out = Vec::new();
+        for i in 0..n_regions {
+            let centre: Words = std::array::from_fn(|_| rng.random());
+            for _ in 0..groups * (1 + 3 * i) {
+                let group = flip(&centre, 0.12, &mut rng);
+                for _ in 0..per {
+                    out.push(flip(&group, 0.03, &mut rng));
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn skewed_data_gets_lists_of_even_length() {
-        // Cluster sizes from 100 to 3,100: a flat quantizer's lists would follow that skew.
-        let data = clustered(16, 100, 0.08, 2, 4);
+        // Regions from 200 to 4,000 descriptors: a flat quantizer's lists follow that skew.
+        let data = regions(8, 10, 20, 4);
         let shape = VocabShape {
-            cells: 16,
+            cells: 8,
             leaf_len: 100,
         };
         let v = two_level(&data, shape);
@@ -421,6 +551,41 @@ mod tests {
             v.leaves()
         );
         assert!(max < mean * 4.0, "largest list {max} vs mean {mean:.0}");
+    }
+
+    #[test]
+    fn prices_break_up_a_hub() {
+        // Equidistant groups around one centre: the centroid nearest the centre is the
+        // nearest of almost everything until it is priced.
+        let data = regions(1, 60, 20, 8);
+        let leaves = train(&data, 12, 0, 1);
+        let count = |prices: &[u16]| {
+            let mut sizes = vec![0u32; leaves.len()];
+            for d in &data {
+                sizes[nearest_priced(&leaves, prices, d).1 as usize] += 1;
+            }
+            *sizes.iter().max().unwrap_or(&0) as f64
+        };
+        let mean = data.len() as f64 / leaves.len() as f64;
+        let unpriced = count(&vec![0; leaves.len()]);
+        let prices = balance(&data, &leaves, BALANCE_FACTOR, BALANCE_ROUNDS);
+        assert!(unpriced > 3.0 * mean, "the data should have a hub: {unpriced} vs {mean}");
+        assert!(count(&prices) <= BALANCE_FACTOR * mean + 1.0, "{} vs {mean}", count(&prices));
+        let even = clustered(12, 100, 0.05, 0, 9);
+        let seeds = train(&even, 12, TOP_ITERATIONS, 2);
+        assert!(balance(&even, &seeds, BALANCE_FACTOR, BALANCE_ROUNDS).iter().all(|&p| p == 0));
+    }
+
+    #[test]
+    fn a_shapeless_blob_keeps_its_seed_centroids() {
+        // Members scattered evenly around one centre: k-majority pulls every centroid onto
+        // the centre; the guard keeps the sampled seeds instead.
+        let blob = clustered(1, 2_000, 0.1, 0, 6);
+        let trained = train(&blob, 20, LEAF_ITERATIONS, 3);
+        let seeds = train(&blob, 20, 0, 3);
+        assert_eq!(trained, seeds);
+        let structured = regions(4, 10, 20, 7);
+        assert_ne!(train(&structured, 20, LEAF_ITERATIONS, 3), train(&structured, 20, 0, 3));
     }
 
     #[test]

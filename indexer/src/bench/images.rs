@@ -3,10 +3,10 @@
 //! and measure recall@1/@5 and per-query latency for each lookup engine — and the old
 //! system's setup on the same files in the same run.
 
+use super::attacks;
 use super::baseline::{self, BaselineReport};
 use super::child::{self, ChildBuild};
 use super::stats::{mean, mib, percentile};
-use crate::attacks;
 use crate::features::{Detector, ExtractParams};
 use crate::lists::Probe;
 use crate::search::{self, Index, SearchParams};
@@ -237,62 +237,70 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     Ok(rows)
 }
 
-/// Prints the rows as a table.
-pub fn print(rows: &[EngineRow]) {
-    println!(
-        "{:<28} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}  {:>28} {:>8} {:>10} {:>16} {:>9}",
-        "system",
-        "queries",
-        "recall@1",
-        "recall@5",
-        "FP",
-        "p50 ms",
-        "p95 ms",
-        "decode/extract/lookup/verify",
-        "build s",
-        "descr.",
-        "build WS/anon MiB",
-        "disk MiB"
-    );
-    for r in rows {
-        println!(
-            "{:<28} {:>7} {:>8.3} {:>8.3} {:>6} {:>8.1} {:>8.1}  {:>28} {:>8.1} {:>10} {:>16} {:>9}",
-            r.system,
-            r.queries,
-            r.recall1,
-            r.recall5,
-            format!("{}/{}", r.false_positives, r.distractors),
-            r.p50_ms,
-            r.p95_ms,
-            format!("{:.1}/{:.1}/{:.1}/{:.1}", r.split_ms[0], r.split_ms[1], r.split_ms[2], r.split_ms[3]),
-            r.build_s,
-            r.descriptors,
-            format!("{}/{}", mib(r.build_peak.0), mib(r.build_peak.1)),
-            mib(r.disk_bytes)
-        );
-    }
-    let attacks: Vec<&String> = rows
-        .iter()
-        .flat_map(|r| r.per_attack.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    println!();
-    print!("{:<28}", "recall@1 per attack");
-    for a in &attacks {
-        print!(" {:>9}", &a[..a.len().min(9)]);
-    }
-    println!();
-    for r in rows {
-        print!("{:<28}", r.system);
-        for a in &attacks {
-            print!(
-                " {:>9}",
-                r.per_attack
-                    .get(*a)
-                    .map_or("-".into(), |v| format!("{v:.2}"))
-            );
+/// The rows as a table: recall, latency, build and disk per system, then recall@1 per attack.
+pub struct ImagesTable<'a>(pub &'a [EngineRow]);
+
+impl std::fmt::Display for ImagesTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = self.0;
+        writeln!(
+            f,
+            "{:<28} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}  {:>28} {:>8} {:>10} {:>16} {:>9}",
+            "system",
+            "queries",
+            "recall@1",
+            "recall@5",
+            "FP",
+            "p50 ms",
+            "p95 ms",
+            "decode/extract/lookup/verify",
+            "build s",
+            "descr.",
+            "build WS/anon MiB",
+            "disk MiB"
+        )?;
+        for r in rows {
+            writeln!(
+                f,
+                "{:<28} {:>7} {:>8.3} {:>8.3} {:>6} {:>8.1} {:>8.1}  {:>28} {:>8.1} {:>10} {:>16} {:>9}",
+                r.system,
+                r.queries,
+                r.recall1,
+                r.recall5,
+                format!("{}/{}", r.false_positives, r.distractors),
+                r.p50_ms,
+                r.p95_ms,
+                format!("{:.1}/{:.1}/{:.1}/{:.1}", r.split_ms[0], r.split_ms[1], r.split_ms[2], r.split_ms[3]),
+                r.build_s,
+                r.descriptors,
+                format!("{}/{}", mib(r.build_peak.0), mib(r.build_peak.1)),
+                mib(r.disk_bytes)
+            )?;
         }
-        println!();
+        let attacks: Vec<&String> = rows
+            .iter()
+            .flat_map(|r| r.per_attack.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        writeln!(f)?;
+        write!(f, "{:<28}", "recall@1 per attack")?;
+        for a in &attacks {
+            write!(f, " {:>9}", &a[..a.len().min(9)])?;
+        }
+        for r in rows {
+            writeln!(f)?;
+            write!(f, "{:<28}", r.system)?;
+            for a in &attacks {
+                write!(
+                    f,
+                    " {:>9}",
+                    r.per_attack
+                        .get(*a)
+                        .map_or("-".into(), |v| format!("{v:.2}"))
+                )?;
+            }
+        }
+        Ok(())
     }
 }

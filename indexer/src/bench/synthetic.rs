@@ -5,7 +5,7 @@
 use super::child;
 use super::stats::{mean, mib, percentile};
 use crate::features::{Descriptor, Features};
-use crate::lists::Probe;
+use crate::lists::{Hit, Probe};
 use crate::search::{Index, SearchParams};
 use rand::{RngExt, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -225,6 +225,16 @@ fn warm_up(index: &Index) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The closest stored descriptor to one query descriptor.
+fn nearest(
+    index: &Index,
+    d: &Descriptor,
+    params: &SearchParams,
+) -> crate::error::Result<Option<Hit>> {
+    let best = index.lookup(std::slice::from_ref(d), params)?;
+    Ok(best.first().map(|b| b[0]).filter(|h| h.dist != u32::MAX))
+}
+
 fn probe(lists: usize) -> Probe {
     Probe {
         cells: crate::search::DEFAULT_CELLS.min(lists.max(1)),
@@ -246,7 +256,7 @@ fn single_lookups(
     let t = Instant::now();
     let mut hits = 0;
     for (id, d) in singles {
-        let best = index.nearest(d, &params)?;
+        let best = nearest(index, d, &params)?;
         // Synthetic image i's descriptor j is stored at keypoint (j % 640, j / 640) × 4.
         let (image, j) = (id / PER_IMAGE, id % PER_IMAGE);
         let kp = [(j % 640) as u16 * 4, (j / 640) as u16 * 4];
@@ -259,61 +269,79 @@ fn single_lookups(
     ))
 }
 
-/// Prints the rows as a table.
-pub fn print(rows: &[SyntheticRow], limit: Option<u64>) {
-    println!(
-        "synthetic ORB-like descriptors, build limit {}",
-        limit.map_or("none".to_string(), |l| format!(
-            "{} MiB (real cgroup)",
-            l >> 20
-        ))
-    );
-    println!(
-        "{:>12} {:>5} {:>9} {:>10} {:>10} {:>9} {:>4} {:>9} {:>12} {:>8} {:>12} {:>8} {:>15} {:>8}",
-        "descriptors",
-        "exit",
-        "build s",
-        "peak WS",
-        "RssAnon",
-        "VmHWM",
-        "OOM",
-        "B/desc",
-        "ivf lookup/s",
-        "ivf r@1",
-        "arroy look/s",
-        "arroy r@1",
-        "img p50/p95 ms",
-        "img r@1"
-    );
-    for r in rows {
-        println!(
-            "{:>12} {:>5} {:>9.1} {:>10} {:>10} {:>9} {:>4} {:>9.1} {:>12.0} {:>8.3} {:>12.0} {:>8.3} {:>15} {:>8.3}",
-            r.descriptors,
-            r.exit_code,
-            r.build_s,
-            mib(r.peak_working_set),
-            mib(r.peak_rss_anon),
-            mib(r.peak_rss),
-            r.oom_kills,
-            r.disk_per_descriptor,
-            r.ivf_lookups_per_s,
-            r.ivf_recall,
-            r.arroy_lookups_per_s,
-            r.arroy_recall,
-            format!("{:.1}/{:.1}", r.image_query_ms.0, r.image_query_ms.1),
-            r.image_recall
-        );
-    }
-    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        if first.peak_working_set > 0 && rows.len() > 1 {
-            println!(
-                "peak working set {}x from {} to {} descriptors (ivf is {:.0}x arroy's lookup rate at {})",
-                format_args!("{:.2}", last.peak_working_set as f64 / first.peak_working_set as f64),
-                first.descriptors,
-                last.descriptors,
-                last.ivf_lookups_per_s / last.arroy_lookups_per_s.max(1e-9),
-                last.descriptors
-            );
+/// The rows as a table under the build limit they ran with, and how the peak working set
+/// grew from the first size to the last.
+pub struct SyntheticTable<'a> {
+    /// Measured sizes.
+    pub rows: &'a [SyntheticRow],
+    /// The builds' memory limit.
+    pub limit: Option<u64>,
+}
+
+impl std::fmt::Display for SyntheticTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = self.rows;
+        writeln!(
+            f,
+            "synthetic ORB-like descriptors, build limit {}",
+            self.limit.map_or("none".to_string(), |l| format!(
+                "{} MiB (real cgroup)",
+                l >> 20
+            ))
+        )?;
+        write!(
+            f,
+            "{:>12} {:>5} {:>9} {:>10} {:>10} {:>9} {:>4} {:>9} {:>12} {:>8} {:>12} {:>8} {:>15} {:>8}",
+            "descriptors",
+            "exit",
+            "build s",
+            "peak WS",
+            "RssAnon",
+            "VmHWM",
+            "OOM",
+            "B/desc",
+            "ivf lookup/s",
+            "ivf r@1",
+            "arroy look/s",
+            "arroy r@1",
+            "img p50/p95 ms",
+            "img r@1"
+        )?;
+        for r in rows {
+            writeln!(f)?;
+            write!(
+                f,
+                "{:>12} {:>5} {:>9.1} {:>10} {:>10} {:>9} {:>4} {:>9.1} {:>12.0} {:>8.3} {:>12.0} {:>8.3} {:>15} {:>8.3}",
+                r.descriptors,
+                r.exit_code,
+                r.build_s,
+                mib(r.peak_working_set),
+                mib(r.peak_rss_anon),
+                mib(r.peak_rss),
+                r.oom_kills,
+                r.disk_per_descriptor,
+                r.ivf_lookups_per_s,
+                r.ivf_recall,
+                r.arroy_lookups_per_s,
+                r.arroy_recall,
+                format!("{:.1}/{:.1}", r.image_query_ms.0, r.image_query_ms.1),
+                r.image_recall
+            )?;
         }
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            if first.peak_working_set > 0 && rows.len() > 1 {
+                writeln!(f)?;
+                write!(
+                    f,
+                    "peak working set {}x from {} to {} descriptors (ivf is {:.0}x arroy's lookup rate at {})",
+                    format_args!("{:.2}", last.peak_working_set as f64 / first.peak_working_set as f64),
+                    first.descriptors,
+                    last.descriptors,
+                    last.ivf_lookups_per_s / last.arroy_lookups_per_s.max(1e-9),
+                    last.descriptors
+                )?;
+            }
+        }
+        Ok(())
     }
 }

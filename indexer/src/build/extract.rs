@@ -189,7 +189,7 @@ pub(super) fn run(
         }
         return Ok(0);
     }
-    ctx.progress.set_phase(crate::progress::Phase::Extract);
+    ctx.progress.set_phase(crate::progress::BuildPhase::Extract);
     let total_jobs = jobs.len();
     let first = jobs[0].id;
     let threads = threads.max(1);

@@ -28,7 +28,7 @@ const TRAIN_SEED: u64 = 0x1D_1DE0;
 const GLOBAL_SEED: u64 = 0x61_0BA1;
 
 /// What the index phases produced.
-pub(super) struct IndexStats {
+pub(crate) struct IndexStats {
     /// Descriptors in the inverted lists.
     pub descriptors: u64,
     /// Top-level cells of the vocabulary.
@@ -105,7 +105,7 @@ fn bad(store: &Store, reason: &str) -> IndexError {
 /// Runs (or resumes) the index phases. `release` hands LMDB's clean pages back to the
 /// kernel; it is called between steps, when the pages the previous step read are no longer
 /// needed.
-pub(super) fn run(
+pub(crate) fn run(
     store: &Store,
     work: &WorkStore,
     preset: &Preset,
@@ -348,9 +348,9 @@ fn partition(
     Ok(cp)
 }
 
-/// The leaf of every entry of `bytes` (whole entries).
-fn leaves_of(leaves: &[Words], bytes: &[u8]) -> Vec<u32> {
-    let route = |e: &[u8]| vocab::nearest(leaves, &postings::code_of(e)).1;
+/// The leaf of every entry of `bytes` (whole entries), routed as queries are.
+fn leaves_of(leaves: &[Words], prices: &[u16], bytes: &[u8]) -> Vec<u32> {
+    let route = |e: &[u8]| vocab::nearest_priced(leaves, prices, &postings::code_of(e)).1;
     if bytes.len() / ENTRY_BYTES * leaves.len() >= 1 << 15 {
         bytes.par_chunks_exact(ENTRY_BYTES).map(route).collect()
     } else {
@@ -436,19 +436,29 @@ fn lists(
         }
         let n: u64 = chunks.iter().map(|b| (b.len() / ENTRY_BYTES) as u64).sum();
         let k = shape.leaves_for_cell(n) as u64;
-        let leaves = if n == 0 {
-            vec![top[c as usize]]
+        let (leaves, prices) = if n == 0 {
+            (vec![top[c as usize]], vec![0])
         } else {
             let sample = sample_codes(&chunks, n, k * vocab::SAMPLES_PER_CENTROID);
-            vocab::train(
+            let leaves = vocab::train(
                 &sample,
                 k as usize,
                 vocab::LEAF_ITERATIONS,
                 TRAIN_SEED ^ (c as u64 + 1),
-            )
+            );
+            let prices = vocab::balance(
+                &sample,
+                &leaves,
+                vocab::BALANCE_FACTOR,
+                vocab::BALANCE_ROUNDS,
+            );
+            (leaves, prices)
         };
-        // Pass 1: entries per leaf (kept for the in-memory case).
-        let routed: Vec<Vec<u32>> = chunks.iter().map(|b| leaves_of(&leaves, b)).collect();
+        // Every entry's leaf, then entries per leaf.
+        let routed: Vec<Vec<u32>> = chunks
+            .iter()
+            .map(|b| leaves_of(&leaves, &prices, b))
+            .collect();
         let mut counts = vec![0u32; leaves.len()];
         for l in routed.iter().flatten() {
             counts[*l as usize] += 1;
@@ -494,6 +504,7 @@ fn lists(
         }
         let rec = CellRecord {
             leaves: vocab::centroids_to_bytes(&leaves),
+            prices,
             starts,
             parts,
         };
@@ -599,7 +610,8 @@ mod tests {
     #[test]
     fn parts_hold_whole_leaves_within_the_bound() {
         assert_eq!(split_parts(&[3, 0, 5, 2], 100), vec![0]);
-        assert_eq!(split_parts(&[3, 0, 5, 2], 8), vec![0, 2]);
+        assert_eq!(split_parts(&[3, 0, 5, 2], 8), vec![0, 3]);
+        assert_eq!(split_parts(&[3, 0, 5, 2], 7), vec![0, 2]);
         assert_eq!(split_parts(&[3, 0, 5, 2], 5), vec![0, 2, 3]);
         // A leaf above the bound stands alone.
         assert_eq!(split_parts(&[1, 9, 1], 4), vec![0, 1, 2]);

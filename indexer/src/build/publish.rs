@@ -1,7 +1,8 @@
 //! Publishing: record the build's metadata, drop the working environment, and make the build
 //! directory the new generation with one rename; then point `current` at it with another
-//! rename and prune old generations. Nothing is copied: the environment never held the
-//! working descriptors, so it is already what readers need.
+//! rename and prune old generations. The environment never held the working descriptors, so
+//! it is already what readers need and is renamed as it is — unless more than
+//! `MAX_FREE_SHARE` (5%) of its pages are free, when a compacted copy is published instead.
 
 use crate::dataset::Listing;
 use crate::error::{IndexError, Result};
@@ -30,7 +31,7 @@ fn free_share(store: &Store) -> Result<f64> {
 }
 
 /// Publishes the build in `store` as generation `meta.generation`; returns its directory.
-pub(super) fn run(
+pub(crate) fn run(
     dir: &IndexDir,
     store: &Store,
     work: WorkStore,

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::features::Descriptor;
 use crate::global::{self, GlobalDescriptor};
 use crate::hamming::{words, Words};
-use crate::lists::{Hit, Hits};
+use crate::lists::Hits;
 use arroy::distances::Cosine;
 
 /// Layout candidates asked of arroy per orientation.
@@ -22,15 +22,6 @@ impl Index {
     ) -> Result<Vec<Hits>> {
         let queries: Vec<Words> = descriptors.iter().map(words).collect();
         self.lists.lookup(&self.store, &queries, params.probe)
-    }
-
-    /// The closest stored descriptor to one query descriptor (for lookup benchmarks).
-    pub fn nearest(&self, d: &Descriptor, params: &SearchParams) -> Result<Option<Hit>> {
-        let best = self.lookup(std::slice::from_ref(d), params)?;
-        Ok(best
-            .first()
-            .map(|b| b[0])
-            .filter(|h| h.dist != u32::MAX))
     }
 
     /// The catalogue images whose layout is closest to `g` in any of its eight orientations,

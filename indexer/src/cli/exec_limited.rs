@@ -1,0 +1,31 @@
+//! `indexer exec-limited`: run a command inside a fresh cgroup with a real memory limit.
+
+use indexer::cgroup::LimitedGroup;
+use std::os::unix::process::CommandExt;
+
+/// The flags of `indexer exec-limited`.
+#[derive(clap::Args)]
+pub struct ExecLimitedArgs {
+    /// Memory limit of the cgroup (e.g. 512Mi).
+    #[arg(long, value_parser = super::memory_size)]
+    memory_limit: u64,
+    /// Name of the cgroup (created under imageindex/).
+    #[arg(long)]
+    name: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+impl ExecLimitedArgs {
+    /// Creates the group, moves this process into it and replaces it with the command
+    /// (returns only when that fails).
+    pub fn run(self) -> anyhow::Result<()> {
+        let group = LimitedGroup::create(&self.name, self.memory_limit)?;
+        group.add(std::process::id())?;
+        let err = std::process::Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .exec();
+        Err(anyhow::anyhow!("cannot run {:?}: {err}", self.command[0]))
+    }
+}
