@@ -188,29 +188,17 @@ impl ListIndex {
         }
     }
 
-    /// The bytes of one leaf's list.
-    fn list<'t>(&self, store: &Store, rtxn: &'t RoTxn, leaf: u32) -> Result<&'t [u8]> {
+    /// Where one leaf's list is: its cell, the part of the cell holding it, and its byte
+    /// range inside that part's value.
+    fn locate(&self, leaf: u32) -> (u32, u32, std::ops::Range<usize>) {
         let c = self.vocab.cell_of(leaf);
         let local = leaf - self.vocab.cell_leaves(c).start;
         let l = &self.layout[c as usize];
-        let rec_part = l.parts.partition_point(|&p| p <= local).saturating_sub(1);
-        let base = l.starts[l.parts[rec_part] as usize] as usize;
+        let part = l.parts.partition_point(|&p| p <= local).saturating_sub(1);
+        let base = l.starts[l.parts[part] as usize] as usize;
         let from = (l.starts[local as usize] as usize - base) * ENTRY_BYTES;
         let to = (l.starts[local as usize + 1] as usize - base) * ENTRY_BYTES;
-        if from == to {
-            return Ok(&[]);
-        }
-        let value = store
-            .lists
-            .get(rtxn, &postings::part_key(c, rec_part as u32))?
-            .ok_or_else(|| IndexError::BadIndex {
-                path: store.env.path().to_path_buf(),
-                reason: format!("list part {c}/{rec_part} missing"),
-            })?;
-        value.get(from..to).ok_or_else(|| IndexError::BadIndex {
-            path: store.env.path().to_path_buf(),
-            reason: format!("list of leaf {leaf} out of its part"),
-        })
+        (c, part as u32, from..to)
     }
 
     /// The leaves each query descriptor probes, nearest first.
@@ -251,13 +239,39 @@ impl ListIndex {
                 start = i;
             }
         }
+        // Contiguous runs of groups per task: leaves are numbered cell by cell, so a task
+        // reads each (cell, part) value once.
+        let tasks = (rayon::current_num_threads() * 4).max(1);
+        let per_task = groups.len().div_ceil(tasks).max(1);
         let partial: Vec<Result<Vec<(u32, Hits)>>> = groups
-            .par_chunks(16)
+            .par_chunks(per_task)
             .map(|groups| {
                 let rtxn = store.env.read_txn()?;
                 let mut out = Vec::new();
+                let mut current: Option<((u32, u32), &[u8])> = None;
                 for g in groups {
-                    let list = self.list(store, &rtxn, g[0].0)?;
+                    let (cell, part, range) = self.locate(g[0].0);
+                    if range.is_empty() {
+                        continue;
+                    }
+                    let value = match current {
+                        Some((key, v)) if key == (cell, part) => v,
+                        _ => {
+                            let v = store
+                                .lists
+                                .get(&rtxn, &postings::part_key(cell, part))?
+                                .ok_or_else(|| IndexError::BadIndex {
+                                    path: store.env.path().to_path_buf(),
+                                    reason: format!("list part {cell}/{part} missing"),
+                                })?;
+                            current = Some(((cell, part), v));
+                            v
+                        }
+                    };
+                    let list = value.get(range).ok_or_else(|| IndexError::BadIndex {
+                        path: store.env.path().to_path_buf(),
+                        reason: format!("a list of cell {cell} lies outside its part"),
+                    })?;
                     let mut best: Vec<Hits> = vec![[NO_HIT; HITS]; g.len()];
                     for e in list.chunks_exact(ENTRY_BYTES) {
                         let code = postings::code_of(e);

@@ -47,16 +47,19 @@ pub struct SearchParams {
     pub global: bool,
 }
 
-/// Lists probed per query descriptor by default.
-pub const DEFAULT_LISTS: usize = 8;
+/// Lists probed per query descriptor by default (`full`'s search effort). Voting needs only
+/// a fraction of the query's features to find their match, so few lists suffice (measured
+/// on 5,000 photos: 2 lists 0.987 recall@1, 4 lists 0.993, 8 lists 0.993).
+pub const DEFAULT_LISTS: usize = 4;
 /// Cells whose leaves a query descriptor considers by default.
 pub const DEFAULT_CELLS: usize = 3;
 
 impl SearchParams {
     /// The defaults for an index: the lists probed follow the preset's search effort
-    /// (`search_k` / 12: full and small probe 8, xlarge 3).
+    /// (`search_k` / 25: full and small probe 4, medium 3, large and xlarge 2). Poorer
+    /// presets have fewer features per image, but their lists are as long.
     pub fn for_index(meta: &BuildMeta) -> Self {
-        let lists = (meta.preset.search_k as usize / 12).clamp(2, 64);
+        let lists = (meta.preset.search_k as usize / 25).clamp(2, 64);
         SearchParams {
             probe: Probe {
                 cells: DEFAULT_CELLS.min(lists),
