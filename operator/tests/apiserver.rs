@@ -10,7 +10,7 @@
 
 use imageindex_crds::conditions::{self, DEGRADED, MEMORY_PRESSURE, READY};
 use imageindex_crds::labels;
-use imageindex_crds::types::{AttemptOutcome, Phase};
+use imageindex_crds::types::{AttemptOutcome, IndexPhase};
 use imageindex_crds::{DatasetShape, ImageIndex, Preset, ScanReport};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Service};
@@ -592,14 +592,14 @@ async fn operator_against_a_real_api_server() {
         &op,
         || async {
             let ii = indexes.get("cats").await.ok()?;
-            (status_of(&ii).progress.as_ref()?.processed == 500).then_some(ii)
+            (status_of(&ii).unit.progress.as_ref()?.processed == 500).then_some(ii)
         },
     )
     .await;
     let s = status_of(&ii);
-    assert_eq!(s.phase, Some(Phase::Building));
-    assert_eq!(s.memory.as_ref().unwrap().summary, "256Mi/512Mi");
-    assert_eq!(s.progress.as_ref().unwrap().summary, "500/2000 (25%)");
+    assert_eq!(s.unit.phase, Some(IndexPhase::Building));
+    assert_eq!(s.unit.memory.as_ref().unwrap().summary, "256Mi/512Mi");
+    assert_eq!(s.unit.progress.as_ref().unwrap().summary, "500/2000 (25%)");
     assert_eq!(cond(&ii, MEMORY_PRESSURE).unwrap().0, "False");
     let columns = cp.kubectl(&["get", "imgidx", "-n", ns]);
     assert!(
@@ -649,7 +649,7 @@ async fn operator_against_a_real_api_server() {
     .await;
     let ii = wait_for("phase Ready", Duration::from_secs(60), &op, || async {
         let ii = indexes.get("cats").await.ok()?;
-        (status_of(&ii).phase == Some(Phase::Ready)).then_some(ii)
+        (status_of(&ii).unit.phase == Some(IndexPhase::Ready)).then_some(ii)
     })
     .await;
     let s = status_of(&ii);
@@ -657,10 +657,10 @@ async fn operator_against_a_real_api_server() {
         s.endpoint.as_deref(),
         Some("http://cats-query.happy.svc:8080")
     );
-    assert_eq!(s.index_generation, Some(1));
-    assert_eq!(s.attempts.len(), 1);
-    assert_eq!(s.attempts[0].outcome, Some(AttemptOutcome::Succeeded));
-    assert_eq!(s.attempts[0].peak_working_set, Some(LIMIT / 2));
+    assert_eq!(s.unit.index_generation, Some(1));
+    assert_eq!(s.unit.attempts.len(), 1);
+    assert_eq!(s.unit.attempts[0].outcome, Some(AttemptOutcome::Succeeded));
+    assert_eq!(s.unit.attempts[0].peak_working_set, Some(LIMIT / 2));
     assert_eq!(s.observed_generation, Some(1));
     assert_eq!(cond(&ii, READY).unwrap().0, "True");
     let events = event_reasons(&admin, ns, "cats").await;
@@ -722,15 +722,15 @@ async fn operator_against_a_real_api_server() {
         &op,
         || async {
             let ii = indexes.get("cats").await.ok()?;
-            (status_of(&ii).attempts.len() == 2).then_some(ii)
+            (status_of(&ii).unit.attempts.len() == 2).then_some(ii)
         },
     )
     .await;
     let s = status_of(&ii);
-    assert_eq!(s.attempts[0].outcome, Some(AttemptOutcome::OomKilled));
-    assert_eq!(s.attempts[0].exit_code, Some(137));
-    assert_eq!(s.attempts[1].preset, preset2.label());
-    assert_eq!(s.preset.as_deref(), Some(preset2.label().as_str()));
+    assert_eq!(s.unit.attempts[0].outcome, Some(AttemptOutcome::OomKilled));
+    assert_eq!(s.unit.attempts[0].exit_code, Some(137));
+    assert_eq!(s.unit.attempts[1].preset, preset2.label());
+    assert_eq!(s.unit.preset.as_deref(), Some(preset2.label().as_str()));
     assert_eq!(
         cond(&ii, DEGRADED).unwrap(),
         ("True".into(), "DowngradeAfterOOMKill".into())
@@ -778,7 +778,7 @@ async fn operator_against_a_real_api_server() {
     )
     .await;
     assert_eq!(
-        status_of(&ii).memory.as_ref().unwrap().summary,
+        status_of(&ii).unit.memory.as_ref().unwrap().summary,
         "487Mi/512Mi"
     );
     let pressure_seen = Instant::now();
@@ -806,24 +806,24 @@ async fn operator_against_a_real_api_server() {
         &op,
         || async {
             let ii = indexes.get("cats").await.ok()?;
-            (status_of(&ii).attempts.len() == 2).then_some(ii)
+            (status_of(&ii).unit.attempts.len() == 2).then_some(ii)
         },
     )
     .await;
     let s = status_of(&ii);
     assert_eq!(
-        s.attempts[0].outcome,
+        s.unit.attempts[0].outcome,
         Some(AttemptOutcome::MemoryPressureRestart)
     );
-    assert_eq!(s.attempts[0].peak_working_set, Some(LIMIT / 100 * 95));
+    assert_eq!(s.unit.attempts[0].peak_working_set, Some(LIMIT / 100 * 95));
     assert!(
-        s.attempts[0]
+        s.unit.attempts[0]
             .message
             .as_deref()
             .unwrap_or("")
             .contains("above 90%"),
         "{:?}",
-        s.attempts[0].message
+        s.unit.attempts[0].message
     );
     let events = event_reasons(&admin, ns, "cats").await;
     assert!(
@@ -865,7 +865,7 @@ async fn operator_against_a_real_api_server() {
         message.contains("spec.memoryLimit") && message.contains("spec.dataset.claimName"),
         "{message}"
     );
-    assert_eq!(status_of(&ii).phase, Some(Phase::Failed));
+    assert_eq!(status_of(&ii).unit.phase, Some(IndexPhase::Failed));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     assert!(
@@ -912,7 +912,7 @@ async fn operator_against_a_real_api_server() {
         &op,
         || async {
             let ii = indexes.get("cats").await.ok()?;
-            (status_of(&ii).progress.as_ref()?.processed == 500).then_some(())
+            (status_of(&ii).unit.progress.as_ref()?.processed == 500).then_some(())
         },
     )
     .await;
@@ -946,12 +946,12 @@ async fn operator_against_a_real_api_server() {
         &op,
         || async {
             let ii = indexes.get("cats").await.ok()?;
-            (status_of(&ii).phase == Some(Phase::Ready)).then_some(ii)
+            (status_of(&ii).unit.phase == Some(IndexPhase::Ready)).then_some(ii)
         },
     )
     .await;
     assert_eq!(
-        status_of(&ii).attempts.len(),
+        status_of(&ii).unit.attempts.len(),
         1,
         "the restart did not add an attempt"
     );

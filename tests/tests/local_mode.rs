@@ -8,7 +8,7 @@
 //! Build the binaries first: `cargo build -p indexer -p operator`. Needs root (cgroups); the
 //! tests say "skipped" and pass without it.
 
-use imageindex_crds::policy::smallest_fitting_limit;
+use imageindex_crds::first_preset::smallest_fitting_limit;
 use imageindex_crds::quantity::format_mebibytes_ceil;
 use imageindex_crds::ScanReport;
 use imageindex_e2e::*;
