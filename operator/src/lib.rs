@@ -28,6 +28,8 @@ pub mod settings;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
+mod same_decisions;
+#[cfg(test)]
 mod scenarios;
 
 pub use controller::{error_policy, reconcile, Context};
