@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 pub mod chart;
 pub mod cluster;
+pub mod controlplane;
 pub mod node;
 
 /// The repository root.
