@@ -2,7 +2,7 @@
 //! into status once the effects before it succeeded. The first failure ends the reconcile with
 //! the error of its step.
 
-use super::decide::{self, Done, Effect, Plan};
+use super::plan::{self, Done, Effect, Plan};
 use super::{Context, MANAGER};
 use crate::error::Error;
 use imageindex_crds::labels::Component;
@@ -44,7 +44,7 @@ pub async fn apply(
                 done = Done::Available(replicas == 0 || available);
             }
             Effect::Record(step) => {
-                if let Some(r) = decide::record(draft, step, done) {
+                if let Some(r) = plan::record(draft, step, done) {
                     requeue = r;
                 }
             }

@@ -7,7 +7,7 @@
 //! 3. [`observe`]: list its scan and build pods, and scrape the running build's metrics when a
 //!    scrape is due;
 //! 4. [`decide`]: from the status and those observations, the decisions of `imageindex_crds`
-//!    (pure) — what the status becomes and a [`decide::Plan`] of effects;
+//!    (pure) — what the status becomes and a [`plan::Plan`] of effects;
 //! 5. [`apply`]: create and delete pods, make the index claim, apply the query service;
 //! 6. [`status`]: write the status with server-side apply (even when a step failed: an ended
 //!    attempt stays ended) and publish the Events of the decisions taken.
@@ -20,6 +20,7 @@
 pub mod apply;
 pub mod decide;
 pub mod observe;
+pub mod plan;
 pub mod status;
 
 use crate::error::Error;
