@@ -463,4 +463,105 @@ mod tests {
         assert_eq!(backoff(2), Duration::from_secs(10));
         assert_eq!(backoff(20), Duration::from_secs(300));
     }
+
+    fn ended(n: u32, preset: &str, outcome: Option<AttemptOutcome>) -> Attempt {
+        Attempt {
+            outcome,
+            ..attempt(n, preset, AttemptOutcome::Failed)
+        }
+    }
+
+    #[test]
+    fn one_unit_goes_scan_choose_watch_then_publish_or_the_next_rung() {
+        let limits = Limits {
+            memory_limit: 1 << 30,
+            max_attempts: 6,
+        };
+        let scan = ScanSummary {
+            images: 5_000,
+            bytes: 10_000_000_000,
+            max_width: 6000,
+            max_height: 4000,
+            max_is_jpeg: true,
+            first_attempt: Some(3),
+            ..ScanSummary::default()
+        };
+        let mut unit = UnitStatus::default();
+        assert_eq!(next_action(&unit, None, limits), UnitAction::Scan);
+        // Attempts 1 and 2 belong to an earlier build: this one starts at 3.
+        unit.attempts = vec![
+            ended(1, "full", Some(AttemptOutcome::OomKilled)),
+            ended(2, "small", Some(AttemptOutcome::Succeeded)),
+        ];
+        assert_eq!(
+            next_action(&unit, Some(&scan), limits),
+            UnitAction::Choose { number: 3 }
+        );
+        unit.attempts.push(ended(3, "full", None));
+        assert_eq!(
+            next_action(&unit, Some(&scan), limits),
+            UnitAction::Watch { number: 3 }
+        );
+        unit.attempts[2].outcome = Some(AttemptOutcome::Succeeded);
+        assert_eq!(next_action(&unit, Some(&scan), limits), UnitAction::Publish);
+        unit.attempts[2].outcome = Some(AttemptOutcome::OomKilled);
+        match next_action(&unit, Some(&scan), limits) {
+            UnitAction::Next {
+                step: NextStep::Start { preset, number, .. },
+                last,
+            } => {
+                assert_ne!(preset.name, PresetName::Full);
+                assert_eq!((number, last.number), (4, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        unit.attempts[2].preset = "huge".into();
+        assert!(matches!(
+            next_action(&unit, Some(&scan), limits),
+            UnitAction::Next {
+                step: NextStep::GiveUp {
+                    reason: "UnknownPreset",
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_killed_build_retries_its_preset_and_counts_toward_max_attempts() {
+        let s = shape(1000, 800);
+        let p = PresetName::Small.preset();
+        let a = [attempt(1, "small", AttemptOutcome::Killed)];
+        match after_attempt(&p, AttemptOutcome::Killed, Some(137), &a, 6, 1 << 30, &s) {
+            NextStep::Start {
+                preset,
+                number,
+                delay,
+                reason,
+                ..
+            } => {
+                assert_eq!(preset, p);
+                assert_eq!((number, delay), (2, Duration::from_secs(5)));
+                assert_eq!(reason, "RetryAfterKill");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Kills and failures in a row share one back-off.
+        let two = [
+            attempt(1, "small", AttemptOutcome::Failed),
+            attempt(2, "small", AttemptOutcome::Killed),
+        ];
+        assert!(matches!(
+            after_attempt(&p, AttemptOutcome::Killed, Some(137), &two, 6, 1 << 30, &s),
+            NextStep::Start { delay, .. } if delay == Duration::from_secs(10)
+        ));
+        assert!(matches!(
+            after_attempt(&p, AttemptOutcome::Killed, Some(137), &two, 2, 1 << 30, &s),
+            NextStep::GiveUp {
+                reason: "MaxAttemptsReached",
+                ..
+            }
+        ));
+    }
 }
