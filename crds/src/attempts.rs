@@ -108,11 +108,7 @@ pub fn running<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::Timestamp;
-
-    fn at(secs: i64) -> Time {
-        Time(Timestamp::from_second(secs).unwrap())
-    }
+    use crate::fixtures::at;
 
     fn ended(number: u32, outcome: AttemptOutcome) -> Attempt {
         let mut a = started(number, "full", &format!("x-build-{number}"), at(0));

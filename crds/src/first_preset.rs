@@ -127,19 +127,8 @@ pub fn choose_preset(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{shape, MIB};
     use crate::preset::PresetName;
-
-    const MIB: u64 = 1 << 20;
-
-    fn shape(w: u32, h: u32) -> DatasetShape {
-        DatasetShape {
-            images: 5_000,
-            bytes: 10_000_000_000,
-            max_width: w,
-            max_height: h,
-            max_is_jpeg: true,
-        }
-    }
 
     #[test]
     fn auto_takes_full_when_memory_allows_and_steps_down_when_not() {

@@ -13,6 +13,7 @@ use crate::outcome::exit_code;
 use crate::preset::Preset;
 use crate::quantity::format_mebibytes_ceil;
 use crate::types::{Attempt, AttemptOutcome, ScanSummary, UnitStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
 /// The spec's bounds on one unit's ladder.
@@ -41,22 +42,47 @@ pub enum UnitAction {
     },
     /// The last attempt published an index: serve it.
     Publish,
-    /// The last attempt ended otherwise: the ladder's next step after it.
-    Next {
-        /// What to do.
-        step: NextStep,
-        /// The attempt it follows (boxed: the other actions are small).
-        last: Box<Attempt>,
+    /// The last attempt ended otherwise: start the next one.
+    Start(NextAttempt),
+    /// The last attempt ended otherwise and the ladder is at its end: give up.
+    GiveUp {
+        /// Condition/Event reason.
+        reason: &'static str,
+        /// Why, naming the limit and what would fit where that applies.
+        message: String,
     },
 }
 
-/// Decides what one unit does next from the scan (`None`: none recorded) and its attempts.
-pub fn next_action(unit: &UnitStatus, scan: Option<&ScanSummary>, limits: Limits) -> UnitAction {
+/// The attempt the ladder starts after one ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NextAttempt {
+    /// Its preset.
+    pub preset: Preset,
+    /// Its number.
+    pub number: u32,
+    /// How long to wait before it starts (a back-off not yet over), `None`: start now.
+    pub wait: Option<Duration>,
+    /// Condition/Event reason of the decision.
+    pub reason: &'static str,
+    /// The decision in words.
+    pub message: String,
+    /// How the attempt it follows ended.
+    pub after: AttemptOutcome,
+}
+
+/// Decides what one unit does next from the scan (`None`: none recorded) and its attempts,
+/// at `now` (a back-off counts from the end of the attempt it follows).
+pub fn next_action(
+    unit: &UnitStatus,
+    scan: Option<&ScanSummary>,
+    limits: Limits,
+    now: &Time,
+) -> UnitAction {
     let Some(scan) = scan else {
         return UnitAction::Scan;
     };
     let current = attempts::owned_current_build(&unit.attempts, Some(scan));
-    let Some(last) = current.last().cloned() else {
+    let Some(last) = current.last() else {
         let number = scan
             .first_attempt
             .unwrap_or_else(|| attempts::next_number(&unit.attempts));
@@ -70,27 +96,41 @@ pub fn next_action(unit: &UnitStatus, scan: Option<&ScanSummary>, limits: Limits
     if outcome == AttemptOutcome::Succeeded {
         return UnitAction::Publish;
     }
-    let step = match Preset::from_label(&last.preset) {
-        None => NextStep::GiveUp {
+    let Some(preset) = Preset::from_label(&last.preset) else {
+        return UnitAction::GiveUp {
             reason: "UnknownPreset",
             message: format!(
                 "attempt {} has an unknown preset {:?}",
                 last.number, last.preset
             ),
-        },
-        Some(preset) => after_attempt(
-            &preset,
-            outcome,
-            last.exit_code,
-            &current,
-            limits.max_attempts,
-            limits.memory_limit,
-            &scan.shape(),
-        ),
+        };
     };
-    UnitAction::Next {
-        step,
-        last: Box::new(last),
+    let step = after_attempt(
+        &preset,
+        outcome,
+        last.exit_code,
+        &current,
+        limits.max_attempts,
+        limits.memory_limit,
+        &scan.shape(),
+    );
+    match step {
+        NextStep::Done => UnitAction::Publish,
+        NextStep::GiveUp { reason, message } => UnitAction::GiveUp { reason, message },
+        NextStep::Start {
+            preset,
+            number,
+            delay,
+            reason,
+            message,
+        } => UnitAction::Start(NextAttempt {
+            preset,
+            number,
+            wait: attempts::wait_after(last, delay, now),
+            reason,
+            message,
+            after: outcome,
+        }),
     }
 }
 
@@ -286,19 +326,8 @@ pub fn after_attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{at, shape, MIB};
     use crate::preset::PresetName;
-
-    const MIB: u64 = 1 << 20;
-
-    fn shape(w: u32, h: u32) -> DatasetShape {
-        DatasetShape {
-            images: 5_000,
-            bytes: 10_000_000_000,
-            max_width: w,
-            max_height: h,
-            max_is_jpeg: true,
-        }
-    }
 
     fn attempt(n: u32, preset: &str, outcome: AttemptOutcome) -> Attempt {
         Attempt {
@@ -486,43 +515,44 @@ mod tests {
             first_attempt: Some(3),
             ..ScanSummary::default()
         };
+        let now = at(100);
         let mut unit = UnitStatus::default();
-        assert_eq!(next_action(&unit, None, limits), UnitAction::Scan);
+        assert_eq!(next_action(&unit, None, limits, &now), UnitAction::Scan);
         // Attempts 1 and 2 belong to an earlier build: this one starts at 3.
         unit.attempts = vec![
             ended(1, "full", Some(AttemptOutcome::OomKilled)),
             ended(2, "small", Some(AttemptOutcome::Succeeded)),
         ];
-        assert_eq!(
-            next_action(&unit, Some(&scan), limits),
-            UnitAction::Choose { number: 3 }
-        );
+        let next = |unit: &UnitStatus| next_action(unit, Some(&scan), limits, &now);
+        assert_eq!(next(&unit), UnitAction::Choose { number: 3 });
         unit.attempts.push(ended(3, "full", None));
-        assert_eq!(
-            next_action(&unit, Some(&scan), limits),
-            UnitAction::Watch { number: 3 }
-        );
+        assert_eq!(next(&unit), UnitAction::Watch { number: 3 });
         unit.attempts[2].outcome = Some(AttemptOutcome::Succeeded);
-        assert_eq!(next_action(&unit, Some(&scan), limits), UnitAction::Publish);
+        assert_eq!(next(&unit), UnitAction::Publish);
         unit.attempts[2].outcome = Some(AttemptOutcome::OomKilled);
-        match next_action(&unit, Some(&scan), limits) {
-            UnitAction::Next {
-                step: NextStep::Start { preset, number, .. },
-                last,
-            } => {
-                assert_ne!(preset.name, PresetName::Full);
-                assert_eq!((number, last.number), (4, 3));
+        match next(&unit) {
+            UnitAction::Start(a) => {
+                assert_ne!(a.preset.name, PresetName::Full);
+                assert_eq!((a.number, a.wait), (4, None));
+                assert_eq!(a.after, AttemptOutcome::OomKilled);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A failure waits out its back-off from the end of the attempt.
+        unit.attempts[2].outcome = Some(AttemptOutcome::Failed);
+        unit.attempts[2].end_time = Some(at(98));
+        match next(&unit) {
+            UnitAction::Start(a) => {
+                assert_eq!(a.preset.name, PresetName::Full);
+                assert_eq!(a.wait, Some(Duration::from_secs(3)));
             }
             other => panic!("{other:?}"),
         }
         unit.attempts[2].preset = "huge".into();
         assert!(matches!(
-            next_action(&unit, Some(&scan), limits),
-            UnitAction::Next {
-                step: NextStep::GiveUp {
-                    reason: "UnknownPreset",
-                    ..
-                },
+            next(&unit),
+            UnitAction::GiveUp {
+                reason: "UnknownPreset",
                 ..
             }
         ));

@@ -27,6 +27,9 @@ pub mod transitions;
 pub mod types;
 pub mod validate;
 
+#[cfg(test)]
+mod fixtures;
+
 pub use estimate::{BuildPlan, DatasetShape, Estimate};
 pub use preset::{Preset, PresetName, PresetSelector};
 pub use scan::ScanReport;

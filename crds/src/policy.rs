@@ -12,9 +12,7 @@
 //!
 //! [`crate::transitions::StatusDraft`] writes each step and decision into status; the
 //! Kubernetes controller and local mode only observe and carry decisions out. The re-exports
-//! below keep the paths the indexer uses (`policy::exit_code`, `policy::auto_preset`).
+//! below keep the two paths the indexer uses (`policy::exit_code`, `policy::auto_preset`).
 
-pub use crate::first_preset::{auto_preset, choose_preset, smallest_fitting_limit, PresetFit};
-pub use crate::ladder::{after_attempt, backoff, NextStep};
+pub use crate::first_preset::auto_preset;
 pub use crate::outcome::exit_code;
-pub use crate::pressure::{classify_pressure, MemorySample, Pressure, PressureLevel};

@@ -10,7 +10,7 @@
 use crate::attempts;
 use crate::conditions::{self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY};
 use crate::first_preset::{self, PresetFit};
-use crate::ladder::{self, Limits, NextStep, UnitAction};
+use crate::ladder::{self, Limits, UnitAction};
 use crate::observation::{AttemptEnd, ScrapedMetrics};
 use crate::outcome;
 use crate::preset::{Preset, PresetSelector};
@@ -381,21 +381,22 @@ impl StatusDraft {
             .then_some(outcome)
     }
 
-    /// What the build unit does next ([`ladder::next_action`]). After an attempt ended
-    /// without success the step is applied here already: a `GiveUp` gives up, a downgrade or
-    /// retry is in `Degraded` (a resume after an interruption is not).
+    /// What the build unit does next ([`ladder::next_action`], at `now`). After an attempt ended
+    /// without success the decision is applied here already: a give-up gives up, a downgrade
+    /// or retry is in `Degraded` (a resume after an interruption is not).
     pub fn next(&mut self, limits: Limits) -> UnitAction {
-        let action = ladder::next_action(&self.status.unit, self.status.scan.as_ref(), limits);
-        if let UnitAction::Next { step, last } = &action {
-            match step {
-                NextStep::GiveUp { reason, message } => self.give_up(reason, message.clone()),
-                NextStep::Start {
-                    reason, message, ..
-                } if last.outcome != Some(AttemptOutcome::Interrupted) => {
-                    self.set_condition(DEGRADED, true, reason, message);
-                }
-                _ => {}
+        let action = ladder::next_action(
+            &self.status.unit,
+            self.status.scan.as_ref(),
+            limits,
+            &self.now,
+        );
+        match &action {
+            UnitAction::GiveUp { reason, message } => self.give_up(reason, message.clone()),
+            UnitAction::Start(next) if next.after != AttemptOutcome::Interrupted => {
+                self.set_condition(DEGRADED, true, next.reason, &next.message);
             }
+            _ => {}
         }
         action
     }
@@ -488,13 +489,7 @@ impl StatusDraft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::Timestamp;
-
-    const MIB: u64 = 1 << 20;
-
-    fn at(secs: i64) -> Time {
-        Time(Timestamp::from_second(secs).unwrap())
-    }
+    use crate::fixtures::{at, MIB};
 
     fn photos() -> ScanSummary {
         ScanSummary {
@@ -570,14 +565,12 @@ mod tests {
             None,
             "80Mi"
         ));
-        let UnitAction::Next { step, last } = d.next(limits(80 * MIB)) else {
-            panic!("no next step")
+        let UnitAction::Start(next) = d.next(limits(80 * MIB)) else {
+            panic!("no next attempt")
         };
         // the last scrape saw 75Mi; the kernel killed it at the 80Mi limit
-        assert_eq!(last.peak_working_set, Some(80 * MIB));
-        let NextStep::Start { preset, number, .. } = step else {
-            panic!("{step:?}")
-        };
+        assert_eq!(d.status.unit.attempts[0].peak_working_set, Some(80 * MIB));
+        let (preset, number) = (next.preset, next.number);
         assert_eq!((preset.label().as_str(), number), ("medium", 2));
         assert_eq!(
             cond(&d, DEGRADED),
@@ -646,10 +639,10 @@ mod tests {
             None,
             "1Gi",
         );
-        let UnitAction::Next { step, .. } = d.next(limits(1 << 30)) else {
-            panic!("no next step")
+        let UnitAction::Start(next) = d.next(limits(1 << 30)) else {
+            panic!("no next attempt")
         };
-        assert!(matches!(step, NextStep::Start { preset, number: 2, .. } if preset == small));
+        assert_eq!((next.preset, next.number), (small, 2));
         assert_eq!(cond(&d, DEGRADED), ("False".into(), "NewBuild".into()));
     }
 
@@ -661,11 +654,8 @@ mod tests {
         d.status.unit.attempts.push(a);
         assert!(matches!(
             d.next(limits(1 << 30)),
-            UnitAction::Next {
-                step: NextStep::GiveUp {
-                    reason: "UnknownPreset",
-                    ..
-                },
+            UnitAction::GiveUp {
+                reason: "UnknownPreset",
                 ..
             }
         ));
@@ -701,12 +691,12 @@ mod tests {
             quiet.attempt_ended(1, &kill, "killed".into(), None, "80Mi"),
             Some(AttemptOutcome::Killed)
         );
-        let UnitAction::Next { step, .. } = quiet.next(limits(80 * MIB)) else {
-            panic!("no next step")
+        let UnitAction::Start(next) = quiet.next(limits(80 * MIB)) else {
+            panic!("no next attempt")
         };
         assert!(
-            matches!(step, NextStep::Start { preset, number: 2, reason: "RetryAfterKill", .. } if preset == full),
-            "{step:?}"
+            (next.preset, next.number, next.reason) == (full, 2, "RetryAfterKill"),
+            "{next:?}"
         );
         assert_eq!(cond(&quiet, DEGRADED).1, "RetryAfterKill");
         // The last scrape saw 70 of 80Mi: the same SIGKILL is an OOM kill.

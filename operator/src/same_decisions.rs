@@ -19,7 +19,7 @@ use crate::local::state;
 use crate::pods::{self, PodState};
 use crate::scrape;
 use imageindex_crds::attempts;
-use imageindex_crds::ladder::{Limits, NextStep, UnitAction};
+use imageindex_crds::ladder::{Limits, UnitAction};
 use imageindex_crds::observation::AttemptEnd;
 use imageindex_crds::pressure::PressureLevel;
 use imageindex_crds::rebuild::{self, BuildStart};
@@ -239,27 +239,18 @@ impl Run {
             .attempt_ended(number, end, message, None, LIMIT_TEXT);
         self.decisions.push(format!("attempt {number} {outcome:?}"));
         match self.draft.next(self.limits) {
-            UnitAction::Next {
-                step:
-                    NextStep::Start {
-                        preset,
-                        number,
-                        delay,
-                        reason,
-                        message,
-                    },
-                ..
-            } => {
+            UnitAction::Start(next) => {
                 self.decisions.push(format!(
-                    "start {number} with {} after {delay:?} ({reason})",
-                    preset.label()
+                    "start {} with {} after {:?} ({})",
+                    next.number,
+                    next.preset.label(),
+                    next.wait.unwrap_or_default(),
+                    next.reason
                 ));
-                self.start(number, &preset.label(), Some((reason, message)));
+                let why = Some((next.reason, next.message));
+                self.start(next.number, &next.preset.label(), why);
             }
-            UnitAction::Next {
-                step: NextStep::GiveUp { reason, .. },
-                ..
-            } => self.decisions.push(format!("give up ({reason})")),
+            UnitAction::GiveUp { reason, .. } => self.decisions.push(format!("give up ({reason})")),
             UnitAction::Publish => {
                 self.decisions.push("publish".into());
                 self.draft.published();

@@ -15,7 +15,7 @@ use crate::resources::{self, Instance};
 use imageindex_crds::attempts;
 use imageindex_crds::conditions::PROGRESSING;
 use imageindex_crds::labels::{self, Component};
-use imageindex_crds::ladder::{Limits, NextStep, UnitAction};
+use imageindex_crds::ladder::{Limits, UnitAction};
 use imageindex_crds::outcome::exit_code;
 use imageindex_crds::pressure::PressureLevel;
 use imageindex_crds::rebuild::{self, BuildStart, Seen};
@@ -253,23 +253,15 @@ impl Decision<'_, '_> {
             UnitAction::Choose { number } => self.choose_and_start(number),
             UnitAction::Watch { number } => self.watch_attempt(number),
             UnitAction::Publish => self.publish(),
-            UnitAction::Next { step, last } => match step {
-                NextStep::Done => self.publish(),
-                NextStep::GiveUp { .. } => REQUEUE_IDLE,
-                NextStep::Start {
-                    preset,
-                    number,
-                    delay,
-                    reason,
-                    message,
-                } => {
-                    if let Some(wait) = attempts::wait_after(&last, delay, &self.draft.now) {
-                        self.draft.waiting_to_retry(&message, number, wait);
-                        return wait;
-                    }
-                    self.start_attempt(number, preset, Some((reason, message)))
+            UnitAction::GiveUp { .. } => REQUEUE_IDLE,
+            UnitAction::Start(next) => {
+                if let Some(wait) = next.wait {
+                    self.draft
+                        .waiting_to_retry(&next.message, next.number, wait);
+                    return wait;
                 }
-            },
+                self.start_attempt(next.number, next.preset, Some((next.reason, next.message)))
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use crate::scrape;
 use display::{Console, LiveLine};
 use imageindex_crds::attempts;
 use imageindex_crds::conditions::READY;
-use imageindex_crds::ladder::{Limits, NextStep, UnitAction};
+use imageindex_crds::ladder::{Limits, UnitAction};
 use imageindex_crds::pressure::{Pressure, PressureLevel};
 use imageindex_crds::quantity::format_mebibytes_ceil;
 use imageindex_crds::rebuild::{self, BuildStart};
@@ -490,30 +490,13 @@ impl Runner {
             // Nothing runs between runs: an attempt still open was ended by `resume`.
             UnitAction::Watch { .. } => Plan::Rescan("a recorded attempt is still open"),
             UnitAction::Choose { number } => return self.choose(number),
-            UnitAction::Publish
-            | UnitAction::Next {
-                step: NextStep::Done,
-                ..
-            } => Plan::Publish,
-            UnitAction::Next {
-                step: NextStep::GiveUp { .. },
-                ..
-            } => Plan::Stop(Ending::Failed),
-            UnitAction::Next {
-                step:
-                    NextStep::Start {
-                        preset,
-                        number,
-                        delay,
-                        reason,
-                        message,
-                    },
-                last,
-            } => Plan::Attempt {
-                preset,
-                number,
-                wait: attempts::wait_after(&last, delay, &self.draft.now).unwrap_or_default(),
-                why: Some((reason, message)),
+            UnitAction::Publish => Plan::Publish,
+            UnitAction::GiveUp { .. } => Plan::Stop(Ending::Failed),
+            UnitAction::Start(next) => Plan::Attempt {
+                preset: next.preset,
+                number: next.number,
+                wait: next.wait.unwrap_or_default(),
+                why: Some((next.reason, next.message)),
             },
         };
         self.save()?;
