@@ -339,6 +339,10 @@ fn imageindex(name: &str, extra: serde_json::Value) -> ImageIndex {
     .unwrap()
 }
 
+fn preset_of(pod: &Pod) -> Preset {
+    Preset::from_label(&pod.labels()[labels::PRESET]).unwrap()
+}
+
 fn status_of(ii: &ImageIndex) -> ImageIndexStatus {
     ii.status.clone().unwrap_or_default()
 }
@@ -369,8 +373,11 @@ struct Scenario {
 
 impl Scenario {
     /// The namespace `ns` with an operator watching it, ready; the build's metrics report half
-    /// the limit and 500 images processed.
-    async fn start(ns: &'static str) -> Scenario {
+    /// the limit and 500 images processed. `None` when the control-plane tests are skipped.
+    async fn start(ns: &'static str) -> Option<Scenario> {
+        if controlplane::skipped(ns) {
+            return None;
+        }
         let shared = shared();
         let admin = shared.cp.client(&shared.cp.admin_kubeconfig()).await;
         namespace(&admin, ns).await;
@@ -389,7 +396,7 @@ impl Scenario {
             op,
         };
         s.wait_until_ready().await;
-        s
+        Some(s)
     }
 
     async fn wait_until_ready(&self) {
@@ -502,6 +509,20 @@ impl Scenario {
         .await
     }
 
+    /// Checks attempt 2's pod (`build2`) has a poorer preset than `first`; returns that preset
+    /// and the ImageIndex once its status records attempt 2.
+    async fn poorer_second_attempt(&self, first: Preset, build2: &Pod) -> (Preset, ImageIndex) {
+        let second = preset_of(build2);
+        assert_eq!(build2.labels()[labels::ATTEMPT], "2");
+        assert!(second.nfeatures < first.nfeatures, "{first} → {second}");
+        let ii = self
+            .index_when("attempt 2 recorded", Duration::from_secs(30), |ii| {
+                status_of(ii).unit.attempts.len() == 2
+            })
+            .await;
+        (second, ii)
+    }
+
     /// The Events of ImageIndex `name`, oldest first: (type, reason).
     async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
         let api: Api<Event> = Api::namespaced(self.admin.clone(), self.ns);
@@ -591,11 +612,10 @@ fn the_crd_applies_and_kubectl_shows_its_columns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_then_build_then_ready() {
-    if controlplane::skipped("scan_then_build_then_ready") {
-        return;
-    }
     let t = Instant::now();
-    let s = Scenario::start("happy").await;
+    let Some(s) = Scenario::start("happy").await else {
+        return;
+    };
     let ns = s.ns;
     let created = Instant::now();
     s.create(json!({})).await;
@@ -720,14 +740,13 @@ async fn scan_then_build_then_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_killed_build_restarts_with_a_smaller_preset() {
-    if controlplane::skipped("an_oom_killed_build_restarts_with_a_smaller_preset") {
-        return;
-    }
     let t = Instant::now();
-    let s = Scenario::start("oom").await;
+    let Some(s) = Scenario::start("oom").await else {
+        return;
+    };
     s.scanned(json!({})).await;
     let build = s.pod("cats-build-1").await;
-    let preset1 = Preset::from_label(&build.labels()[labels::PRESET]).unwrap();
+    let preset1 = preset_of(&build);
     // The container was OOM-killed and restarted once before failing: OOMKilled is in lastState.
     s.kubelet
         .exit(
@@ -738,17 +757,7 @@ async fn an_oom_killed_build_restarts_with_a_smaller_preset() {
         )
         .await;
     let build2 = s.pod("cats-build-2").await;
-    let preset2 = Preset::from_label(&build2.labels()[labels::PRESET]).unwrap();
-    assert_eq!(build2.labels()[labels::ATTEMPT], "2");
-    assert!(
-        preset2.nfeatures < preset1.nfeatures,
-        "{preset1} → {preset2}"
-    );
-    let ii = s
-        .index_when("attempt 2 recorded", Duration::from_secs(30), |ii| {
-            status_of(ii).unit.attempts.len() == 2
-        })
-        .await;
+    let (preset2, ii) = s.poorer_second_attempt(preset1, &build2).await;
     let st = status_of(&ii);
     assert_eq!(st.unit.attempts[0].outcome, Some(AttemptOutcome::OomKilled));
     assert_eq!(st.unit.attempts[0].exit_code, Some(137));
@@ -770,15 +779,14 @@ async fn an_oom_killed_build_restarts_with_a_smaller_preset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_pressure_restarts_the_build_before_the_kernel_does() {
-    if controlplane::skipped("critical_pressure_restarts_the_build_before_the_kernel_does") {
-        return;
-    }
     let t = Instant::now();
-    let s = Scenario::start("pressure").await;
+    let Some(s) = Scenario::start("pressure").await else {
+        return;
+    };
     s.build_metrics.set(LIMIT / 100 * 95, 800);
     s.scanned(json!({})).await;
     let build = s.pod("cats-build-1").await;
-    let preset1 = Preset::from_label(&build.labels()[labels::PRESET]).unwrap();
+    let preset1 = preset_of(&build);
     s.kubelet.run("cats-build-1").await;
     let ii = s
         .index_when("MemoryPressure warning", Duration::from_secs(30), |ii| {
@@ -803,16 +811,7 @@ async fn critical_pressure_restarts_the_build_before_the_kernel_does() {
         s.kubelet.get("cats-build-1").await.is_none(),
         "the pressured pod was deleted"
     );
-    let preset2 = Preset::from_label(&build2.labels()[labels::PRESET]).unwrap();
-    assert!(
-        preset2.nfeatures < preset1.nfeatures,
-        "{preset1} → {preset2}"
-    );
-    let ii = s
-        .index_when("attempt 2 recorded", Duration::from_secs(30), |ii| {
-            status_of(ii).unit.attempts.len() == 2
-        })
-        .await;
+    let (preset2, ii) = s.poorer_second_attempt(preset1, &build2).await;
     let st = status_of(&ii);
     assert_eq!(
         st.unit.attempts[0].outcome,
@@ -839,10 +838,9 @@ async fn critical_pressure_restarts_the_build_before_the_kernel_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_spec_is_reported_and_nothing_is_made() {
-    if controlplane::skipped("an_invalid_spec_is_reported_and_nothing_is_made") {
+    let Some(s) = Scenario::start("invalid").await else {
         return;
-    }
-    let s = Scenario::start("invalid").await;
+    };
     let invalid = repo().join("crds/yaml/instance-invalid.yaml");
     s.kubectl(&["apply", "-n", s.ns, "-f", invalid.to_str().unwrap()]);
     let ii = s
@@ -881,10 +879,9 @@ async fn an_invalid_spec_is_reported_and_nothing_is_made() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_index_garbage_collects_what_it_owns() {
-    if controlplane::skipped("deleting_the_index_garbage_collects_what_it_owns") {
+    let Some(s) = Scenario::start("delete").await else {
         return;
-    }
-    let s = Scenario::start("delete").await;
+    };
     s.scanned(json!({})).await;
     s.pod("cats-build-1").await;
     s.succeed_and_serve().await;
@@ -920,11 +917,10 @@ async fn deleting_the_index_garbage_collects_what_it_owns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_operator_adopts_the_running_build() {
-    if controlplane::skipped("a_restarted_operator_adopts_the_running_build") {
-        return;
-    }
     let t = Instant::now();
-    let mut s = Scenario::start("restart").await;
+    let Some(mut s) = Scenario::start("restart").await else {
+        return;
+    };
     s.scanned(json!({})).await;
     s.pod("cats-build-1").await;
     s.kubelet.run("cats-build-1").await;
