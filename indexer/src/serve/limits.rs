@@ -5,13 +5,13 @@
 //! memory, its upload and OpenCV's copy of the upload. [`estimate::image_bytes`] gives the
 //! first two for a header's size; the largest image the header check admits
 //! ([`imageguard::MAX_PIXELS`], 100 MP, at most [`imageguard::MAX_SIDE`] a side) at the richest
-//! preset's working size, with twice the query features, is the worst case of one slot:
+//! preset's working size, with the query features, is the worst case of one slot:
 //!
 //! ```text
 //! slot = decoded (100 MP × 1 B, gray) + work (2048² px × ORB_BYTES_PER_WORK_PIXEL)
-//!        + 2000 features × BYTES_PER_FEATURE + 2 × max_body
-//!      = 100,000,000 + 4,194,304 × 20 + 2000 × 400 + 2 × 20,000,000
-//!      = 224,686,080 B (≈ 214 MiB) with today's calibrated constants
+//!        + 1000 features × BYTES_PER_FEATURE + 2 × max_body
+//!      = 100,000,000 + 4,194,304 × 20 + 1000 × 400 + 2 × 20,000,000
+//!      = 224,286,080 B (≈ 214 MiB) with today's calibrated constants
 //! ```
 //!
 //! WebP and TIFF are decoded by OpenCV through a colour buffer first: they cost
@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn the_worst_slot_is_a_100_megapixel_gray_image_at_full() {
         let work = 2048 * 2048 * estimate::ORB_BYTES_PER_WORK_PIXEL;
-        let features = 2000 * estimate::BYTES_PER_FEATURE;
+        let features = 1000 * estimate::BYTES_PER_FEATURE;
         assert_eq!(
             worst_query_bytes(20_000_000),
             100_000_000 + work + features + 40_000_000
