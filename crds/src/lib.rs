@@ -10,6 +10,7 @@
 pub mod conditions;
 pub mod estimate;
 pub mod labels;
+pub mod metrics;
 pub mod policy;
 pub mod preset;
 pub mod quantity;
