@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod conditions;
+pub mod duration;
 pub mod estimate;
 pub mod labels;
 pub mod metrics;

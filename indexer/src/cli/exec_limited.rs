@@ -1,5 +1,6 @@
 //! `indexer exec-limited`: run a command inside a fresh cgroup with a real memory limit.
 
+use imageindex_crds::quantity;
 use indexer::cgroup::LimitedGroup;
 use std::os::unix::process::CommandExt;
 
@@ -7,7 +8,7 @@ use std::os::unix::process::CommandExt;
 #[derive(clap::Args)]
 pub struct ExecLimitedArgs {
     /// Memory limit of the cgroup (e.g. 512Mi).
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: u64,
     /// Name of the cgroup (created under imageindex/).
     #[arg(long)]

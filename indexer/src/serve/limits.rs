@@ -164,17 +164,6 @@ impl ServeLimits {
     }
 }
 
-/// Parses a byte size: Kubernetes quantities (`20M`, `20Mi`) and the common `20MB`/`20MiB`.
-pub fn parse_size(text: &str) -> Result<u64, imageindex_crds::quantity::QuantityError> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .map(|s| format!("{s}i"))
-        .or_else(|| t.strip_suffix('B').map(str::to_string))
-        .unwrap_or_else(|| t.to_string());
-    imageindex_crds::quantity::parse_bytes(&t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,14 +245,5 @@ mod tests {
             query_bytes(&p, &h(Format::Webp), 0) - query_bytes(&p, &h(Format::Png), 0),
             16_000_000 * COLOUR_BUFFER_BYTES_PER_PIXEL
         );
-    }
-
-    #[test]
-    fn sizes_accept_quantities_and_megabytes() {
-        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
-        assert_eq!(parse_size("20MiB").unwrap(), 20 << 20);
-        assert_eq!(parse_size("20Mi").unwrap(), 20 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("lots").is_err());
     }
 }
