@@ -74,25 +74,21 @@ pub fn query_bytes(preset: &Preset, header: &Header, upload: u64) -> u64 {
 /// The worst case of one slot: the largest admitted gray-decoded image at the richest preset
 /// of the ladder, with the largest upload.
 pub fn worst_query_bytes(max_body: u64) -> u64 {
-    let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
-    let header = Header {
-        format: Format::Png,
-        width: side,
-        height: side,
-    };
-    Preset::ladder()
-        .iter()
-        .map(|p| query_bytes(p, &header, max_body))
-        .max()
-        .unwrap_or(0)
+    worst_slot_bytes(Format::Png, max_body)
 }
 
 /// The worst case of one slot over every admitted format: the largest admitted image
 /// decoded through a colour buffer.
 pub fn worst_any_format_bytes(max_body: u64) -> u64 {
+    worst_slot_bytes(Format::Webp, max_body)
+}
+
+/// One slot holding the largest admitted image of `format` at the richest preset of the
+/// ladder, with the largest upload.
+fn worst_slot_bytes(format: Format, max_body: u64) -> u64 {
     let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
     let header = Header {
-        format: Format::Webp,
+        format,
         width: side,
         height: side,
     };
