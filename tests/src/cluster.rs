@@ -1,86 +1,54 @@
-//! A whole test cluster on this machine: the control plane of tests/controlplane (etcd,
-//! kube-apiserver, kube-controller-manager v1.20.2), the test node agent ([`crate::node`]) as
-//! its only node, kubectl and helm pointed at it, and the helpers the cluster tests share:
-//! waiting with a deadline, resolving a Service to a pod address as kube-proxy would, queries,
-//! and a diagnostic dump for failure messages.
+//! A whole test cluster on this machine: the control plane of tests/controlplane
+//! ([`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager v1.20.2), the test node
+//! agent ([`crate::node`]) as its only node, kubectl and helm pointed at it, and the helpers
+//! the cluster tests share: waiting with a deadline, resolving a Service to a pod address as
+//! kube-proxy would, queries, and a diagnostic dump for failure messages.
 
-use crate::chart::{helm_bin, kubectl_bin};
+use crate::chart::kubectl_bin;
+use crate::controlplane::{stderr_without_skew, ControlPlane, Options};
 use crate::node::{AgentConfig, ImageBinary, NodeAgent};
 use crate::{bin, repo};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped) and,
-/// once started, the node agent (stopped first).
+/// A control plane ([`ControlPlane`], stopped when dropped) and, once started, the node agent
+/// (stopped first).
 pub struct TestCluster {
-    dir: tempfile::TempDir,
-    env: BTreeMap<String, String>,
     agent: Option<NodeAgent>,
+    cp: ControlPlane,
 }
 
 impl TestCluster {
     /// Starts the control plane (panics with up.sh's output if it cannot).
     pub fn start() -> TestCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("imageindex-cluster-")
-            .tempdir()
-            .expect("a temporary directory");
-        let state = dir.path().join("state");
         // The 1.20 PV controller races with itself when a claim names a pre-bound volume
         // (the volume's status update conflicts) and retries only at its resync: 15 s by
         // default, 2 s here.
-        let extra = format!(
-            "{} --pvclaimbinder-sync-period=2s",
-            std::env::var("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS").unwrap_or_default()
-        );
-        let out = Command::new("bash")
-            .arg(repo().join("tests/controlplane/up.sh"))
-            .arg(&state)
-            .env("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS", extra.trim())
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run tests/controlplane/up.sh");
-        assert!(
-            out.status.success(),
-            "tests/controlplane/up.sh failed (build the control plane with \
-             tests/controlplane/build.sh, or set IMAGEINDEX_SKIP_APISERVER=1 to skip):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = std::fs::read_to_string(state.join("env"))
-            .expect("up.sh writes STATE_DIR/env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches(['\'', '"']).to_string()))
-            .collect();
-        TestCluster {
-            dir,
-            env,
-            agent: None,
-        }
+        let cp = ControlPlane::start(&Options {
+            prefix: "imageindex-cluster-",
+            controller_manager_args: vec!["--pvclaimbinder-sync-period=2s".into()],
+            ..Options::default()
+        });
+        TestCluster { agent: None, cp }
     }
 
     /// A value of STATE_DIR/env (`APISERVER_URL`, `APISERVER_PORT`, `CA_CERT`, ...).
     pub fn env(&self, key: &str) -> &str {
-        self.env
-            .get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("{key} is not in up.sh's env"))
+        self.cp.env(key)
     }
 
     /// The cluster's scratch directory (control-plane state, agent state, helm's home).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.cp.dir()
     }
 
     /// The admin's kubeconfig (group system:masters).
     pub fn admin_kubeconfig(&self) -> PathBuf {
-        self.dir.path().join("state/admin.kubeconfig")
+        self.cp.admin_kubeconfig()
     }
 
     /// Starts the node agent as node `imageindex-node` with the workspace's `indexer` and
@@ -94,7 +62,7 @@ impl TestCluster {
         let mut config = AgentConfig {
             node_name: "imageindex-node".into(),
             kubeconfig: self.admin_kubeconfig(),
-            state_dir: self.dir.path().join("node"),
+            state_dir: self.dir().join("node"),
             images: vec![
                 ImageBinary {
                     repository: "imageindex/indexer".into(),
@@ -123,52 +91,22 @@ impl TestCluster {
 
     /// A command with this cluster's KUBECONFIG and a private helm home.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new(program);
-        let tools = kubectl_bin()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        cmd.env("KUBECONFIG", self.admin_kubeconfig())
-            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
-            .env("PATH", path)
-            .stdin(Stdio::null());
-        cmd
+        self.cp.command(program)
     }
 
     /// `kubectl ARGS`, whatever its outcome.
     pub fn kubectl_output(&self, args: &[&str]) -> Output {
-        self.command(kubectl_bin())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+        self.cp.kubectl_output(args)
     }
 
     /// `kubectl ARGS`, its stdout; panics with its stderr if it fails.
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = self.kubectl_output(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr_without_skew(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cp.kubectl(args)
     }
 
     /// `kubectl ARGS -o json`, parsed.
     pub fn kubectl_json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["-o", "json"]);
-        let text = self.kubectl(&args);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: not JSON ({e}): {text}"))
+        self.cp.kubectl_json(args)
     }
 
     /// `kubectl ARGS -o json` if it succeeds (e.g. `None` when the object does not exist).
@@ -209,12 +147,7 @@ impl TestCluster {
 
     /// `helm ARGS`, its stdout; panics if it fails.
     pub fn helm(&self, args: &[&str]) -> String {
-        let out = self
-            .command(helm_bin())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
-        crate::stdout_of_success(&out, &format!("helm {args:?}"))
+        self.cp.helm(args)
     }
 
     /// Runs a shell command line as written (from the repository root, helm and kubectl of
@@ -346,33 +279,13 @@ impl TestCluster {
 }
 
 impl Drop for TestCluster {
-    /// Stops the agent (killing every pod process) and the control plane; removes the
-    /// scratch directory unless IMAGEINDEX_KEEP_CLUSTER=1 (then its path is printed).
+    /// Stops the agent (killing every pod process); then the control plane stops as it drops
+    /// (its scratch directory is kept with IMAGEINDEX_KEEP_CLUSTER=1).
     fn drop(&mut self) {
         if let Some(agent) = self.agent.take() {
             agent.stop();
         }
-        let _ = Command::new("bash")
-            .arg(repo().join("tests/controlplane/down.sh"))
-            .arg(self.dir.path().join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if std::env::var("IMAGEINDEX_KEEP_CLUSTER").as_deref() == Ok("1") {
-            let kept =
-                std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
-            eprintln!("IMAGEINDEX_KEEP_CLUSTER=1: kept {}", kept.display());
-        }
     }
-}
-
-fn stderr_without_skew(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.contains("version difference") && !l.contains("skew"))
-        .map(|l| format!("{l}\n"))
-        .collect()
 }
 
 /// One line per pod: namespace/name, node, phase, IP, and its container's state.
