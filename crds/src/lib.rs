@@ -11,10 +11,12 @@
 pub mod aggregate;
 pub mod attempts;
 pub mod conditions;
+pub mod duration;
 pub mod estimate;
 pub mod first_preset;
 pub mod labels;
 pub mod ladder;
+pub mod metrics;
 pub mod observation;
 pub mod outcome;
 pub mod policy;

@@ -7,7 +7,6 @@
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod build;
-pub mod cgroup;
 pub mod dataset;
 pub mod error;
 pub mod features;

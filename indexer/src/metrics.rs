@@ -3,6 +3,7 @@
 
 use crate::memory::{MemorySnapshot, MemorySource};
 use crate::progress::{BuildPhase, BuildProgress};
+use imageindex_crds::metrics as names;
 use imageindex_crds::preset::Preset;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::net::SocketAddr;
@@ -37,27 +38,27 @@ impl MemoryMetrics {
         MemoryMetrics {
             rss: gauge(
                 registry,
-                "imageindex_memory_rss_bytes",
+                names::MEMORY_RSS_BYTES,
                 "Resident set size of the process",
             ),
             peak_rss: gauge(
                 registry,
-                "imageindex_memory_peak_rss_bytes",
+                names::MEMORY_PEAK_RSS_BYTES,
                 "Peak resident set size of the process (VmHWM)",
             ),
             working_set: gauge(
                 registry,
-                "imageindex_memory_working_set_bytes",
+                names::MEMORY_WORKING_SET_BYTES,
                 "cgroup usage minus inactive file cache (what the OOM killer and kubelet count)",
             ),
             available: gauge(
                 registry,
-                "imageindex_memory_available_bytes",
+                names::MEMORY_AVAILABLE_BYTES,
                 "Memory limit minus working set",
             ),
             limit: gauge(
                 registry,
-                "imageindex_memory_limit_bytes",
+                names::MEMORY_LIMIT_BYTES,
                 "Effective memory limit (cgroup or flag)",
             ),
             peak_working_set: Arc::new(AtomicU64::new(0)),
@@ -115,33 +116,28 @@ impl BuildExporter {
             v
         };
         BuildExporter {
-            images_total: gauge(
-                &registry,
-                "imageindex_images_total",
-                "Image files in the dataset",
-            ),
-            images_processed: counter(
-                "imageindex_images_processed_total",
-                "Images extracted or skipped",
-            ),
+            images_total: gauge(&registry, names::IMAGES_TOTAL, "Image files in the dataset"),
+            images_processed: counter(names::IMAGES_PROCESSED_TOTAL, "Images extracted or skipped"),
             images_failed: counter(
-                "imageindex_images_failed_total",
+                names::IMAGES_FAILED_TOTAL,
                 "Images skipped (corrupt, not an image, too large, unreadable)",
             ),
-            descriptors: gauge(
-                &registry,
-                "imageindex_descriptors_total",
-                "Descriptors stored",
-            ),
+            descriptors: gauge(&registry, names::DESCRIPTORS_TOTAL, "Descriptors stored"),
             phase: vec(
-                "imageindex_build_phase",
+                names::BUILD_PHASE,
                 "1 for the build's current phase",
-                &["phase"],
+                &[names::PHASE_LABEL],
             ),
             info: vec(
-                "imageindex_build_info",
+                names::BUILD_INFO,
                 "Build parameters",
-                &["preset", "nfeatures", "n_trees", "search_k", "version"],
+                &[
+                    names::PRESET_LABEL,
+                    "nfeatures",
+                    "n_trees",
+                    "search_k",
+                    "version",
+                ],
             ),
             memory,
             registry,

@@ -1,5 +1,6 @@
 //! The operator's own Prometheus metrics (`imageindex_operator_*`).
 
+use imageindex_crds::metrics as names;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -23,33 +24,30 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let reconciles = IntCounter::new(
-            "imageindex_operator_reconciles_total",
-            "Reconciles started.",
-        )?;
+        let reconciles = IntCounter::new(names::OPERATOR_RECONCILES_TOTAL, "Reconciles started.")?;
         let reconcile_errors = IntCounterVec::new(
             Opts::new(
-                "imageindex_operator_reconcile_errors_total",
+                names::OPERATOR_RECONCILE_ERRORS_TOTAL,
                 "Reconciles that failed, by the step that failed.",
             ),
             &["step"],
         )?;
         let attempts = IntCounterVec::new(
             Opts::new(
-                "imageindex_operator_attempts_total",
+                names::OPERATOR_ATTEMPTS_TOTAL,
                 "Build attempts that ended, by outcome.",
             ),
             &["outcome"],
         )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
-                "imageindex_operator_reconcile_duration_seconds",
+                names::OPERATOR_RECONCILE_DURATION_SECONDS,
                 "Time one reconcile took.",
             )
             .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )?;
         let scrape_errors = IntCounter::new(
-            "imageindex_operator_scrape_errors_total",
+            names::OPERATOR_SCRAPE_ERRORS_TOTAL,
             "Scrapes of a build pod's /metrics that failed.",
         )?;
         registry.register(Box::new(reconciles.clone()))?;

@@ -7,6 +7,7 @@
 //! and `NaN`/`+Inf`. A small hand-written parser keeps the operator free of the regex and
 //! date-time crates a general-purpose parser would bring for these eleven series.
 
+use imageindex_crds::metrics as names;
 use imageindex_crds::observation::ScrapedMetrics;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -181,23 +182,23 @@ pub fn metrics_of(samples: &[Sample]) -> ScrapedMetrics {
     let mut m = ScrapedMetrics::default();
     for s in samples {
         let slot = match s.name.as_str() {
-            "imageindex_memory_rss_bytes" => &mut m.rss,
-            "imageindex_memory_peak_rss_bytes" => &mut m.peak_rss,
-            "imageindex_memory_working_set_bytes" => &mut m.working_set,
-            "imageindex_memory_available_bytes" => &mut m.available,
-            "imageindex_memory_limit_bytes" => &mut m.limit,
-            "imageindex_images_total" => &mut m.images_total,
-            "imageindex_images_processed_total" => &mut m.images_processed,
-            "imageindex_images_failed_total" => &mut m.images_failed,
-            "imageindex_descriptors_total" => &mut m.descriptors,
-            "imageindex_build_phase" => {
+            names::MEMORY_RSS_BYTES => &mut m.rss,
+            names::MEMORY_PEAK_RSS_BYTES => &mut m.peak_rss,
+            names::MEMORY_WORKING_SET_BYTES => &mut m.working_set,
+            names::MEMORY_AVAILABLE_BYTES => &mut m.available,
+            names::MEMORY_LIMIT_BYTES => &mut m.limit,
+            names::IMAGES_TOTAL => &mut m.images_total,
+            names::IMAGES_PROCESSED_TOTAL => &mut m.images_processed,
+            names::IMAGES_FAILED_TOTAL => &mut m.images_failed,
+            names::DESCRIPTORS_TOTAL => &mut m.descriptors,
+            names::BUILD_PHASE => {
                 if s.value >= 0.5 {
-                    m.phase = s.labels.get("phase").cloned();
+                    m.phase = s.labels.get(names::PHASE_LABEL).cloned();
                 }
                 continue;
             }
-            "imageindex_build_info" => {
-                m.preset = s.labels.get("preset").cloned();
+            names::BUILD_INFO => {
+                m.preset = s.labels.get(names::PRESET_LABEL).cloned();
                 continue;
             }
             _ => continue,

@@ -3,6 +3,7 @@
 //! `/metrics`). Traffic goes only to the address given (a service you run).
 
 use super::stats::{mean, percentile};
+use imageindex_crds::metrics as names;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -259,8 +260,8 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
                 (k, s)
             })
             .collect(),
-        server_peak_rss: sample("imageindex_memory_peak_rss_bytes"),
-        server_working_set: sample("imageindex_memory_working_set_bytes"),
+        server_peak_rss: sample(names::MEMORY_PEAK_RSS_BYTES),
+        server_working_set: sample(names::MEMORY_WORKING_SET_BYTES),
     })
 }
 

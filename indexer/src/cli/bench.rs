@@ -5,6 +5,7 @@ use super::build::start_display;
 use super::output;
 use super::signals;
 use anyhow::Context;
+use imageindex_crds::quantity;
 use indexer::bench::{images, load, synthetic, synthetic_index};
 use indexer::build::BuildContext;
 use indexer::memory::MemorySource;
@@ -54,7 +55,7 @@ struct ImagesArgs {
     #[arg(long, default_value = "full", value_delimiter = ',')]
     presets: Vec<String>,
     /// Real cgroup memory limit for the builds.
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: Option<u64>,
     /// Old-system feature counts to run (comma-separated).
     #[arg(long, default_value = "150,1000", value_delimiter = ',')]
@@ -72,9 +73,9 @@ struct ImagesArgs {
     /// Vocabulary cells whose lists a descriptor considers (default: 3).
     #[arg(long)]
     cells: Option<usize>,
-    /// Add this many synthetic ORB-like descriptors to the index (e.g. 1M, 10M), so the
-    /// real queries run inside an index of that size.
-    #[arg(long, default_value = "0", value_parser = count)]
+    /// Add this many synthetic ORB-like descriptors to the index (a quantity: 1M, 10M), so
+    /// the real queries run inside an index of that size.
+    #[arg(long, default_value = "0", value_parser = quantity::parse_bytes)]
     pad: u64,
     /// Reuse indexes a previous run built with the same preset and padding.
     #[arg(long)]
@@ -113,11 +114,11 @@ struct LoadArgs {
 /// The flags of `indexer bench synthetic`.
 #[derive(clap::Args)]
 struct SyntheticArgs {
-    /// Sizes, comma-separated (e.g. 1M,2M,16M).
-    #[arg(long, default_value = "1M", value_delimiter = ',', value_parser = count)]
+    /// Sizes, comma-separated quantities (1M = 1,000,000; e.g. 1M,2M,16M).
+    #[arg(long, default_value = "1M", value_delimiter = ',', value_parser = quantity::parse_bytes)]
     sizes: Vec<u64>,
     /// Real cgroup memory limit for the builds.
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: Option<u64>,
     /// Scratch directory.
     #[arg(long, default_value = "/tmp/imageindex-bench")]
@@ -154,19 +155,6 @@ pub struct BuildSyntheticArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// Parses a count such as `2000`, `1.5k`, `1M` or `2G` (decimal multiples).
-fn count(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1_000.0),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1_000_000.0),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1_000_000_000.0),
-        _ => (t, 1.0),
-    };
-    let v: f64 = num.parse().with_context(|| format!("size {text:?}"))?;
-    Ok((v * mult) as u64)
 }
 
 /// The Python of the tools venv `scripts/setup.sh` makes, else `python3`.

@@ -3,6 +3,7 @@
 use super::output::{self, BuildReport};
 use super::signals;
 use anyhow::Context;
+use imageindex_crds::quantity;
 use indexer::build::{self, BuildContext, BuildOptions, PresetRequest};
 use indexer::memory::MemorySource;
 use indexer::metrics::{self, BuildExporter};
@@ -24,7 +25,7 @@ pub struct BuildArgs {
     #[arg(long, default_value = "auto", value_parser = preset_choice)]
     preset: PresetRequest,
     /// Memory limit (default: the cgroup limit, else the machine's memory).
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: Option<u64>,
     /// Extraction threads (default: available cores).
     #[arg(long)]

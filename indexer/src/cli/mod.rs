@@ -14,7 +14,6 @@ mod serve;
 mod signals;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use imageindex_crds::quantity;
 use indexer::IndexError;
 
 /// The `indexer` command line.
@@ -94,11 +93,6 @@ pub fn exit_code(outcome: anyhow::Result<()>) -> i32 {
     tracing::error!("{e:#}");
     eprintln!("error: {e:#}");
     code
-}
-
-/// Parses a memory size flag (`512Mi`, `1G`: Kubernetes quantities).
-fn memory_size(text: &str) -> Result<u64, quantity::QuantityError> {
-    quantity::parse_bytes(text)
 }
 
 /// The number of cores this process may use.

@@ -2,6 +2,7 @@
 
 use super::output::{self, ScanTable};
 use anyhow::Context;
+use imageindex_crds::quantity;
 use imageindex_crds::ScanReport;
 use indexer::dataset;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ pub struct ScanArgs {
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// Memory limit to choose the `auto` preset for (e.g. 512Mi).
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: Option<u64>,
     /// Extraction threads to assume (default: available cores).
     #[arg(long)]

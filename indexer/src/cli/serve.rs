@@ -1,6 +1,7 @@
 //! `indexer serve`: the HTTP query service over an index directory.
 
-use indexer::serve::{self, limits, ServeOptions};
+use imageindex_crds::{duration, quantity};
+use indexer::serve::{self, ServeOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -16,7 +17,7 @@ pub struct ServeArgs {
     #[arg(long)]
     dataset: Option<PathBuf>,
     /// Memory limit (default: the cgroup limit, else the machine's memory).
-    #[arg(long, value_parser = super::memory_size)]
+    #[arg(long, value_parser = quantity::parse_bytes)]
     memory_limit: Option<u64>,
     /// Bearer tokens, one `<token> <role>` per line (role: read or admin).
     #[arg(long)]
@@ -25,10 +26,10 @@ pub struct ServeArgs {
     #[arg(long)]
     watch: bool,
     /// How often to check the index directory.
-    #[arg(long, default_value = "2s")]
-    watch_interval: humantime::Duration,
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
+    watch_interval: std::time::Duration,
     /// Largest request body (e.g. 20MB, 8Mi).
-    #[arg(long, default_value = "20MB", value_parser = limits::parse_size)]
+    #[arg(long, default_value = "20MB", value_parser = quantity::parse_size)]
     max_body: u64,
     /// Queries decoding at once (default: cores, fewer if memory is short).
     #[arg(long)]
@@ -51,7 +52,7 @@ impl ServeArgs {
             memory_limit: self.memory_limit,
             auth_file: self.auth_file,
             watch: self.watch,
-            watch_interval: self.watch_interval.into(),
+            watch_interval: self.watch_interval,
             max_body: self.max_body,
             slots: self.slots,
             queue: self.queue,

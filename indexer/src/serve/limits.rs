@@ -74,25 +74,21 @@ pub fn query_bytes(preset: &Preset, header: &Header, upload: u64) -> u64 {
 /// The worst case of one slot: the largest admitted gray-decoded image at the richest preset
 /// of the ladder, with the largest upload.
 pub fn worst_query_bytes(max_body: u64) -> u64 {
-    let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
-    let header = Header {
-        format: Format::Png,
-        width: side,
-        height: side,
-    };
-    Preset::ladder()
-        .iter()
-        .map(|p| query_bytes(p, &header, max_body))
-        .max()
-        .unwrap_or(0)
+    worst_slot_bytes(Format::Png, max_body)
 }
 
 /// The worst case of one slot over every admitted format: the largest admitted image
 /// decoded through a colour buffer.
 pub fn worst_any_format_bytes(max_body: u64) -> u64 {
+    worst_slot_bytes(Format::Webp, max_body)
+}
+
+/// One slot holding the largest admitted image of `format` at the richest preset of the
+/// ladder, with the largest upload.
+fn worst_slot_bytes(format: Format, max_body: u64) -> u64 {
     let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
     let header = Header {
-        format: Format::Webp,
+        format,
         width: side,
         height: side,
     };
@@ -162,17 +158,6 @@ impl ServeLimits {
             rebuild_budget: left.saturating_sub(body_buffer),
         }
     }
-}
-
-/// Parses a byte size: Kubernetes quantities (`20M`, `20Mi`) and the common `20MB`/`20MiB`.
-pub fn parse_size(text: &str) -> Result<u64, imageindex_crds::quantity::QuantityError> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .map(|s| format!("{s}i"))
-        .or_else(|| t.strip_suffix('B').map(str::to_string))
-        .unwrap_or_else(|| t.to_string());
-    imageindex_crds::quantity::parse_bytes(&t)
 }
 
 #[cfg(test)]
@@ -256,14 +241,5 @@ mod tests {
             query_bytes(&p, &h(Format::Webp), 0) - query_bytes(&p, &h(Format::Png), 0),
             16_000_000 * COLOUR_BUFFER_BYTES_PER_PIXEL
         );
-    }
-
-    #[test]
-    fn sizes_accept_quantities_and_megabytes() {
-        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
-        assert_eq!(parse_size("20MiB").unwrap(), 20 << 20);
-        assert_eq!(parse_size("20Mi").unwrap(), 20 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("lots").is_err());
     }
 }

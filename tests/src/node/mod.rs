@@ -233,7 +233,7 @@ async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
 impl NodeAgent {
     /// Starts the agent and waits until its Node is registered.
     pub fn start(config: AgentConfig) -> anyhow::Result<NodeAgent> {
-        let hierarchy = cgroup::Hierarchy::detect()?;
+        let hierarchy = cgroup::detect()?;
         let stale_groups = cgroup::remove_stale(&hierarchy);
         let stale_addresses = network::PodNetwork::remove_stale();
         let network = network::PodNetwork::choose(std::process::id())
@@ -371,7 +371,7 @@ impl NodeAgent {
         if let Ok(mut n) = self.state.network.lock() {
             n.release_all();
         }
-        cgroup::remove_tree(&self.state.hierarchy, &self.state.cgroup_parent);
+        self.state.hierarchy.remove_tree(&self.state.cgroup_parent);
     }
 }
 

@@ -611,8 +611,12 @@ impl Supervisor {
             .state
             .cgroup_parent
             .join(format!("{}_{}", self.uid, c.name));
-        let group = ContainerGroup::create(&self.shared.state.hierarchy, &relative, limits)
-            .map_err(|e| io("cgroup", e))?;
+        let group: ContainerGroup = self
+            .shared
+            .state
+            .hierarchy
+            .create(&relative, limits)
+            .map_err(|e| config(format!("cgroup: {e}")))?;
         if let Ok(mut r) = self.shared.state.records.lock() {
             if let Some(p) = r.pods.get_mut(&self.uid) {
                 p.cgroups = group
@@ -1023,7 +1027,7 @@ impl Supervisor {
         let _ = std::fs::write(&sb.termination_file, b"");
         let mut launch = sb.launch.clone();
         launch.log = log.clone();
-        let oom_before = sb.group.oom_kills();
+        let oom_before = sb.group.oom_kills().unwrap_or(0);
         sb.group.reset_peak();
         let started = SystemTime::now();
         let spawned = self.resolve_program(sb).and_then(|program| {
@@ -1171,7 +1175,7 @@ impl Supervisor {
             Ok(s) => exit_code(s),
             Err(_) => (255, None),
         };
-        let oom = sb.group.oom_kills() > oom_before;
+        let oom = sb.group.oom_kills().unwrap_or(0) > oom_before;
         let reason = status::termination_reason(exit_code, oom).to_string();
         let peak = sb.group.peak();
         let message =
@@ -1188,7 +1192,7 @@ impl Supervisor {
                 "Kill",
                 format!(
                     "Memory cgroup out of memory: killed process {pid} of container {c_name} (limit {:?})",
-                    sb.launch_limit()
+                    sb.group.limit()
                 ),
             )
             .await;
@@ -1256,14 +1260,5 @@ impl Supervisor {
                 child.wait().await
             }
         }
-    }
-}
-
-impl Sandbox {
-    fn launch_limit(&self) -> Option<u64> {
-        std::fs::read_to_string(self.group.dir().join("memory.limit_in_bytes"))
-            .or_else(|_| std::fs::read_to_string(self.group.dir().join("memory.max")))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
     }
 }
