@@ -53,6 +53,7 @@ pub struct MemorySource {
     cgroup: Option<ProcessGroup>,
     limit: u64,
     limited_by_cgroup: bool,
+    cgroup_has_limit: bool,
     system: Option<Mutex<sysinfo::System>>,
 }
 
@@ -77,6 +78,7 @@ impl MemorySource {
             cgroup,
             limit,
             limited_by_cgroup: by_cgroup,
+            cgroup_has_limit: cg_limit.is_some(),
             system: system.map(Mutex::new),
         }
     }
@@ -99,25 +101,27 @@ impl MemorySource {
     /// Takes a reading.
     pub fn snapshot(&self) -> MemorySnapshot {
         let process = process_memory();
-        let cg_ws = self.cgroup.as_ref().and_then(|c| c.group.working_set());
+        // A group without a limit of its own (a login session, the root) holds other
+        // processes too: its working set is not this build's, the process's RSS is.
+        let cg_ws = self
+            .cgroup
+            .as_ref()
+            .filter(|_| self.cgroup_has_limit)
+            .and_then(|c| c.group.working_set());
         let working_set = cg_ws.unwrap_or(process.rss);
-        let available = if cg_ws.is_some() || !self.limited_by_cgroup {
-            let by_limit = self.limit.saturating_sub(working_set);
-            if cg_ws.is_some() {
-                by_limit
-            } else {
-                let sys = self
-                    .system
-                    .as_ref()
-                    .and_then(|m| m.lock().ok())
-                    .map(|mut s| {
-                        s.refresh_memory();
-                        s.available_memory()
-                    });
-                by_limit.min(sys.unwrap_or(by_limit))
-            }
+        let by_limit = self.limit.saturating_sub(working_set);
+        let available = if cg_ws.is_some() {
+            by_limit
         } else {
-            self.limit.saturating_sub(working_set)
+            let sys = self
+                .system
+                .as_ref()
+                .and_then(|m| m.lock().ok())
+                .map(|mut s| {
+                    s.refresh_memory();
+                    s.available_memory()
+                });
+            by_limit.min(sys.unwrap_or(by_limit))
         };
         MemorySnapshot {
             process,
