@@ -23,10 +23,18 @@ pub const IMAGES_FAILED_TOTAL: &str = "imageindex_images_failed_total";
 pub const DESCRIPTORS_TOTAL: &str = "imageindex_descriptors_total";
 /// 1 for the build's current phase (label [`PHASE_LABEL`]: scan, extract, index, publish, done).
 pub const BUILD_PHASE: &str = "imageindex_build_phase";
+/// 1 for the index phase's current step (label [`STEP_LABEL`]: train, partition, lists, global).
+pub const BUILD_STEP: &str = "imageindex_build_step";
+/// Units (descriptors or images) done in the index phase's current step.
+pub const BUILD_STEP_DONE: &str = "imageindex_build_step_done";
+/// Units (descriptors or images) in the index phase's current step.
+pub const BUILD_STEP_TOTAL: &str = "imageindex_build_step_total";
 /// The build's parameters as labels (preset, nfeatures, n_trees, search_k, version), value 1.
 pub const BUILD_INFO: &str = "imageindex_build_info";
 /// The label of [`BUILD_PHASE`] naming the phase.
 pub const PHASE_LABEL: &str = "phase";
+/// The label of [`BUILD_STEP`] naming the step.
+pub const STEP_LABEL: &str = "step";
 /// The label of [`BUILD_INFO`] naming the preset.
 pub const PRESET_LABEL: &str = "preset";
 
@@ -60,7 +68,7 @@ pub const OPERATOR_RECONCILE_DURATION_SECONDS: &str =
 pub const OPERATOR_SCRAPE_ERRORS_TOTAL: &str = "imageindex_operator_scrape_errors_total";
 
 /// Every metric name above.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 27] = [
     MEMORY_RSS_BYTES,
     MEMORY_PEAK_RSS_BYTES,
     MEMORY_WORKING_SET_BYTES,
@@ -71,6 +79,9 @@ pub const ALL: [&str; 24] = [
     IMAGES_FAILED_TOTAL,
     DESCRIPTORS_TOTAL,
     BUILD_PHASE,
+    BUILD_STEP,
+    BUILD_STEP_DONE,
+    BUILD_STEP_TOTAL,
     BUILD_INFO,
     HTTP_REQUEST_DURATION_SECONDS,
     HTTP_REQUESTS_TOTAL,

@@ -12,6 +12,8 @@ fn main() {
     let args = Cli::parse();
     cli::init_logging(args.log_format);
     indexer::features::quiet_opencv();
+    // Fail points from FAILPOINTS (tests only; without the variable they do nothing).
+    let _failpoints = fail::FailScenario::setup();
     let outcome = match args.command {
         Command::Scan(a) => a.run(),
         Command::Build(a) => a.run(),

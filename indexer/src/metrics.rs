@@ -2,7 +2,7 @@
 //! dashboard read them), and a small HTTP exporter for builds.
 
 use crate::memory::{MemorySnapshot, MemorySource};
-use crate::progress::{BuildPhase, BuildProgress};
+use crate::progress::{BuildPhase, BuildProgress, IndexStep};
 use imageindex_crds::metrics as names;
 use imageindex_crds::preset::Preset;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -96,6 +96,9 @@ pub struct BuildExporter {
     images_failed: IntCounter,
     descriptors: IntGauge,
     phase: IntGaugeVec,
+    step: IntGaugeVec,
+    step_done: IntGauge,
+    step_total: IntGauge,
     info: IntGaugeVec,
 }
 
@@ -127,6 +130,21 @@ impl BuildExporter {
                 names::BUILD_PHASE,
                 "1 for the build's current phase",
                 &[names::PHASE_LABEL],
+            ),
+            step: vec(
+                names::BUILD_STEP,
+                "1 for the index phase's current step",
+                &[names::STEP_LABEL],
+            ),
+            step_done: gauge(
+                &registry,
+                names::BUILD_STEP_DONE,
+                "Units done in the index phase's current step",
+            ),
+            step_total: gauge(
+                &registry,
+                names::BUILD_STEP_TOTAL,
+                "Units in the index phase's current step",
             ),
             info: vec(
                 names::BUILD_INFO,
@@ -179,6 +197,13 @@ impl BuildExporter {
                 .with_label_values(&[p.as_str()])
                 .set(i64::from(p == s.phase));
         }
+        for step in IndexStep::ALL {
+            self.step
+                .with_label_values(&[step.as_str()])
+                .set(i64::from(step == s.step));
+        }
+        self.step_done.set(s.step_done as i64);
+        self.step_total.set(s.step_total as i64);
         self.memory.observe(memory);
     }
 

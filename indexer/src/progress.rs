@@ -51,6 +51,53 @@ impl BuildPhase {
     }
 }
 
+/// Steps of the index phase, as in the `imageindex_build_step{step=...}` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexStep {
+    /// Not in the index phase.
+    None = 0,
+    /// Training the top level of the vocabulary.
+    Train = 1,
+    /// Sorting descriptors into cell buckets.
+    Partition = 2,
+    /// Training each cell's leaves and writing its inverted lists.
+    Lists = 3,
+    /// The arroy index over the images' layout descriptors.
+    Global = 4,
+}
+
+impl IndexStep {
+    /// The steps with a metric label, in order.
+    pub const ALL: [IndexStep; 4] = [
+        IndexStep::Train,
+        IndexStep::Partition,
+        IndexStep::Lists,
+        IndexStep::Global,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexStep::None => "none",
+            IndexStep::Train => "train",
+            IndexStep::Partition => "partition",
+            IndexStep::Lists => "lists",
+            IndexStep::Global => "global",
+        }
+    }
+
+    fn from_u8(v: u8) -> IndexStep {
+        match v {
+            1 => IndexStep::Train,
+            2 => IndexStep::Partition,
+            3 => IndexStep::Lists,
+            4 => IndexStep::Global,
+            _ => IndexStep::None,
+        }
+    }
+}
+
 /// Counters of a running build, shared between threads.
 #[derive(Debug, Default)]
 pub struct BuildProgress {
@@ -59,6 +106,7 @@ pub struct BuildProgress {
     images_processed: AtomicU64,
     images_failed: AtomicU64,
     descriptors: AtomicU64,
+    step: AtomicU8,
     step_done: AtomicU64,
     step_total: AtomicU64,
     cancelled: AtomicBool,
@@ -78,6 +126,8 @@ pub struct ProgressSnapshot {
     pub images_failed: u64,
     /// Descriptors stored.
     pub descriptors: u64,
+    /// The current index step.
+    pub step: IndexStep,
     /// Units done in the current index step (descriptors assigned or added).
     pub step_done: u64,
     /// Units in the current index step.
@@ -90,9 +140,12 @@ impl BuildProgress {
         Arc::new(BuildProgress::default())
     }
 
-    /// Enters a phase.
+    /// Enters a phase (leaving the index phase ends its steps).
     pub fn set_phase(&self, p: BuildPhase) {
         self.phase.store(p as u8, Ordering::Relaxed);
+        if p != BuildPhase::Index {
+            self.step.store(IndexStep::None as u8, Ordering::Relaxed);
+        }
     }
 
     /// Records the preset the build runs with (for `imageindex_build_info`).
@@ -134,7 +187,8 @@ impl BuildProgress {
     }
 
     /// Starts an index step of `total` units.
-    pub fn start_step(&self, total: u64) {
+    pub fn start_step(&self, step: IndexStep, total: u64) {
+        self.step.store(step as u8, Ordering::Relaxed);
         self.step_total.store(total, Ordering::Relaxed);
         self.step_done.store(0, Ordering::Relaxed);
     }
@@ -162,6 +216,7 @@ impl BuildProgress {
             images_processed: self.images_processed.load(Ordering::Relaxed),
             images_failed: self.images_failed.load(Ordering::Relaxed),
             descriptors: self.descriptors.load(Ordering::Relaxed),
+            step: IndexStep::from_u8(self.step.load(Ordering::Relaxed)),
             step_done: self.step_done.load(Ordering::Relaxed),
             step_total: self.step_total.load(Ordering::Relaxed),
         }

@@ -11,6 +11,7 @@ use crate::features::DESCRIPTOR_BYTES;
 use crate::global;
 use crate::hamming::Words;
 use crate::postings::{self, CellRecord, ENTRY_BYTES};
+use crate::progress::IndexStep;
 use crate::store::{self, Checkpoint, Store, Timings, WorkStore};
 use crate::vocab::{self, VocabShape};
 use arroy::distances::Cosine;
@@ -102,6 +103,10 @@ fn bad(store: &Store, reason: &str) -> IndexError {
     }
 }
 
+/// The fail point at the end of each batch of the partition, lists and global steps (the
+/// resume tests hold a step there with `FAILPOINTS=index-step-batch=sleep(200)`).
+pub const STEP_BATCH_FAIL_POINT: &str = "index-step-batch";
+
 /// Runs (or resumes) the index phases. `release` hands LMDB's clean pages back to the
 /// kernel; it is called between steps, when the pages the previous step read are no longer
 /// needed.
@@ -131,6 +136,7 @@ pub(crate) fn run(
 
     if matches!(cp, Checkpoint::Train { .. }) {
         let t = Instant::now();
+        ctx.progress.start_step(IndexStep::Train, total);
         cp = train_top(store, work, &offsets, total, plan, &label)?;
         timings.train += t.elapsed().as_secs_f64();
     }
@@ -265,7 +271,7 @@ fn partition(
     label: &str,
 ) -> Result<Checkpoint> {
     let top = read_top(store)?;
-    ctx.progress.start_step(total);
+    ctx.progress.start_step(IndexStep::Partition, total);
     ctx.progress.set_step_done(offsets[next as usize]);
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); top.len()];
     let (mut image, mut chunk) = (next, chunk);
@@ -307,6 +313,7 @@ fn partition(
         drop(blobs);
         image = end;
         ctx.progress.set_step_done(offsets[image as usize]);
+        fail::fail_point!(STEP_BATCH_FAIL_POINT);
         let buffered: u64 = buffers.iter().map(|b| b.capacity() as u64).sum();
         if buffered >= plan.partition_flush_bytes || image == n_images {
             // Buckets first: a kill before the checkpoint redoes the same flush, which writes
@@ -406,7 +413,7 @@ fn lists(
 ) -> Result<Checkpoint> {
     let top = read_top(store)?;
     let cells = top.len() as u32;
-    ctx.progress.start_step(total);
+    ctx.progress.start_step(IndexStep::Lists, total);
     let done_before: u64 = {
         let rtxn = store.env.read_txn()?;
         let mut n = 0;
@@ -512,6 +519,7 @@ fn lists(
         drop(rtxn);
         done += n;
         ctx.progress.set_step_done(done);
+        fail::fail_point!(STEP_BATCH_FAIL_POINT);
         let last = c + 1 == cells;
         let cp = if last {
             Checkpoint::Global {
@@ -562,7 +570,7 @@ fn global_index(
         }
         ids
     };
-    ctx.progress.start_step(ids.len() as u64);
+    ctx.progress.start_step(IndexStep::Global, ids.len() as u64);
     let per_txn = (plan.write_batch_bytes / (global::DIMS as u64 * 4 * 2)).max(1) as usize;
     for batch in ids.chunks(per_txn) {
         if ctx.progress.is_cancelled() {
@@ -576,6 +584,7 @@ fn global_index(
             }
         }
         wtxn.commit()?;
+        fail::fail_point!(STEP_BATCH_FAIL_POINT);
     }
     let mut wtxn = store.env.write_txn()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(GLOBAL_SEED);
