@@ -39,6 +39,8 @@ pub struct ImagesBench {
     /// Synthetic descriptors added to the catalogue's (queries then run inside an index of
     /// that size).
     pub pad: u64,
+    /// Where the padding comes from.
+    pub pad_kind: super::synthetic_index::PadKind,
     /// Reuse an index a previous run built with the same preset and padding.
     pub reuse: bool,
 }
@@ -200,7 +202,11 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     let queries = query_files(&queries_dir)?;
     let mut rows = Vec::new();
     for preset in &b.presets {
-        let out = b.work.join(format!("idx-{preset}-pad{}", b.pad));
+        let kind = match b.pad_kind {
+            super::synthetic_index::PadKind::Real => "real",
+            super::synthetic_index::PadKind::Synthetic => "synthetic",
+        };
+        let out = b.work.join(format!("idx-{preset}-pad{}{kind}", b.pad));
         let built: ChildBuild = if b.reuse && Index::open(&out).is_ok() {
             ChildBuild::default()
         } else {
@@ -212,8 +218,10 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
                 out.display().to_string(),
                 "--preset".into(),
                 preset.clone(),
-                "--pad-synthetic".into(),
+                "--pad".into(),
                 b.pad.to_string(),
+                "--pad-kind".into(),
+                kind.into(),
             ];
             child::run_build(&args, b.memory_limit, &out)?
         };

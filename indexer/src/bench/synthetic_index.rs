@@ -1,12 +1,13 @@
 //! Indexes of generated descriptors, through the build's own phases, checkpoints and
 //! publish: a whole index of them (`indexer build-synthetic`, for sizes no sample dataset
-//! reaches) or [`Padding`] after a real catalogue's images (`indexer build --pad-synthetic`,
-//! so that real queries run inside a large index).
+//! reaches) or [`Padding`] after a real catalogue's images (`indexer build --pad N
+//! --pad-kind real|synthetic`, so that real queries run inside a large index).
 
 use super::synthetic::{Generator, PER_IMAGE};
 use crate::build::{self, BuildContext, BuildSummary, ExtraImages};
 use crate::dataset;
 use crate::error::{IndexError, Result};
+use crate::features::{Descriptor, DESCRIPTOR_BYTES};
 use crate::layout::IndexDir;
 use crate::progress::BuildPhase;
 use crate::store::{self, BuildMeta, ImageRecord, Store, Timings, WorkStore};
@@ -40,7 +41,7 @@ fn ingest(
             wtxn.commit()?;
             return Err(IndexError::Interrupted);
         }
-        let descs = (source.generate)(i - first);
+        let descs = (source.generate)(i - first)?;
         let kps: Vec<[u16; 2]> = (0..descs.len())
             .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
             .collect();
@@ -81,7 +82,7 @@ pub struct SyntheticSource<'a> {
     /// Descriptors per image.
     pub per_image: u32,
     /// Makes the descriptors of one image (deterministic).
-    pub generate: &'a (dyn Fn(u32) -> Vec<crate::features::Descriptor> + Sync),
+    pub generate: &'a (dyn Fn(u32) -> Result<Vec<crate::features::Descriptor>> + Sync),
     /// Identifies the generated set (its fingerprint).
     pub fingerprint: String,
 }
@@ -169,26 +170,91 @@ pub fn run_synthetic(
     })
 }
 
-/// Generated filler images after a catalogue's: `descriptors` ORB-like descriptors in
-/// images of [`PER_IMAGE`] (seed 7, so every padded build pads alike).
+/// Where padding descriptors come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PadKind {
+    /// The catalogue's own extracted descriptors, each moved by [`REAL_PAD_FLIPS`] random
+    /// bits: the padding fills the vocabulary's cells as unevenly as real ORB does.
+    Real,
+    /// Clustered random descriptors ([`Generator`]): evenly spread, kinder to the lists.
+    Synthetic,
+}
+
+/// Bits flipped in each real descriptor copied into padding (uniform in this range): far
+/// enough from the original that it is another photo's descriptor, not a near-duplicate (a
+/// true match under attack sits ~20–40 bits away), close enough to stay in its cell.
+pub const REAL_PAD_FLIPS: std::ops::RangeInclusive<u32> = 40..=56;
+
+/// Filler images after a catalogue's: `descriptors` descriptors in images of
+/// [`PER_IMAGE`], real-derived or synthetic (seed 7, so every padded build pads alike).
 pub struct Padding {
     descriptors: u64,
+    kind: PadKind,
     generator: Generator,
 }
 
 impl Padding {
     /// Padding of `descriptors` descriptors (rounded up to whole images).
-    pub fn new(descriptors: u64) -> Padding {
+    pub fn new(descriptors: u64, kind: PadKind) -> Padding {
         Padding {
             descriptors,
+            kind,
             generator: Generator::new(7),
         }
     }
 }
 
+/// The descriptors of real-derived padding image `i`: a catalogue image's (the first with
+/// descriptors from a pseudo-random start), each moved by a few dozen random bits.
+fn real_pad_image(work: &WorkStore, real_images: u32, i: u32) -> Result<Vec<Descriptor>> {
+    use rand::{RngExt, SeedableRng};
+    if real_images == 0 {
+        return Ok(Vec::new());
+    }
+    let rtxn = work.env.read_txn()?;
+    let start = (i as u64).wrapping_mul(0x9E37_79B9) % real_images as u64;
+    let mut blob = None;
+    for step in 0..real_images as u64 {
+        let src = ((start + step) % real_images as u64) as u32;
+        if let Some(b) = work.descs.get(&rtxn, &src)? {
+            if !b.is_empty() {
+                blob = Some(b);
+                break;
+            }
+        }
+    }
+    let Some(blob) = blob else {
+        return Ok(Vec::new());
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7 ^ (i as u64) << 20);
+    Ok(blob
+        .chunks_exact(DESCRIPTOR_BYTES)
+        .take(PER_IMAGE as usize)
+        .map(|c| {
+            let mut d: Descriptor = [0; DESCRIPTOR_BYTES];
+            d.copy_from_slice(c);
+            let flips = rng.random_range(REAL_PAD_FLIPS);
+            let mut flipped = 0;
+            while flipped < flips {
+                let bit = rng.random_range(0..256usize);
+                let mask = 1u8 << (bit % 8);
+                // Each bit at most once, so the distance is exactly `flips`.
+                if (d[bit / 8] ^ c[bit / 8]) & mask == 0 {
+                    d[bit / 8] ^= mask;
+                    flipped += 1;
+                }
+            }
+            d
+        })
+        .collect())
+}
+
 impl ExtraImages for Padding {
     fn fingerprint_suffix(&self) -> String {
-        format!("+pad{}", self.descriptors)
+        match self.kind {
+            PadKind::Synthetic => format!("+pad{}", self.descriptors),
+            PadKind::Real => format!("+realpad{}", self.descriptors),
+        }
     }
 
     fn ingest(
@@ -200,11 +266,16 @@ impl ExtraImages for Padding {
         plan: &BuildPlan,
         ctx: &BuildContext,
     ) -> Result<()> {
-        let generate = |i: u32| self.generator.image(i);
+        let synthetic = |i: u32| Ok(self.generator.image(i));
+        let real = |i: u32| real_pad_image(work, first, i);
+        let generate: &(dyn Fn(u32) -> Result<Vec<Descriptor>> + Sync) = match self.kind {
+            PadKind::Synthetic => &synthetic,
+            PadKind::Real => &real,
+        };
         let source = SyntheticSource {
             images: self.descriptors.div_ceil(PER_IMAGE as u64) as u32,
             per_image: PER_IMAGE,
-            generate: &generate,
+            generate,
             fingerprint: String::new(),
         };
         ingest(store, work, first, &source, preset, plan, ctx)

@@ -73,10 +73,14 @@ struct ImagesArgs {
     /// Vocabulary cells whose lists a descriptor considers (default: 3).
     #[arg(long)]
     cells: Option<usize>,
-    /// Add this many synthetic ORB-like descriptors to the index (a quantity: 1M, 10M), so
-    /// the real queries run inside an index of that size.
+    /// Add this many descriptors to the index (a quantity: 1M, 10M), so the real queries
+    /// run inside an index of that size.
     #[arg(long, default_value = "0", value_parser = quantity::parse_bytes)]
     pad: u64,
+    /// Where the padding comes from: the catalogue's own descriptors moved by a few dozen
+    /// bits (real), or clustered random ones (synthetic).
+    #[arg(long, value_enum, default_value = "real")]
+    pad_kind: synthetic_index::PadKind,
     /// Reuse indexes a previous run built with the same preset and padding.
     #[arg(long)]
     reuse: bool,
@@ -198,6 +202,7 @@ impl ImagesArgs {
             nprobe: self.nprobe,
             cells: self.cells,
             pad: self.pad,
+            pad_kind: self.pad_kind,
             reuse: self.reuse,
         };
         let rows = images::run(&b)?;
@@ -282,7 +287,7 @@ impl BuildSyntheticArgs {
         signals::cancel_on_stop(progress.clone())?;
         let generator = synthetic::Generator::new(1);
         let per = synthetic::PER_IMAGE;
-        let generate = move |i: u32| generator.image(i);
+        let generate = move |i: u32| Ok(generator.image(i));
         let source = synthetic_index::SyntheticSource {
             images: self.descriptors.div_ceil(per as u64) as u32,
             per_image: per,

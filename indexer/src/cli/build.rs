@@ -39,10 +39,14 @@ pub struct BuildArgs {
     /// Print the build summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Benchmarks: add this many synthetic descriptors after the dataset's.
+    /// Benchmarks: add this many descriptors after the dataset's.
     #[cfg(feature = "bench")]
     #[arg(long, hide = true, default_value_t = 0)]
-    pad_synthetic: u64,
+    pad: u64,
+    /// Benchmarks: where the padding comes from.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true, value_enum, default_value = "real")]
+    pad_kind: indexer::bench::synthetic_index::PadKind,
     /// Tests: bytes of one in-memory part of a cell's lists instead of the plan's.
     #[arg(long, hide = true)]
     list_part_bytes: Option<u64>,
@@ -97,8 +101,8 @@ impl BuildArgs {
             memory: memory.clone(),
         };
         #[cfg(feature = "bench")]
-        let padding = (self.pad_synthetic > 0)
-            .then(|| indexer::bench::synthetic_index::Padding::new(self.pad_synthetic));
+        let padding = (self.pad > 0)
+            .then(|| indexer::bench::synthetic_index::Padding::new(self.pad, self.pad_kind));
         #[cfg(feature = "bench")]
         let summary = build::run_with_extra(
             &opts,
