@@ -1,9 +1,10 @@
 //! Memory and disk estimates, and the build plan that splits a memory budget.
 //!
 //! The build never holds the dataset in memory: its peak is a fixed base plus the largest
-//! of its phases (images in flight during extraction, one arroy shard during indexing, one
-//! flush of the inverted lists). So the estimate depends on the preset and on the largest
-//! image, not on how many images there are; only disk grows with the dataset.
+//! of its phases (images in flight during extraction, one flush of the partition buffers,
+//! one part of one cell's inverted lists, the arroy index of one small vector per image). So
+//! the estimate depends on the preset and on the largest image, barely on how many images
+//! there are; disk grows with the dataset.
 //!
 //! The constants below were measured with `indexer bench` on the machines CI runs on
 //! (see the README's "Memory model" section); the estimate is deliberately a little
@@ -31,19 +32,21 @@ pub const HEADROOM_PERCENT: u64 = 12;
 pub const MIN_WRITE_BATCH_BYTES: u64 = 2 * MIB;
 /// Largest descriptor bytes one extraction write transaction holds (bounds LMDB dirty pages).
 pub const MAX_WRITE_BATCH_BYTES: u64 = 32 * MIB;
-/// arroy build memory per item of a shard, excluding the tree part below.
-pub const ARROY_BYTES_PER_ITEM: u64 = 24;
-/// arroy build memory per item and per tree (dirty tree pages of the shard's write transaction).
-pub const ARROY_BYTES_PER_ITEM_TREE: u64 = 6;
-/// Smallest arroy shard: below this the per-shard overhead dominates.
-pub const MIN_SHARD_ITEMS: u64 = 25_000;
-/// Largest arroy shard: keeps one shard's build time and write transaction moderate.
-pub const MAX_SHARD_ITEMS: u64 = 2_000_000;
-/// Bytes one descriptor costs on disk: arroy item and tree nodes, inverted-list entry,
-/// keypoint, LMDB page overhead; plus a per-tree part.
-pub const DISK_BYTES_PER_DESCRIPTOR: u64 = 100;
-/// Disk bytes per descriptor and arroy tree.
-pub const DISK_BYTES_PER_DESCRIPTOR_TREE: u64 = 4;
+/// Bytes of one inverted-list entry: code, image id, keypoint.
+pub const ENTRY_BYTES: u64 = 40;
+/// Smallest part of a cell's lists sorted in memory (bounds the smallest plan).
+pub const MIN_LIST_PART_BYTES: u64 = 4 * MIB;
+/// Largest part of a cell's lists sorted in memory.
+pub const MAX_LIST_PART_BYTES: u64 = 256 * MIB;
+/// Descriptors per inverted list the vocabulary aims at.
+pub const LEAF_LEN: u32 = 160;
+/// Bytes one descriptor costs on disk: its list entry and LMDB's page slack.
+pub const DISK_BYTES_PER_DESCRIPTOR: u64 = 42;
+/// Bytes one image costs on disk: its record, global descriptor and arroy nodes.
+pub const DISK_BYTES_PER_IMAGE: u64 = 1024;
+/// Build memory per image of the arroy index of global descriptors: the vectors are added in
+/// batched transactions, the trees' nodes are written in one.
+pub const GLOBAL_BYTES_PER_IMAGE: u64 = 256;
 /// Fraction (percent) of `nfeatures` an average image yields (textured photos reach it,
 /// plain ones fall short even after adaptation).
 pub const FEATURE_YIELD_PERCENT: u64 = 90;
@@ -107,9 +110,9 @@ pub fn image_bytes(preset: &Preset, width: u32, height: u32, jpeg: bool) -> u64 
     decoded + work * ORB_BYTES_PER_WORK_PIXEL + preset.nfeatures as u64 * BYTES_PER_FEATURE
 }
 
-/// arroy build memory for a shard of `items` with `n_trees` trees.
-pub fn shard_bytes(items: u64, n_trees: u32) -> u64 {
-    items * (ARROY_BYTES_PER_ITEM + ARROY_BYTES_PER_ITEM_TREE * n_trees as u64)
+/// Build memory of the arroy index of global descriptors for `images` images.
+pub fn global_bytes(images: u64) -> u64 {
+    images * GLOBAL_BYTES_PER_IMAGE
 }
 
 /// Expected descriptors for a dataset at a preset.
@@ -118,11 +121,8 @@ pub fn expected_descriptors(preset: &Preset, images: u64) -> u64 {
 }
 
 /// Expected index size on disk.
-pub fn disk_bytes(preset: &Preset, descriptors: u64, images: u64) -> u64 {
-    descriptors
-        * (DISK_BYTES_PER_DESCRIPTOR + DISK_BYTES_PER_DESCRIPTOR_TREE * preset.n_trees as u64)
-        + images * 512
-        + 4 * MIB
+pub fn disk_bytes(descriptors: u64, images: u64) -> u64 {
+    descriptors * DISK_BYTES_PER_DESCRIPTOR + images * DISK_BYTES_PER_IMAGE + 4 * MIB
 }
 
 /// The memory and disk a build of one preset needs.
@@ -131,7 +131,8 @@ pub fn disk_bytes(preset: &Preset, descriptors: u64, images: u64) -> u64 {
 pub struct Estimate {
     /// The preset label (`full`, `small`, …, `xlarge-nf50`).
     pub preset: String,
-    /// Smallest memory limit the build can run under (one image in flight, smallest shard).
+    /// Smallest memory limit the build can run under (one image in flight, the smallest
+    /// list part, the global index).
     pub min_memory: u64,
     /// Memory limit at which the build runs at full speed (every thread busy).
     pub recommended_memory: u64,
@@ -145,8 +146,8 @@ pub struct Estimate {
 pub fn min_memory(preset: &Preset, shape: &DatasetShape) -> u64 {
     let one_image = image_bytes(preset, shape.max_width, shape.max_height, shape.max_is_jpeg);
     let extract = one_image + MIN_WRITE_BATCH_BYTES;
-    let arroy = shard_bytes(MIN_SHARD_ITEMS, preset.n_trees);
-    with_headroom(BASE_BYTES + extract.max(arroy))
+    let index = MIN_LIST_PART_BYTES.max(global_bytes(shape.images));
+    with_headroom(BASE_BYTES + extract.max(index))
 }
 
 fn with_headroom(bytes: u64) -> u64 {
@@ -158,14 +159,17 @@ pub fn estimate(preset: &Preset, shape: &DatasetShape, threads: u32) -> Estimate
     let descriptors = expected_descriptors(preset, shape.images);
     let one_image = image_bytes(preset, shape.max_width, shape.max_height, shape.max_is_jpeg);
     let extract = one_image * (threads.max(1) as u64 + 1) + MAX_WRITE_BATCH_BYTES;
-    let shard = descriptors.clamp(MIN_SHARD_ITEMS, MAX_SHARD_ITEMS);
-    let arroy = shard_bytes(shard, preset.n_trees);
+    // The lists run at full speed when a typical cell fits one part.
+    let cell = (descriptors / 256).max(1) * (2 * ENTRY_BYTES + 4);
+    let index = cell
+        .clamp(MIN_LIST_PART_BYTES, MAX_LIST_PART_BYTES)
+        .max(global_bytes(shape.images));
     Estimate {
         preset: preset.label(),
         min_memory: min_memory(preset, shape),
-        recommended_memory: with_headroom(BASE_BYTES + extract.max(arroy)),
+        recommended_memory: with_headroom(BASE_BYTES + extract.max(index)),
         descriptors,
-        disk: disk_bytes(preset, descriptors, shape.images),
+        disk: disk_bytes(descriptors, shape.images),
     }
 }
 
@@ -179,14 +183,16 @@ pub struct BuildPlan {
     pub image_bytes: u64,
     /// Descriptor bytes per extraction write transaction.
     pub write_batch_bytes: u64,
-    /// Items per arroy shard (each shard is built in its own write transaction).
-    pub shard_items: u64,
-    /// The `available_memory` hint given to arroy.
-    pub arroy_memory: u64,
-    /// Bytes of inverted-list entries buffered before one flush transaction.
-    pub ivf_flush_bytes: u64,
-    /// Descriptors sampled to train the coarse quantizer.
-    pub ivf_train_samples: u64,
+    /// Descriptors per inverted list the vocabulary aims at.
+    pub leaf_len: u32,
+    /// Most descriptors sampled to train the vocabulary's top level.
+    pub train_samples: u64,
+    /// Bytes of partitioned entries buffered before one flush transaction.
+    pub partition_flush_bytes: u64,
+    /// Bytes of one part of a cell's lists sorted in memory (larger cells are split).
+    pub list_part_bytes: u64,
+    /// The `available_memory` hint given to arroy for the global-descriptor index.
+    pub global_memory: u64,
     /// Working set above which the indexer asks the kernel to drop LMDB's clean pages.
     pub reclaim_at: u64,
     /// File-backed part of the working set (mapped LMDB pages, page cache of the files the
@@ -208,7 +214,7 @@ pub struct DoesNotFit {
 }
 
 /// Splits `budget` for a build of `preset` over `shape`. Fails when even one image in flight
-/// and the smallest arroy shard do not fit.
+/// and the smallest list part do not fit.
 pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildPlan, DoesNotFit> {
     let needed = min_memory(preset, shape);
     let usable = (budget * (100 - HEADROOM_PERCENT) / 100).saturating_sub(BASE_BYTES);
@@ -222,20 +228,15 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
     }
     let write_batch_bytes = (usable / 8).clamp(MIN_WRITE_BATCH_BYTES, MAX_WRITE_BATCH_BYTES);
     let image_bytes = usable.saturating_sub(write_batch_bytes).max(one_image);
-    let per_item = shard_bytes(1, preset.n_trees);
-    // arroy's own hint gets a quarter of what the shard may use; the rest is its trees.
-    let shard_items = (usable * 3 / 4 / per_item).clamp(MIN_SHARD_ITEMS, MAX_SHARD_ITEMS);
-    let arroy_memory = (usable / 4).max(8 * MIB);
-    let ivf_flush_bytes = (usable / 16).clamp(MIB, 32 * MIB);
-    let ivf_train_samples = (usable / 4 / 32).clamp(4096, 4_000_000);
     Ok(BuildPlan {
         budget,
         image_bytes,
         write_batch_bytes,
-        shard_items,
-        arroy_memory,
-        ivf_flush_bytes,
-        ivf_train_samples,
+        leaf_len: LEAF_LEN,
+        train_samples: (usable / 4 / 32).clamp(4096, 4_000_000),
+        partition_flush_bytes: (usable / 16).clamp(MIB, 32 * MIB),
+        list_part_bytes: (usable / 3).clamp(MIN_LIST_PART_BYTES, MAX_LIST_PART_BYTES),
+        global_memory: (usable / 4).max(8 * MIB),
         reclaim_at: budget * 60 / 100,
         file_pages_allowance: (budget / 8).clamp(32 * MIB, 256 * MIB),
     })
@@ -307,11 +308,9 @@ mod tests {
         let err = plan(&p, &shape, need - 1).unwrap_err();
         assert_eq!(err.needed, need);
         let ok = plan(&p, &shape, need).unwrap();
-        assert!(
-            BASE_BYTES + ok.image_bytes.max(shard_bytes(ok.shard_items, p.n_trees)) <= ok.budget
-        );
+        assert!(BASE_BYTES + ok.image_bytes.max(ok.list_part_bytes) <= ok.budget);
         let big = plan(&p, &shape, 4 << 30).unwrap();
-        assert!(big.shard_items > ok.shard_items);
+        assert!(big.list_part_bytes > ok.list_part_bytes);
         assert!(big.image_bytes > ok.image_bytes);
         assert!(big.write_batch_bytes <= MAX_WRITE_BATCH_BYTES);
     }

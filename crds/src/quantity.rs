@@ -80,6 +80,18 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
     u64::try_from(bytes).map_err(|_| overflow())
 }
 
+/// Parses a byte size as the command lines take it: Kubernetes quantities (`20M`, `20Mi`) and
+/// the common `20MB` / `20MiB`.
+pub fn parse_size(text: &str) -> Result<u64, QuantityError> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .map(|s| format!("{s}i"))
+        .or_else(|| t.strip_suffix('B').map(str::to_string))
+        .unwrap_or_else(|| t.to_string());
+    parse_bytes(&t)
+}
+
 /// Formats bytes as the largest exact-ish binary unit, e.g. `512Mi` or `1.5Gi`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [
@@ -152,6 +164,15 @@ mod tests {
             parse_bytes("99999999Ei"),
             Err(QuantityError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn sizes_accept_quantities_and_megabytes() {
+        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
+        assert_eq!(parse_size("20MiB").unwrap(), 20 << 20);
+        assert_eq!(parse_size("20Mi").unwrap(), 20 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! message and the operator reads. Kept small (well under the 4 KiB termination-message limit).
 
 use crate::estimate::{self, DatasetShape, Estimate};
-use crate::policy;
+use crate::first_preset;
 use crate::preset::Preset;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,7 @@ impl ScanReport {
             .map(|p| estimate::estimate(p, &shape, threads))
             .collect();
         let auto = memory_limit
-            .and_then(|limit| policy::auto_preset(&shape, limit, None).map(|p| p.label()));
+            .and_then(|limit| first_preset::auto_preset(&shape, limit, None).map(|p| p.label()));
         ScanReport {
             version: SCAN_REPORT_VERSION,
             images: shape.images,

@@ -124,7 +124,7 @@ pub struct QuerySpec {
 
 /// Where an ImageIndex is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Phase {
+pub enum IndexPhase {
     /// Accepted, nothing started yet (or waiting to retry).
     Pending,
     /// The scan pod is counting the dataset.
@@ -141,9 +141,6 @@ pub enum Phase {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageIndexStatus {
-    /// Pending, Scanning, Building, Ready or Failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<Phase>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -151,12 +148,34 @@ pub struct ImageIndexStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// The preset of the current or last attempt (`full`, …, `xlarge-nf50`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preset: Option<String>,
     /// What the scan found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan: Option<ScanSummary>,
+    /// URL of the query service once Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The rebuild token the current (or last finished) build was made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<String>,
+    /// The build unit (phase, preset, attempts, progress, memory, index generation), beside
+    /// what the whole index shares (conditions, the scan, the endpoint, the rebuild token). An
+    /// unsharded index is one unit, kept in `status` itself.
+    #[serde(flatten)]
+    pub unit: UnitStatus,
+}
+
+/// One build unit: an attempt ladder (attempts, each with its preset) that ends in a published
+/// index generation. An unsharded ImageIndex is one unit (its fields sit directly in
+/// `status`); a sharded one will keep one per shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitStatus {
+    /// Pending, Scanning, Building, Ready or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<IndexPhase>,
+    /// The preset of the current or last attempt (`full`, …, `xlarge-nf50`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
     /// Every build attempt, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
@@ -166,12 +185,6 @@ pub struct ImageIndexStatus {
     /// Memory of the current build as scraped from its metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryStatus>,
-    /// URL of the query service once Ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<String>,
-    /// The rebuild token the current (or last finished) build was made for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rebuild: Option<String>,
     /// Builds that published an index (1 after the first, 2 after a rebuild, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_generation: Option<u64>,
@@ -245,6 +258,10 @@ pub enum AttemptOutcome {
     MemoryPressureRestart,
     /// The build exited with an error.
     Failed,
+    /// The build was killed (SIGKILL, exit 137) with no sign of the OOM killer: neither the
+    /// kernel nor the kubelet reported one and its memory was not near the limit. Retried
+    /// with the same preset.
+    Killed,
     /// The build pod disappeared or was stopped from outside (not counted as a failure).
     Interrupted,
 }
@@ -257,6 +274,7 @@ impl AttemptOutcome {
             Self::OomKilled => "OOMKilled",
             Self::MemoryPressureRestart => "MemoryPressureRestart",
             Self::Failed => "Failed",
+            Self::Killed => "Killed",
             Self::Interrupted => "Interrupted",
         }
     }
@@ -439,5 +457,25 @@ mod tests {
         assert_eq!(spec.preset, PresetSelector::Auto);
         assert_eq!(spec.dataset.claim_name.as_deref(), Some("photos"));
         assert_eq!(spec.rebuild, None);
+    }
+
+    #[test]
+    fn the_unit_sits_in_status_itself() {
+        let mut s = ImageIndexStatus {
+            observed_generation: Some(2),
+            ..ImageIndexStatus::default()
+        };
+        s.unit.phase = Some(IndexPhase::Building);
+        s.unit.preset = Some("medium".into());
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"observedGeneration": 2, "conditions": [], "phase": "Building",
+                "preset": "medium", "attempts": []})
+        );
+        let back: ImageIndexStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        let empty: ImageIndexStatus = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, ImageIndexStatus::default());
     }
 }

@@ -2,7 +2,7 @@
 //! and the example resources mean what their comments say.
 
 use imageindex_crds::estimate::DatasetShape;
-use imageindex_crds::policy::{choose_preset, PresetChoice};
+use imageindex_crds::first_preset::{choose_preset, PresetFit};
 use imageindex_crds::validate::{validate, Mode};
 use imageindex_crds::{ImageIndex, PresetSelector};
 use kube::CustomResourceExt;
@@ -67,7 +67,7 @@ fn good_example_is_valid_and_fits() {
             v.memory_limit,
             v.storage_bytes
         ),
-        PresetChoice::Fits { .. }
+        PresetFit::Fits { .. }
     ));
 }
 
@@ -98,7 +98,7 @@ fn too_small_example_is_valid_but_nothing_fits() {
         v.memory_limit,
         v.storage_bytes,
     ) {
-        PresetChoice::NothingFits { message } => {
+        PresetFit::NothingFits { message } => {
             assert!(message.contains("32Mi"), "{message}");
             assert!(
                 message.contains("smallest limit that would fit"),

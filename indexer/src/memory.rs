@@ -1,141 +1,12 @@
 //! Memory as the kernel and the kubelet see it: the cgroup limit (v2 `memory.max`, v1
-//! `memory.limit_in_bytes`), the working set (usage minus inactive file cache), the process
-//! RSS, and a way to hand LMDB's clean mapped pages back to the kernel.
+//! `memory.limit_in_bytes`) and working set (usage minus inactive file cache) through
+//! `imageindex-cgroup`, the process RSS, and a way to hand LMDB's clean mapped pages back to
+//! the kernel.
 
+use imageindex_cgroup::ProcessGroup;
 use serde::Serialize;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-
-/// Above this a cgroup limit means "no limit".
-const UNLIMITED: u64 = 1 << 60;
-
-/// Which cgroup hierarchy the process's memory controller lives in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub enum CgroupVersion {
-    /// Unified hierarchy (`memory.max`, `memory.current`).
-    V2,
-    /// Legacy memory controller (`memory.limit_in_bytes`, `memory.usage_in_bytes`).
-    V1,
-}
-
-/// The memory cgroup of this process.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cgroup {
-    /// Hierarchy version.
-    pub version: CgroupVersion,
-    /// Directory of the process's cgroup.
-    pub dir: PathBuf,
-    /// Root of the mounted hierarchy (limits are looked up from `dir` up to here).
-    pub mount: PathBuf,
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn stat_value(path: &Path, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-impl Cgroup {
-    /// Finds the memory cgroup of this process from `/proc/self/cgroup`.
-    pub fn detect() -> Option<Cgroup> {
-        let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-        Self::from_proc(&text, Path::new("/sys/fs/cgroup"))
-    }
-
-    /// Resolves the cgroup from `/proc/self/cgroup` contents and the cgroup mount root.
-    pub fn from_proc(proc_cgroup: &str, sys: &Path) -> Option<Cgroup> {
-        // v1 memory controller first (a v1 machine also lists a `0::` line).
-        for line in proc_cgroup.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-            if ctrls.split(',').any(|c| c == "memory") {
-                let mount = sys.join("memory");
-                let dir = resolve(&mount, path);
-                if dir.join("memory.limit_in_bytes").exists() {
-                    return Some(Cgroup {
-                        version: CgroupVersion::V1,
-                        dir,
-                        mount,
-                    });
-                }
-            }
-        }
-        for line in proc_cgroup.lines() {
-            if let Some(path) = line.strip_prefix("0::") {
-                let mount = sys.to_path_buf();
-                let dir = resolve(&mount, path);
-                if dir.join("memory.current").exists() || dir.join("memory.max").exists() {
-                    return Some(Cgroup {
-                        version: CgroupVersion::V2,
-                        dir,
-                        mount,
-                    });
-                }
-            }
-        }
-        None
-    }
-
-    /// The tightest memory limit from this cgroup up to the root, if any.
-    pub fn limit(&self) -> Option<u64> {
-        let file = match self.version {
-            CgroupVersion::V1 => "memory.limit_in_bytes",
-            CgroupVersion::V2 => "memory.max",
-        };
-        let mut dir = self.dir.clone();
-        let mut best: Option<u64> = None;
-        loop {
-            if let Some(v) = read_u64(&dir.join(file)).filter(|v| *v < UNLIMITED) {
-                best = Some(best.map_or(v, |b| b.min(v)));
-            }
-            if dir == self.mount || !dir.pop() || !dir.starts_with(&self.mount) {
-                break;
-            }
-        }
-        best
-    }
-
-    /// Usage minus inactive file cache: what the OOM killer and the kubelet count.
-    pub fn working_set(&self) -> Option<u64> {
-        let (usage, inactive) = match self.version {
-            CgroupVersion::V1 => (
-                read_u64(&self.dir.join("memory.usage_in_bytes"))?,
-                stat_value(&self.dir.join("memory.stat"), "total_inactive_file").unwrap_or(0),
-            ),
-            CgroupVersion::V2 => (
-                read_u64(&self.dir.join("memory.current"))?,
-                stat_value(&self.dir.join("memory.stat"), "inactive_file").unwrap_or(0),
-            ),
-        };
-        Some(usage.saturating_sub(inactive))
-    }
-
-    /// Times the OOM killer fired in this cgroup (v1 `memory.oom_control`, v2 `memory.events`).
-    pub fn oom_kills(&self) -> Option<u64> {
-        match self.version {
-            CgroupVersion::V1 => stat_value(&self.dir.join("memory.oom_control"), "oom_kill"),
-            CgroupVersion::V2 => stat_value(&self.dir.join("memory.events"), "oom_kill"),
-        }
-    }
-}
-
-fn resolve(mount: &Path, path: &str) -> PathBuf {
-    let rel = path.trim_start_matches('/');
-    let full = mount.join(rel);
-    // Inside a container the path is often relative to a namespace root we cannot see.
-    if full.exists() {
-        full
-    } else {
-        mount.to_path_buf()
-    }
-}
 
 /// The process's own memory from `/proc/self/status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -179,9 +50,10 @@ pub struct MemorySnapshot {
 
 /// Where limits and usage come from for this process.
 pub struct MemorySource {
-    cgroup: Option<Cgroup>,
+    cgroup: Option<ProcessGroup>,
     limit: u64,
     limited_by_cgroup: bool,
+    cgroup_has_limit: bool,
     system: Option<Mutex<sysinfo::System>>,
 }
 
@@ -189,8 +61,8 @@ impl MemorySource {
     /// Detects the cgroup; the effective limit is the tighter of the cgroup's and `flag`.
     /// Without either, the system's total memory is the limit.
     pub fn detect(flag: Option<u64>) -> MemorySource {
-        let cgroup = Cgroup::detect();
-        let cg_limit = cgroup.as_ref().and_then(Cgroup::limit);
+        let cgroup = ProcessGroup::detect();
+        let cg_limit = cgroup.as_ref().and_then(ProcessGroup::limit);
         let mut system = sysinfo::System::new().ok();
         if let Some(s) = system.as_mut() {
             s.refresh_memory();
@@ -206,6 +78,7 @@ impl MemorySource {
             cgroup,
             limit,
             limited_by_cgroup: by_cgroup,
+            cgroup_has_limit: cg_limit.is_some(),
             system: system.map(Mutex::new),
         }
     }
@@ -221,32 +94,34 @@ impl MemorySource {
     }
 
     /// The detected cgroup, if any.
-    pub fn cgroup(&self) -> Option<&Cgroup> {
+    pub fn cgroup(&self) -> Option<&ProcessGroup> {
         self.cgroup.as_ref()
     }
 
     /// Takes a reading.
     pub fn snapshot(&self) -> MemorySnapshot {
         let process = process_memory();
-        let cg_ws = self.cgroup.as_ref().and_then(Cgroup::working_set);
+        // A group without a limit of its own (a login session, the root) holds other
+        // processes too: its working set is not this build's, the process's RSS is.
+        let cg_ws = self
+            .cgroup
+            .as_ref()
+            .filter(|_| self.cgroup_has_limit)
+            .and_then(|c| c.group.working_set());
         let working_set = cg_ws.unwrap_or(process.rss);
-        let available = if cg_ws.is_some() || !self.limited_by_cgroup {
-            let by_limit = self.limit.saturating_sub(working_set);
-            if cg_ws.is_some() {
-                by_limit
-            } else {
-                let sys = self
-                    .system
-                    .as_ref()
-                    .and_then(|m| m.lock().ok())
-                    .map(|mut s| {
-                        s.refresh_memory();
-                        s.available_memory()
-                    });
-                by_limit.min(sys.unwrap_or(by_limit))
-            }
+        let by_limit = self.limit.saturating_sub(working_set);
+        let available = if cg_ws.is_some() {
+            by_limit
         } else {
-            self.limit.saturating_sub(working_set)
+            let sys = self
+                .system
+                .as_ref()
+                .and_then(|m| m.lock().ok())
+                .map(|mut s| {
+                    s.refresh_memory();
+                    s.available_memory()
+                });
+            by_limit.min(sys.unwrap_or(by_limit))
         };
         MemorySnapshot {
             process,
@@ -314,71 +189,6 @@ pub fn page_out_mapped(wanted: impl Fn(&str) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_v1_and_v2_cgroups_from_a_fake_tree() {
-        let tmp = tempfile::tempdir().unwrap();
-        let sys = tmp.path();
-        // v1: limit on the parent is tighter than on the child
-        let v1 = sys.join("memory/kubepods/pod1");
-        fs::create_dir_all(&v1).unwrap();
-        fs::write(
-            sys.join("memory/memory.limit_in_bytes"),
-            "9223372036854771712\n",
-        )
-        .unwrap();
-        fs::write(
-            sys.join("memory/kubepods/memory.limit_in_bytes"),
-            "536870912\n",
-        )
-        .unwrap();
-        fs::write(v1.join("memory.limit_in_bytes"), "1073741824\n").unwrap();
-        fs::write(v1.join("memory.usage_in_bytes"), "300000000\n").unwrap();
-        fs::write(
-            v1.join("memory.stat"),
-            "cache 10\ntotal_inactive_file 100000000\n",
-        )
-        .unwrap();
-        fs::write(
-            v1.join("memory.oom_control"),
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
-        )
-        .unwrap();
-        let cg = Cgroup::from_proc("4:memory:/kubepods/pod1\n0::/\n", sys).unwrap();
-        assert_eq!(cg.version, CgroupVersion::V1);
-        assert_eq!(cg.limit(), Some(536_870_912));
-        assert_eq!(cg.working_set(), Some(200_000_000));
-        assert_eq!(cg.oom_kills(), Some(2));
-
-        let tmp2 = tempfile::tempdir().unwrap();
-        let sys2 = tmp2.path();
-        let v2 = sys2.join("pod2");
-        fs::create_dir_all(&v2).unwrap();
-        fs::write(v2.join("memory.max"), "max\n").unwrap();
-        fs::write(sys2.join("memory.max"), "268435456\n").unwrap();
-        fs::write(v2.join("memory.current"), "150000000\n").unwrap();
-        fs::write(v2.join("memory.stat"), "anon 1\ninactive_file 50000000\n").unwrap();
-        fs::write(
-            v2.join("memory.events"),
-            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
-        )
-        .unwrap();
-        let cg = Cgroup::from_proc("0::/pod2\n", sys2).unwrap();
-        assert_eq!(cg.version, CgroupVersion::V2);
-        assert_eq!(cg.limit(), Some(268_435_456));
-        assert_eq!(cg.working_set(), Some(100_000_000));
-        assert_eq!(cg.oom_kills(), Some(1));
-    }
-
-    #[test]
-    fn unlimited_cgroup_has_no_limit() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("memory");
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        let cg = Cgroup::from_proc("4:memory:/\n", tmp.path()).unwrap();
-        assert_eq!(cg.limit(), None);
-    }
 
     #[test]
     fn finds_its_own_file_mappings() {

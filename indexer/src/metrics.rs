@@ -2,7 +2,8 @@
 //! dashboard read them), and a small HTTP exporter for builds.
 
 use crate::memory::{MemorySnapshot, MemorySource};
-use crate::progress::{BuildProgress, Phase};
+use crate::progress::{BuildPhase, BuildProgress, IndexStep};
+use imageindex_crds::metrics as names;
 use imageindex_crds::preset::Preset;
 use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::net::SocketAddr;
@@ -37,27 +38,27 @@ impl MemoryMetrics {
         MemoryMetrics {
             rss: gauge(
                 registry,
-                "imageindex_memory_rss_bytes",
+                names::MEMORY_RSS_BYTES,
                 "Resident set size of the process",
             ),
             peak_rss: gauge(
                 registry,
-                "imageindex_memory_peak_rss_bytes",
+                names::MEMORY_PEAK_RSS_BYTES,
                 "Peak resident set size of the process (VmHWM)",
             ),
             working_set: gauge(
                 registry,
-                "imageindex_memory_working_set_bytes",
+                names::MEMORY_WORKING_SET_BYTES,
                 "cgroup usage minus inactive file cache (what the OOM killer and kubelet count)",
             ),
             available: gauge(
                 registry,
-                "imageindex_memory_available_bytes",
+                names::MEMORY_AVAILABLE_BYTES,
                 "Memory limit minus working set",
             ),
             limit: gauge(
                 registry,
-                "imageindex_memory_limit_bytes",
+                names::MEMORY_LIMIT_BYTES,
                 "Effective memory limit (cgroup or flag)",
             ),
             peak_working_set: Arc::new(AtomicU64::new(0)),
@@ -82,9 +83,10 @@ impl MemoryMetrics {
     }
 }
 
-/// The build's metrics: memory, progress, phase and build info.
+/// The build's Prometheus registry and metrics (memory, progress, phase, build info), served
+/// on `indexer build --metrics-addr`.
 #[derive(Clone)]
-pub struct BuildMetrics {
+pub struct BuildExporter {
     /// The registry to export.
     pub registry: Registry,
     /// Memory gauges.
@@ -94,10 +96,13 @@ pub struct BuildMetrics {
     images_failed: IntCounter,
     descriptors: IntGauge,
     phase: IntGaugeVec,
+    step: IntGaugeVec,
+    step_done: IntGauge,
+    step_total: IntGauge,
     info: IntGaugeVec,
 }
 
-impl BuildMetrics {
+impl BuildExporter {
     /// Registers every build metric in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -113,34 +118,44 @@ impl BuildMetrics {
             let _ = registry.register(Box::new(v.clone()));
             v
         };
-        BuildMetrics {
-            images_total: gauge(
-                &registry,
-                "imageindex_images_total",
-                "Image files in the dataset",
-            ),
-            images_processed: counter(
-                "imageindex_images_processed_total",
-                "Images extracted or skipped",
-            ),
+        BuildExporter {
+            images_total: gauge(&registry, names::IMAGES_TOTAL, "Image files in the dataset"),
+            images_processed: counter(names::IMAGES_PROCESSED_TOTAL, "Images extracted or skipped"),
             images_failed: counter(
-                "imageindex_images_failed_total",
+                names::IMAGES_FAILED_TOTAL,
                 "Images skipped (corrupt, not an image, too large, unreadable)",
             ),
-            descriptors: gauge(
-                &registry,
-                "imageindex_descriptors_total",
-                "Descriptors stored",
-            ),
+            descriptors: gauge(&registry, names::DESCRIPTORS_TOTAL, "Descriptors stored"),
             phase: vec(
-                "imageindex_build_phase",
+                names::BUILD_PHASE,
                 "1 for the build's current phase",
-                &["phase"],
+                &[names::PHASE_LABEL],
+            ),
+            step: vec(
+                names::BUILD_STEP,
+                "1 for the index phase's current step",
+                &[names::STEP_LABEL],
+            ),
+            step_done: gauge(
+                &registry,
+                names::BUILD_STEP_DONE,
+                "Units done in the index phase's current step",
+            ),
+            step_total: gauge(
+                &registry,
+                names::BUILD_STEP_TOTAL,
+                "Units in the index phase's current step",
             ),
             info: vec(
-                "imageindex_build_info",
+                names::BUILD_INFO,
                 "Build parameters",
-                &["preset", "nfeatures", "n_trees", "search_k", "version"],
+                &[
+                    names::PRESET_LABEL,
+                    "nfeatures",
+                    "n_trees",
+                    "search_k",
+                    "version",
+                ],
             ),
             memory,
             registry,
@@ -177,11 +192,18 @@ impl BuildMetrics {
         bump(&self.images_processed, s.images_processed);
         bump(&self.images_failed, s.images_failed);
         self.descriptors.set(s.descriptors as i64);
-        for p in Phase::ALL {
+        for p in BuildPhase::ALL {
             self.phase
                 .with_label_values(&[p.as_str()])
                 .set(i64::from(p == s.phase));
         }
+        for step in IndexStep::ALL {
+            self.step
+                .with_label_values(&[step.as_str()])
+                .set(i64::from(step == s.step));
+        }
+        self.step_done.set(s.step_done as i64);
+        self.step_total.set(s.step_total as i64);
         self.memory.observe(memory);
     }
 
@@ -191,7 +213,7 @@ impl BuildMetrics {
     }
 }
 
-impl Default for BuildMetrics {
+impl Default for BuildExporter {
     fn default() -> Self {
         Self::new()
     }
@@ -208,7 +230,7 @@ pub fn render(registry: &Registry) -> String {
 /// gauges on every scrape. Returns the bound address.
 pub fn serve_build_metrics(
     addr: SocketAddr,
-    metrics: BuildMetrics,
+    metrics: BuildExporter,
     progress: Arc<BuildProgress>,
     memory: Arc<MemorySource>,
 ) -> std::io::Result<SocketAddr> {
@@ -264,12 +286,12 @@ mod tests {
 
     #[test]
     fn every_contract_metric_is_exported() {
-        let m = BuildMetrics::new();
+        let m = BuildExporter::new();
         m.set_info(&imageindex_crds::PresetName::Full.preset());
         let p = BuildProgress::new();
         p.set_total(5);
         p.image_done(10, false);
-        p.set_phase(Phase::Extract);
+        p.set_phase(BuildPhase::Extract);
         m.observe(
             &p,
             &MemorySnapshot {
@@ -300,7 +322,7 @@ mod tests {
 
     #[test]
     fn counters_follow_progress_without_going_back() {
-        let m = BuildMetrics::new();
+        let m = BuildExporter::new();
         let p = BuildProgress::new();
         p.resume_at(40, 2, 0);
         m.observe(&p, &MemorySnapshot::default());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// Build phases, as in the `imageindex_build_phase{phase=...}` metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Phase {
+pub enum BuildPhase {
     /// Listing the dataset.
     Scan = 0,
     /// Decoding and ORB.
@@ -22,29 +22,79 @@ pub enum Phase {
     Done = 4,
 }
 
-impl Phase {
+impl BuildPhase {
     /// All phases in order.
-    pub const ALL: [Phase; 5] = [
-        Phase::Scan,
-        Phase::Extract,
-        Phase::Index,
-        Phase::Publish,
-        Phase::Done,
+    pub const ALL: [BuildPhase; 5] = [
+        BuildPhase::Scan,
+        BuildPhase::Extract,
+        BuildPhase::Index,
+        BuildPhase::Publish,
+        BuildPhase::Done,
     ];
 
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Scan => "scan",
-            Phase::Extract => "extract",
-            Phase::Index => "index",
-            Phase::Publish => "publish",
-            Phase::Done => "done",
+            BuildPhase::Scan => "scan",
+            BuildPhase::Extract => "extract",
+            BuildPhase::Index => "index",
+            BuildPhase::Publish => "publish",
+            BuildPhase::Done => "done",
         }
     }
 
-    fn from_u8(v: u8) -> Phase {
-        Phase::ALL.get(v as usize).copied().unwrap_or(Phase::Done)
+    fn from_u8(v: u8) -> BuildPhase {
+        BuildPhase::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(BuildPhase::Done)
+    }
+}
+
+/// Steps of the index phase, as in the `imageindex_build_step{step=...}` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexStep {
+    /// Not in the index phase.
+    None = 0,
+    /// Training the top level of the vocabulary.
+    Train = 1,
+    /// Sorting descriptors into cell buckets.
+    Partition = 2,
+    /// Training each cell's leaves and writing its inverted lists.
+    Lists = 3,
+    /// The arroy index over the images' layout descriptors.
+    Global = 4,
+}
+
+impl IndexStep {
+    /// The steps with a metric label, in order.
+    pub const ALL: [IndexStep; 4] = [
+        IndexStep::Train,
+        IndexStep::Partition,
+        IndexStep::Lists,
+        IndexStep::Global,
+    ];
+
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexStep::None => "none",
+            IndexStep::Train => "train",
+            IndexStep::Partition => "partition",
+            IndexStep::Lists => "lists",
+            IndexStep::Global => "global",
+        }
+    }
+
+    fn from_u8(v: u8) -> IndexStep {
+        match v {
+            1 => IndexStep::Train,
+            2 => IndexStep::Partition,
+            3 => IndexStep::Lists,
+            4 => IndexStep::Global,
+            _ => IndexStep::None,
+        }
     }
 }
 
@@ -56,6 +106,7 @@ pub struct BuildProgress {
     images_processed: AtomicU64,
     images_failed: AtomicU64,
     descriptors: AtomicU64,
+    step: AtomicU8,
     step_done: AtomicU64,
     step_total: AtomicU64,
     cancelled: AtomicBool,
@@ -66,7 +117,7 @@ pub struct BuildProgress {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ProgressSnapshot {
     /// Current phase.
-    pub phase: Phase,
+    pub phase: BuildPhase,
     /// Image files in the dataset.
     pub images_total: u64,
     /// Images extracted or skipped.
@@ -75,6 +126,8 @@ pub struct ProgressSnapshot {
     pub images_failed: u64,
     /// Descriptors stored.
     pub descriptors: u64,
+    /// The current index step.
+    pub step: IndexStep,
     /// Units done in the current index step (descriptors assigned or added).
     pub step_done: u64,
     /// Units in the current index step.
@@ -87,9 +140,12 @@ impl BuildProgress {
         Arc::new(BuildProgress::default())
     }
 
-    /// Enters a phase.
-    pub fn set_phase(&self, p: Phase) {
+    /// Enters a phase (leaving the index phase ends its steps).
+    pub fn set_phase(&self, p: BuildPhase) {
         self.phase.store(p as u8, Ordering::Relaxed);
+        if p != BuildPhase::Index {
+            self.step.store(IndexStep::None as u8, Ordering::Relaxed);
+        }
     }
 
     /// Records the preset the build runs with (for `imageindex_build_info`).
@@ -131,7 +187,8 @@ impl BuildProgress {
     }
 
     /// Starts an index step of `total` units.
-    pub fn start_step(&self, total: u64) {
+    pub fn start_step(&self, step: IndexStep, total: u64) {
+        self.step.store(step as u8, Ordering::Relaxed);
         self.step_total.store(total, Ordering::Relaxed);
         self.step_done.store(0, Ordering::Relaxed);
     }
@@ -154,11 +211,12 @@ impl BuildProgress {
     /// Reads the counters.
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
-            phase: Phase::from_u8(self.phase.load(Ordering::Relaxed)),
+            phase: BuildPhase::from_u8(self.phase.load(Ordering::Relaxed)),
             images_total: self.images_total.load(Ordering::Relaxed),
             images_processed: self.images_processed.load(Ordering::Relaxed),
             images_failed: self.images_failed.load(Ordering::Relaxed),
             descriptors: self.descriptors.load(Ordering::Relaxed),
+            step: IndexStep::from_u8(self.step.load(Ordering::Relaxed)),
             step_done: self.step_done.load(Ordering::Relaxed),
             step_total: self.step_total.load(Ordering::Relaxed),
         }
@@ -200,7 +258,7 @@ impl ProgressDisplay {
                     let s = progress.snapshot();
                     let (ws, limit) = memory();
                     let (pos, len) = match s.phase {
-                        Phase::Index => (s.step_done, s.step_total),
+                        BuildPhase::Index => (s.step_done, s.step_total),
                         _ => (s.images_processed, s.images_total),
                     };
                     if let Some(b) = &bar {
@@ -261,13 +319,13 @@ mod tests {
         p.resume_at(4, 1, 400);
         p.image_done(100, false);
         p.image_done(0, true);
-        p.set_phase(Phase::Index);
+        p.set_phase(BuildPhase::Index);
         let s = p.snapshot();
         assert_eq!(
             (s.images_processed, s.images_failed, s.descriptors),
             (6, 2, 500)
         );
-        assert_eq!(s.phase, Phase::Index);
+        assert_eq!(s.phase, BuildPhase::Index);
         assert!(!p.is_cancelled());
         p.cancel();
         assert!(p.is_cancelled());

@@ -1,21 +1,24 @@
 //! The LMDB environment of one build generation and what it holds.
 //!
 //! Databases (all in one heed environment):
-//! - `meta`: build metadata, checkpoint, coarse centroids, descriptor offsets;
+//! - `meta`: build metadata, checkpoint, the vocabulary's top level and shape;
 //! - `images`: image id → [`ImageRecord`] (path, size, dimensions, what the detector did,
 //!   failure reason);
-//! - `kps`: image id → keypoint positions (u16 x, y in quarter pixels), same order;
-//! - `lists`: (list, chunk) → inverted-list entries (u32 descriptor id + 32-byte code);
-//! - `arroy`: the arroy database, one arroy index per shard, `BinaryQuantizedManhattan`.
+//! - `cells`: cell → [`crate::postings::CellRecord`] (its leaf centroids and where each
+//!   leaf's list starts);
+//! - `lists`: (cell, part) → inverted-list entries ([`crate::postings`]: code, image,
+//!   keypoint), leaf after leaf;
+//! - `globals`: image id → global descriptor ([`crate::global`]);
+//! - `arroy`: the arroy index (cosine) over the global descriptors.
 //!
-//! A build keeps each image's descriptors (strongest first) in a second, working
-//! environment ([`WorkStore`], `IDX/build/work/`): the index phases read them, the inverted
-//! lists and arroy hold them afterwards, and publishing deletes it — so the published
-//! environment never carried them and is published by renaming its directory, not copied.
+//! A build keeps each image's descriptors (strongest first) and keypoints in a second,
+//! working environment ([`WorkStore`], `IDX/build/work/`), with the per-cell buckets the
+//! partition step fills: the index phases read them, the inverted lists hold them afterwards,
+//! and publishing deletes it — so the published environment never carried them.
 
 use crate::error::{IndexError, Result};
 use crate::features::Adaptation;
-use arroy::distances::BinaryQuantizedManhattan;
+use arroy::distances::Cosine;
 use heed::types::{Bytes, SerdeJson, Str, U32, U64};
 use heed::{
     byteorder::BigEndian, CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn,
@@ -26,7 +29,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::path::Path;
 
 /// Version of the on-disk format; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Virtual size of the LMDB map (sparse; only written pages use disk).
 pub const MAP_SIZE: usize = 1 << 40;
 
@@ -55,6 +58,10 @@ pub struct ImageRecord {
     /// What the detector had to adapt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptation: Option<Adaptation>,
+    /// Whether the image has a global descriptor (it can be found by its layout, even with
+    /// no local features).
+    #[serde(default)]
+    pub global: bool,
     /// Why the image could not be indexed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -68,12 +75,13 @@ pub struct Timings {
     pub scan: f64,
     /// Decoding and ORB (all attempts that contributed).
     pub extract: f64,
-    /// Training the coarse quantizer.
+    /// Training the vocabulary's top level.
     pub train: f64,
-    /// Filling the inverted lists.
+    /// Partitioning descriptors into cells, training leaves and writing the lists.
     pub assign: f64,
-    /// Building arroy shards.
-    pub arroy: f64,
+    /// Building the arroy index of global descriptors.
+    #[serde(default)]
+    pub global: f64,
     /// Compacting and publishing.
     pub publish: f64,
 }
@@ -94,18 +102,18 @@ pub struct BuildMeta {
     pub fingerprint: String,
     /// Image files in the dataset.
     pub images_total: u64,
-    /// Images with at least one descriptor.
+    /// Images that can be found: with local features or a global descriptor.
     pub images_indexed: u64,
     /// Images skipped (their records carry the reason).
     pub images_failed: u64,
     /// Descriptors indexed.
     pub descriptors: u64,
-    /// Inverted lists of the coarse quantizer.
-    pub ivf_lists: u32,
-    /// arroy shards (arroy index numbers 0..shards).
-    pub arroy_shards: u32,
-    /// Descriptors per arroy shard.
-    pub shard_items: u64,
+    /// Top-level cells of the vocabulary.
+    pub cells: u32,
+    /// Inverted lists (the vocabulary's leaves).
+    pub lists: u64,
+    /// Images with a global descriptor (in the arroy index).
+    pub globals: u64,
     /// The memory budget the build planned for (bytes).
     pub memory_budget: u64,
     /// Highest working set seen during the build (bytes, this process's attempts).
@@ -129,41 +137,52 @@ pub enum Checkpoint {
         /// First image not yet extracted.
         next: u32,
     },
-    /// Extraction done; the index phases run with this preset.
+    /// Extraction done; the index phases run with this preset, starting with the
+    /// vocabulary's top level.
     Train {
         /// Preset label the index phases use.
         preset: String,
     },
-    /// Images `0..next` are in the inverted lists; `chunk` is the next chunk number.
-    Assign {
+    /// Images `0..next` are partitioned into cell buckets; `chunk` is the next flush number.
+    Partition {
         /// Preset label.
         preset: String,
-        /// First image not yet assigned.
+        /// First image not yet partitioned.
         next: u32,
-        /// Next chunk number.
+        /// Next flush number.
         chunk: u32,
     },
-    /// Lists `0..next` have their chunks merged into one value each.
-    Merge {
+    /// Cells `0..next` have their leaves and lists written.
+    Lists {
         /// Preset label.
         preset: String,
-        /// First list not yet merged.
+        /// First cell not yet written.
         next: u32,
     },
-    /// Shards `0..shard` are built; `added` items of shard `shard` are added.
-    Arroy {
+    /// The lists are done; the global-descriptor index is next.
+    Global {
         /// Preset label.
         preset: String,
-        /// Current shard.
-        shard: u32,
-        /// Items of it already added.
-        added: u64,
     },
     /// Everything is built; publishing.
     Publish {
         /// Preset label.
         preset: String,
     },
+}
+
+impl Checkpoint {
+    /// The preset label of an index-phase checkpoint (`None` during extraction).
+    pub fn preset(&self) -> Option<&str> {
+        match self {
+            Checkpoint::Extract { .. } => None,
+            Checkpoint::Train { preset }
+            | Checkpoint::Partition { preset, .. }
+            | Checkpoint::Lists { preset, .. }
+            | Checkpoint::Global { preset }
+            | Checkpoint::Publish { preset } => Some(preset),
+        }
+    }
 }
 
 /// Typed handles on the databases of one environment.
@@ -175,12 +194,14 @@ pub struct Store {
     pub meta: Database<'static, Str, Bytes>,
     /// Image records by id.
     pub images: Database<'static, U32<BigEndian>, SerdeJson<ImageRecord>>,
-    /// Keypoint blobs by image id.
-    pub kps: Database<'static, U32<BigEndian>, Bytes>,
-    /// Inverted-list chunks by (list << 32 | chunk).
+    /// Cell records ([`crate::postings::CellRecord`]) by cell.
+    pub cells: Database<'static, U32<BigEndian>, Bytes>,
+    /// Inverted-list parts by (cell << 32 | part).
     pub lists: Database<'static, U64<BigEndian>, Bytes>,
-    /// The arroy database.
-    pub arroy: arroy::Database<'static, BinaryQuantizedManhattan>,
+    /// Global descriptors by image id.
+    pub globals: Database<'static, U32<BigEndian>, Bytes>,
+    /// The arroy database (global descriptors, cosine).
+    pub arroy: arroy::Database<'static, Cosine>,
 }
 
 /// Metadata keys.
@@ -189,17 +210,17 @@ pub mod keys {
     pub const BUILD: &str = "build";
     /// [`super::Checkpoint`] as JSON.
     pub const CHECKPOINT: &str = "checkpoint";
-    /// Coarse centroids, 32 bytes each.
-    pub const CENTROIDS: &str = "centroids";
-    /// Descriptor offsets: u64 little-endian per image plus one (prefix sums of kept counts).
-    pub const OFFSETS: &str = "offsets";
+    /// The vocabulary's top-level centroids, 32 bytes each.
+    pub const VOCAB_TOP: &str = "vocab_top";
+    /// The vocabulary's [`crate::vocab::VocabShape`] as JSON.
+    pub const VOCAB_SHAPE: &str = "vocab_shape";
     /// The dataset listing's fingerprint, set when the image table is written.
     pub const FINGERPRINT: &str = "fingerprint";
 }
 
 fn options() -> EnvOpenOptions<WithoutTls> {
     let mut o = EnvOpenOptions::new().read_txn_without_tls();
-    o.map_size(MAP_SIZE).max_dbs(8).max_readers(1024);
+    o.map_size(MAP_SIZE).max_dbs(10).max_readers(1024);
     o
 }
 
@@ -212,13 +233,14 @@ impl Store {
         unsafe { o.flags(EnvFlags::NO_META_SYNC) };
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (meta, images, kps, lists, arroy) = env
+        let (meta, images, cells, lists, globals, arroy) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database(wtxn, Some("meta"))?,
                     dbo.create_database(wtxn, Some("images"))?,
-                    dbo.create_database(wtxn, Some("kps"))?,
+                    dbo.create_database(wtxn, Some("cells"))?,
                     dbo.create_database(wtxn, Some("lists"))?,
+                    dbo.create_database(wtxn, Some("globals"))?,
                     dbo.create_database(wtxn, Some("arroy"))?,
                 )))
             })?
@@ -227,8 +249,9 @@ impl Store {
             env,
             meta,
             images,
-            kps,
+            cells,
             lists,
+            globals,
             arroy,
         })
     }
@@ -245,13 +268,14 @@ impl Store {
         unsafe { o.flags(EnvFlags::READ_ONLY | EnvFlags::NO_LOCK | EnvFlags::NO_READ_AHEAD) };
         let env = unsafe { o.open(dir) }?;
         let rtxn = env.read_txn()?;
-        let (meta, images, kps, lists, arroy) = env
+        let (meta, images, cells, lists, globals, arroy) = env
             .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.open_database(rtxn, Some("meta"))?,
                     dbo.open_database(rtxn, Some("images"))?,
-                    dbo.open_database(rtxn, Some("kps"))?,
+                    dbo.open_database(rtxn, Some("cells"))?,
                     dbo.open_database(rtxn, Some("lists"))?,
+                    dbo.open_database(rtxn, Some("globals"))?,
                     dbo.open_database(rtxn, Some("arroy"))?,
                 )))
             })?
@@ -263,8 +287,9 @@ impl Store {
         Ok(Store {
             meta: meta.ok_or_else(|| missing("meta"))?,
             images: images.ok_or_else(|| missing("images"))?,
-            kps: kps.ok_or_else(|| missing("kps"))?,
+            cells: cells.ok_or_else(|| missing("cells"))?,
             lists: lists.ok_or_else(|| missing("lists"))?,
+            globals: globals.ok_or_else(|| missing("globals"))?,
             arroy: arroy.ok_or_else(|| missing("arroy"))?,
             env,
         })
@@ -298,19 +323,20 @@ impl Store {
         self.put_json(wtxn, keys::CHECKPOINT, cp)
     }
 
-    /// The key of an inverted-list chunk.
-    pub fn list_key(list: u32, chunk: u32) -> u64 {
-        ((list as u64) << 32) | chunk as u64
-    }
 }
 
-/// The build's working environment: each image's descriptors, strongest first.
+/// The build's working environment: each image's descriptors (strongest first) and
+/// keypoints, and the per-cell buckets of the partition step.
 #[derive(Clone)]
 pub struct WorkStore {
     /// The environment (`IDX/build/work/`).
     pub env: Env<WithoutTls>,
     /// Descriptor blobs by image id.
     pub descs: Database<'static, U32<BigEndian>, Bytes>,
+    /// Keypoint blobs by image id (u16 x, y in quarter pixels, same order).
+    pub kps: Database<'static, U32<BigEndian>, Bytes>,
+    /// Partitioned entries by (cell << 32 | flush).
+    pub buckets: Database<'static, U64<BigEndian>, Bytes>,
 }
 
 impl WorkStore {
@@ -321,14 +347,21 @@ impl WorkStore {
         unsafe { o.flags(EnvFlags::NO_META_SYNC) };
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let descs = env
+        let (descs, kps, buckets) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
-                Ok(CommitOrAbort::<_, ()>::Commit(
+                Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database(wtxn, Some("descs"))?,
-                ))
+                    dbo.create_database(wtxn, Some("kps"))?,
+                    dbo.create_database(wtxn, Some("buckets"))?,
+                )))
             })?
             .unwrap_commit();
-        Ok(WorkStore { env, descs })
+        Ok(WorkStore {
+            env,
+            descs,
+            kps,
+            buckets,
+        })
     }
 
     /// Closes the environment and waits until LMDB released it.
@@ -380,15 +413,10 @@ mod tests {
         assert_eq!(descriptors_blob(&[[1; 32], [2; 32]]).len(), 64);
     }
 
-    #[test]
-    fn list_keys_sort_by_list_then_chunk() {
-        assert!(Store::list_key(1, 9) < Store::list_key(2, 0));
-        assert!(Store::list_key(1, 1) < Store::list_key(1, 2));
-    }
 
     #[test]
     fn checkpoint_json_is_tagged() {
-        let c = Checkpoint::Assign {
+        let c = Checkpoint::Partition {
             preset: "full".into(),
             next: 3,
             chunk: 1,
@@ -396,7 +424,9 @@ mod tests {
         let j = serde_json::to_string(&c).unwrap();
         assert_eq!(
             j,
-            r#"{"phase":"assign","preset":"full","next":3,"chunk":1}"#
+            r#"{"phase":"partition","preset":"full","next":3,"chunk":1}"#
         );
+        assert_eq!(c.preset(), Some("full"));
+        assert_eq!(Checkpoint::Extract { next: 0 }.preset(), None);
     }
 }

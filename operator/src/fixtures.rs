@@ -10,7 +10,7 @@ use crate::resources::Instance;
 use crate::scrape;
 use crate::settings::Settings;
 use http::{Method, Request, Response, StatusCode};
-use imageindex_crds::types::{Attempt, Phase, ScanSummary};
+use imageindex_crds::types::{Attempt, IndexPhase, ScanSummary, UnitStatus};
 use imageindex_crds::validate::{validate, Mode};
 use imageindex_crds::{
     DatasetShape, ImageIndex, ImageIndexSpec, ImageIndexStatus, Preset, ScanReport,
@@ -96,14 +96,29 @@ pub fn summary(first: u32) -> ScanSummary {
     }
 }
 
+/// Status while the scan pod of the first build runs.
+pub fn scanning() -> ImageIndexStatus {
+    ImageIndexStatus {
+        observed_generation: Some(1),
+        unit: UnitStatus {
+            phase: Some(IndexPhase::Scanning),
+            ..UnitStatus::default()
+        },
+        ..ImageIndexStatus::default()
+    }
+}
+
 /// Status while attempt `number` runs with `preset`.
 pub fn building(attempts: Vec<Attempt>) -> ImageIndexStatus {
     ImageIndexStatus {
-        phase: Some(Phase::Building),
         observed_generation: Some(1),
-        preset: attempts.last().map(|a| a.preset.clone()),
         scan: Some(summary(1)),
-        attempts,
+        unit: UnitStatus {
+            phase: Some(IndexPhase::Building),
+            preset: attempts.last().map(|a| a.preset.clone()),
+            attempts,
+            ..UnitStatus::default()
+        },
         ..ImageIndexStatus::default()
     }
 }

@@ -5,7 +5,7 @@
 //! the number of builds, and it is fine that it starts empty after an operator restart: the
 //! policy then simply waits for a few new samples before calling pressure critical.
 
-use imageindex_crds::policy::MemorySample;
+use imageindex_crds::pressure::MemorySample;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -137,7 +137,7 @@ impl MemoryHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imageindex_crds::policy::{classify_pressure, PressureLevel};
+    use imageindex_crds::pressure::{classify_pressure, PressureLevel};
 
     fn key(attempt: u32) -> BuildKey {
         BuildKey {

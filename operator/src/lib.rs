@@ -1,18 +1,18 @@
 //! The imageindex operator: a kube-rs controller that turns an `ImageIndex` into a finished,
 //! served index without being OOM-killed twice.
 //!
-//! `controller` is the reconcile pipeline; `resources` builds the objects it makes (pure);
-//! `pods` reads pod status; `scrape` reads a build's Prometheus metrics; `attempts` and
-//! `history` keep the attempt bookkeeping and recent memory samples; `transitions` writes
-//! each step into status; the decisions are `imageindex_crds::policy`'s. `local` runs the
-//! same policy and transitions on one machine, with processes in cgroups instead of pods.
+//! The decisions — and what the status becomes — are `imageindex_crds`'s (pure); this crate
+//! observes and carries them out. `controller` is the reconcile pipeline (fetch → validate →
+//! observe → decide → apply → write status); `resources` builds the objects it makes (pure);
+//! `pods` reads pod status into observations; `scrape` reads a build's Prometheus metrics;
+//! `history` keeps recent memory samples. `local` runs the same decisions on one machine,
+//! with processes in cgroups instead of pods.
 #![warn(missing_docs)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod attempts;
 pub mod controller;
 pub mod error;
 pub mod history;
@@ -24,10 +24,11 @@ pub mod resources;
 pub mod scrape;
 pub mod server;
 pub mod settings;
-pub mod transitions;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod same_decisions;
 #[cfg(test)]
 mod scenarios;
 

@@ -1,6 +1,7 @@
 //! The operator's own Prometheus metrics (`imageindex_operator_*`).
 
 use crate::error::Error;
+use imageindex_crds::metrics as names;
 use imageindex_crds::types::AttemptOutcome;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
@@ -8,11 +9,12 @@ use prometheus::{
 use std::time::Instant;
 
 /// Every attempt outcome, in the order of [`AttemptOutcome`].
-const OUTCOMES: [AttemptOutcome; 5] = [
+const OUTCOMES: [AttemptOutcome; 6] = [
     AttemptOutcome::Succeeded,
     AttemptOutcome::OomKilled,
     AttemptOutcome::MemoryPressureRestart,
     AttemptOutcome::Failed,
+    AttemptOutcome::Killed,
     AttemptOutcome::Interrupted,
 ];
 
@@ -34,33 +36,30 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let reconciles = IntCounter::new(
-            "imageindex_operator_reconciles_total",
-            "Reconciles started.",
-        )?;
+        let reconciles = IntCounter::new(names::OPERATOR_RECONCILES_TOTAL, "Reconciles started.")?;
         let reconcile_errors = IntCounterVec::new(
             Opts::new(
-                "imageindex_operator_reconcile_errors_total",
+                names::OPERATOR_RECONCILE_ERRORS_TOTAL,
                 "Reconciles that failed, by the step that failed.",
             ),
             &["step"],
         )?;
         let attempts = IntCounterVec::new(
             Opts::new(
-                "imageindex_operator_attempts_total",
+                names::OPERATOR_ATTEMPTS_TOTAL,
                 "Build attempts that ended, by outcome.",
             ),
             &["outcome"],
         )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
-                "imageindex_operator_reconcile_duration_seconds",
+                names::OPERATOR_RECONCILE_DURATION_SECONDS,
                 "Time one reconcile took.",
             )
             .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )?;
         let scrape_errors = IntCounter::new(
-            "imageindex_operator_scrape_errors_total",
+            names::OPERATOR_SCRAPE_ERRORS_TOTAL,
             "Scrapes of a build pod's /metrics that failed.",
         )?;
         // Every label value starts at 0, so a dashboard or alert sees the series (and a rate
@@ -138,6 +137,7 @@ mod tests {
                 | AttemptOutcome::OomKilled
                 | AttemptOutcome::MemoryPressureRestart
                 | AttemptOutcome::Failed
+                | AttemptOutcome::Killed
                 | AttemptOutcome::Interrupted => {}
             }
             let line = format!(

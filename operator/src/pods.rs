@@ -1,5 +1,7 @@
-//! What a scan or build pod's status says, read the way a kubelet writes it.
+//! What a scan or build pod's status says, read the way a kubelet writes it: the controller's
+//! adapter from pods to the observations the decisions take ([`attempt_end`]).
 
+use imageindex_crds::observation::{AttemptEnd, Stop};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -121,6 +123,26 @@ pub fn observe(pod: &Pod) -> PodState {
     }
 }
 
+/// How a build attempt ended, as its pod says: the exit code of the record that explains an
+/// OOM kill (else the current one) and whether `state` or `lastState` says `OOMKilled`.
+pub fn attempt_end(t: &Termination) -> AttemptEnd {
+    AttemptEnd {
+        exit_code: t.exit_code,
+        oom_kill_reported: t.oom_killed,
+        stopped: None,
+    }
+}
+
+/// How a build attempt ended whose pod the operator deleted for `stop`: the controller does not
+/// wait for the pod's exit code (the next attempt waits for the pod to go).
+pub fn deleted_end(stop: Stop) -> AttemptEnd {
+    AttemptEnd {
+        exit_code: None,
+        oom_kill_reported: false,
+        stopped: Some(stop),
+    }
+}
+
 /// The termination message of the pod's (first) container: the scan report.
 pub fn termination_message(pod: &Pod) -> Option<&str> {
     pod.status
@@ -226,6 +248,14 @@ mod tests {
             "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}));
         let t = term(&in_last_state);
         assert!(t.oom_killed);
+        assert_eq!(
+            attempt_end(&t),
+            AttemptEnd {
+                exit_code: Some(137),
+                oom_kill_reported: true,
+                stopped: None
+            }
+        );
         assert_eq!(
             (t.exit_code, t.reason.as_deref()),
             (Some(137), Some("OOMKilled"))

@@ -8,9 +8,10 @@ use http::{Method, StatusCode};
 use imageindex_crds::conditions::{
     self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY,
 };
+use imageindex_crds::first_preset::{self, PresetFit};
 use imageindex_crds::labels;
-use imageindex_crds::policy::{self, NextStep, PresetChoice};
-use imageindex_crds::types::{AttemptOutcome, Phase};
+use imageindex_crds::ladder::{self, NextStep};
+use imageindex_crds::types::{AttemptOutcome, IndexPhase};
 use imageindex_crds::{ImageIndex, ImageIndexStatus, Preset, PresetSelector};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Action;
@@ -50,7 +51,7 @@ fn label(pod: &Pod, key: &str) -> String {
 }
 
 fn started(n: u32, preset: &str) -> imageindex_crds::types::Attempt {
-    crate::attempts::started(n, preset, &format!("cats-build-{n}"), at(10))
+    imageindex_crds::attempts::started(n, preset, &format!("cats-build-{n}"), at(10))
 }
 
 #[tokio::test]
@@ -67,7 +68,7 @@ async fn invalid_spec_is_reported_and_nothing_is_made() {
         (status, events)
     })
     .await;
-    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Failed));
     assert_eq!(status.observed_generation, Some(1));
     let (s, reason, message) = condition(&status, DEGRADED);
     assert_eq!((s, reason), ("True", "InvalidSpec"));
@@ -76,7 +77,7 @@ async fn invalid_spec_is_reported_and_nothing_is_made() {
         "{message}"
     );
     assert_eq!(condition(&status, READY).0, "False");
-    assert!(status.attempts.is_empty());
+    assert!(status.unit.attempts.is_empty());
     assert_eq!(events[0].0, "Warning");
     assert_eq!(action, Action::requeue(crate::controller::REQUEUE_IDLE));
 }
@@ -121,7 +122,7 @@ async fn new_resource_gets_an_index_claim_and_a_scan_pod() {
         args(&pod).starts_with("scan /dataset/catalogue --json --json-out /dev/termination-log")
     );
     assert_eq!(pod.metadata.owner_references.as_ref().unwrap()[0].uid, UID);
-    assert_eq!(status.phase, Some(Phase::Scanning));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Scanning));
     assert_eq!(condition(&status, PROGRESSING).0, "True");
     assert_eq!(
         condition(&status, READY),
@@ -133,16 +134,16 @@ async fn new_resource_gets_an_index_claim_and_a_scan_pod() {
 #[tokio::test]
 async fn finished_scan_starts_a_build_with_the_chosen_preset() {
     let (ctx, mut api) = Context::test();
-    let ii = ImageIndex::test().with_status(ImageIndexStatus {
-        phase: Some(Phase::Scanning),
-        observed_generation: Some(1),
-        ..ImageIndexStatus::default()
-    });
-    let want =
-        match policy::choose_preset(PresetSelector::Auto, &shape(), 512 << 20, Some(10 << 30)) {
-            PresetChoice::Fits { preset, .. } => preset,
-            other => panic!("the fixture dataset should fit 512Mi: {other:?}"),
-        };
+    let ii = ImageIndex::test().with_status(scanning());
+    let want = match first_preset::choose_preset(
+        PresetSelector::Auto,
+        &shape(),
+        512 << 20,
+        Some(10 << 30),
+    ) {
+        PresetFit::Fits { preset, .. } => preset,
+        other => panic!("the fixture dataset should fit 512Mi: {other:?}"),
+    };
     let obj = ii.clone();
     let scan = scan_pod_succeeded(&ii);
     let (action, (pod, status)) = run(ctx, &ii, async move {
@@ -178,17 +179,17 @@ async fn finished_scan_starts_a_build_with_the_chosen_preset() {
         Some("Never")
     );
 
-    assert_eq!(status.phase, Some(Phase::Building));
-    assert_eq!(status.preset.as_deref(), Some(want.label().as_str()));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Building));
+    assert_eq!(status.unit.preset.as_deref(), Some(want.label().as_str()));
     let scan = status.scan.as_ref().unwrap();
     assert_eq!(
         (scan.images, scan.first_attempt, scan.pod.as_deref()),
         (4000, Some(1), Some("cats-scan-1"))
     );
-    assert_eq!(status.attempts.len(), 1);
-    assert_eq!(status.attempts[0].number, 1);
-    assert_eq!(status.attempts[0].pod.as_deref(), Some("cats-build-1"));
-    assert_eq!(status.attempts[0].outcome, None);
+    assert_eq!(status.unit.attempts.len(), 1);
+    assert_eq!(status.unit.attempts[0].number, 1);
+    assert_eq!(status.unit.attempts[0].pod.as_deref(), Some("cats-build-1"));
+    assert_eq!(status.unit.attempts[0].outcome, None);
     assert_eq!(condition(&status, PRESET_FITS).0, "True");
     assert_eq!(action, Action::requeue(Settings::default().scrape_interval));
 }
@@ -199,7 +200,7 @@ async fn oom_killed_build_in_last_state_is_recorded_and_downgraded() {
     let ii = ImageIndex::test().with_status(building(vec![started(1, "full")]));
     // What the policy says after `full` was OOM-killed under 512Mi.
     let full = Preset::from_label("full").unwrap();
-    let next = match policy::after_attempt(
+    let next = match ladder::after_attempt(
         &full,
         AttemptOutcome::OomKilled,
         Some(137),
@@ -240,15 +241,15 @@ async fn oom_killed_build_in_last_state_is_recorded_and_downgraded() {
     assert_eq!(label(&pod, labels::ATTEMPT), "2");
     assert_eq!(label(&pod, labels::PRESET), next.label());
     assert_ne!(next.label(), "full");
-    let first = &status.attempts[0];
+    let first = &status.unit.attempts[0];
     assert_eq!(first.outcome, Some(AttemptOutcome::OomKilled));
     assert_eq!(first.exit_code, Some(137));
     assert!(first.end_time.is_some());
-    assert_eq!(status.attempts[1].number, 2);
-    assert_eq!(status.attempts[1].preset, next.label());
-    assert_eq!(status.attempts[1].outcome, None);
-    assert_eq!(status.preset.as_deref(), Some(next.label().as_str()));
-    assert_eq!(status.phase, Some(Phase::Building));
+    assert_eq!(status.unit.attempts[1].number, 2);
+    assert_eq!(status.unit.attempts[1].preset, next.label());
+    assert_eq!(status.unit.attempts[1].outcome, None);
+    assert_eq!(status.unit.preset.as_deref(), Some(next.label().as_str()));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Building));
     assert_eq!(condition(&status, DEGRADED).1, "DowngradeAfterOOMKill");
     assert_eq!(events[0].0, "Warning");
     assert!(
@@ -321,18 +322,18 @@ async fn critical_pressure_stops_the_build_and_the_next_attempt_starts_poorer() 
     .await;
     assert_eq!(options["preconditions"]["uid"], "uid-cats-build-1");
     assert_eq!(action, Action::requeue(REQUEUE_SHORT));
-    let a = &status.attempts[0];
+    let a = &status.unit.attempts[0];
     assert_eq!(a.outcome, Some(AttemptOutcome::MemoryPressureRestart));
     assert_eq!(a.peak_working_set, Some(limit / 100 * 95));
     let (s, reason, _) = condition(&status, MEMORY_PRESSURE);
     assert_eq!((s, reason), ("True", "CriticalPressure"));
-    let memory = status.memory.as_ref().unwrap();
+    let memory = status.unit.memory.as_ref().unwrap();
     assert_eq!(
         (memory.working_set, memory.limit),
         (limit / 100 * 95, limit)
     );
     assert_eq!(memory.summary, "487Mi/512Mi");
-    let progress = status.progress.as_ref().unwrap();
+    let progress = status.unit.progress.as_ref().unwrap();
     assert_eq!(
         (
             progress.processed,
@@ -366,9 +367,9 @@ async fn critical_pressure_stops_the_build_and_the_next_attempt_starts_poorer() 
     .await;
     assert_eq!(pod.metadata.name.as_deref(), Some("cats-build-2"));
     assert_eq!(label(&pod, labels::PRESET), "medium");
-    assert_eq!(status.attempts.len(), 2);
+    assert_eq!(status.unit.attempts.len(), 2);
     assert_eq!(condition(&status, MEMORY_PRESSURE).1, "NoSamples");
-    assert_eq!(status.memory, None);
+    assert_eq!(status.unit.memory, None);
 }
 
 #[tokio::test]
@@ -432,14 +433,17 @@ async fn successful_build_is_served_and_ready() {
     );
     assert_eq!(service["spec"]["selector"][component], "query");
 
-    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Ready));
     assert_eq!(
         status.endpoint.as_deref(),
         Some("http://cats-query.testns.svc:8080")
     );
-    assert_eq!(status.index_generation, Some(1));
-    assert_eq!(status.attempts[0].outcome, Some(AttemptOutcome::Succeeded));
-    assert_eq!(status.attempts[0].exit_code, Some(0));
+    assert_eq!(status.unit.index_generation, Some(1));
+    assert_eq!(
+        status.unit.attempts[0].outcome,
+        Some(AttemptOutcome::Succeeded)
+    );
+    assert_eq!(status.unit.attempts[0].exit_code, Some(0));
     assert_eq!(condition(&status, READY).0, "True");
     assert_eq!(condition(&status, PROGRESSING).0, "False");
     assert_eq!(condition(&status, DEGRADED).0, "False");
@@ -452,7 +456,7 @@ async fn restarted_operator_adopts_the_pod_it_made_before_the_crash() {
     // writing attempt 2 into status.
     let (ctx, mut api) = Context::test();
     let mut first = started(1, "full");
-    crate::attempts::finish(
+    imageindex_crds::attempts::finish(
         &mut first,
         AttemptOutcome::OomKilled,
         Some(137),
@@ -479,14 +483,14 @@ async fn restarted_operator_adopts_the_pod_it_made_before_the_crash() {
         status
     })
     .await;
-    assert_eq!(status.attempts.len(), 2);
-    assert_eq!(status.attempts[1].pod.as_deref(), Some("cats-build-2"));
+    assert_eq!(status.unit.attempts.len(), 2);
+    assert_eq!(status.unit.attempts[1].pod.as_deref(), Some("cats-build-2"));
     assert_eq!(
-        status.attempts[1].preset, "small",
+        status.unit.attempts[1].preset, "small",
         "the adopted pod's preset label wins"
     );
     assert_eq!(
-        status.attempts[1].start_time,
+        status.unit.attempts[1].start_time,
         Some(at(0)),
         "start is the pod's creation"
     );
@@ -497,7 +501,7 @@ async fn restarted_operator_adopts_the_pod_it_made_before_the_crash() {
 async fn a_second_pod_is_never_started_while_one_still_runs() {
     let (ctx, mut api) = Context::test();
     let mut first = started(1, "full");
-    crate::attempts::finish(
+    imageindex_crds::attempts::finish(
         &mut first,
         AttemptOutcome::MemoryPressureRestart,
         None,
@@ -523,7 +527,7 @@ async fn a_second_pod_is_never_started_while_one_still_runs() {
     })
     .await;
     assert_eq!(action, Action::requeue(REQUEUE_SHORT));
-    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.unit.attempts.len(), 1);
     assert_eq!(condition(&status, PROGRESSING).1, "WaitingForPreviousPod");
 }
 
@@ -533,11 +537,7 @@ async fn nothing_fits_fails_without_a_build_pod() {
     let ii = ImageIndex::test_with_spec(
         "dataset: {claimName: photos, path: /catalogue}\nmemoryLimit: 20Mi\n",
     )
-    .with_status(ImageIndexStatus {
-        phase: Some(Phase::Scanning),
-        observed_generation: Some(1),
-        ..ImageIndexStatus::default()
-    });
+    .with_status(scanning());
     let obj = ii.clone();
     let scan = scan_pod_succeeded(&ii);
     let (_, (status, events)) = run(ctx, &ii, async move {
@@ -549,7 +549,7 @@ async fn nothing_fits_fails_without_a_build_pod() {
         (status, events)
     })
     .await;
-    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Failed));
     let (s, reason, message) = condition(&status, DEGRADED);
     assert_eq!((s, reason), ("True", "NothingFits"));
     assert!(
@@ -557,14 +557,14 @@ async fn nothing_fits_fails_without_a_build_pod() {
         "{message}"
     );
     assert_eq!(condition(&status, PRESET_FITS).0, "False");
-    assert!(status.attempts.is_empty());
+    assert!(status.unit.attempts.is_empty());
     assert_eq!(events[1].0, "Warning");
 }
 
 #[tokio::test]
 async fn rebuild_clears_the_old_pods_and_scans_again_while_ready() {
     let mut done = started(1, "small");
-    crate::attempts::finish(
+    imageindex_crds::attempts::finish(
         &mut done,
         AttemptOutcome::Succeeded,
         Some(0),
@@ -572,8 +572,8 @@ async fn rebuild_clears_the_old_pods_and_scans_again_while_ready() {
         at(30),
     );
     let mut ready = building(vec![done]);
-    ready.phase = Some(Phase::Ready);
-    ready.index_generation = Some(1);
+    ready.unit.phase = Some(IndexPhase::Ready);
+    ready.unit.index_generation = Some(1);
     ready.endpoint = Some("http://cats-query.testns.svc:8080".into());
     ready.conditions.clear();
     conditions::set(
@@ -613,7 +613,7 @@ async fn rebuild_clears_the_old_pods_and_scans_again_while_ready() {
     })
     .await;
     assert_eq!(action, Action::requeue(REQUEUE_SHORT));
-    assert_eq!(status.phase, Some(Phase::Pending));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Pending));
     assert_eq!(status.rebuild.as_deref(), Some("r2"));
     assert_eq!(
         condition(&status, READY).0,
@@ -641,7 +641,7 @@ async fn rebuild_clears_the_old_pods_and_scans_again_while_ready() {
     .await;
     assert_eq!(pod.metadata.name.as_deref(), Some("cats-scan-2"));
     assert_eq!(label(&pod, labels::REBUILD), "r2");
-    assert_eq!(status.phase, Some(Phase::Scanning));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Scanning));
     assert_eq!(
         status.endpoint.as_deref(),
         Some("http://cats-query.testns.svc:8080")

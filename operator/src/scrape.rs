@@ -1,4 +1,5 @@
-//! Reads a build pod's Prometheus `/metrics` into [`BuildMetrics`].
+//! Reads a build's Prometheus `/metrics` into [`ScrapedMetrics`] (the build pod's in a cluster,
+//! the build process's in local mode).
 //!
 //! The metric names are the contract of DESIGN.md ("Metrics the indexer exposes"). The parser
 //! handles the text exposition format as the indexer and the `prometheus` crate write it:
@@ -6,6 +7,8 @@
 //! and `NaN`/`+Inf`. A small hand-written parser keeps the operator free of the regex and
 //! date-time crates a general-purpose parser would bring for these eleven series.
 
+use imageindex_crds::metrics as names;
+use imageindex_crds::observation::ScrapedMetrics;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use thiserror::Error;
@@ -15,7 +18,7 @@ use thiserror::Error;
 pub struct Sample {
     /// Metric name, e.g. `imageindex_memory_rss_bytes`.
     pub name: String,
-    /// Labels in the order written.
+    /// Labels by name (sorted: the order they were written in is not kept).
     pub labels: BTreeMap<String, String>,
     /// The value.
     pub value: f64,
@@ -170,85 +173,44 @@ fn parse_value(text: &str) -> Option<f64> {
     }
 }
 
-/// What the operator reads from a build's metrics (absent when the build does not export it).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BuildMetrics {
-    /// `imageindex_memory_rss_bytes`.
-    pub rss: Option<u64>,
-    /// `imageindex_memory_peak_rss_bytes`.
-    pub peak_rss: Option<u64>,
-    /// `imageindex_memory_working_set_bytes`.
-    pub working_set: Option<u64>,
-    /// `imageindex_memory_available_bytes`.
-    pub available: Option<u64>,
-    /// `imageindex_memory_limit_bytes`.
-    pub limit: Option<u64>,
-    /// `imageindex_images_total`.
-    pub images_total: Option<u64>,
-    /// `imageindex_images_processed_total`.
-    pub images_processed: Option<u64>,
-    /// `imageindex_images_failed_total`.
-    pub images_failed: Option<u64>,
-    /// `imageindex_descriptors_total`.
-    pub descriptors: Option<u64>,
-    /// The `phase` label of the `imageindex_build_phase` series whose value is 1.
-    pub phase: Option<String>,
-    /// The `preset` label of `imageindex_build_info`.
-    pub preset: Option<String>,
-}
-
 fn as_count(v: f64) -> Option<u64> {
     (v.is_finite() && v >= 0.0).then(|| v.round() as u64)
 }
 
-impl BuildMetrics {
-    /// Picks the contract's series out of parsed samples.
-    pub fn from_samples(samples: &[Sample]) -> Self {
-        let mut m = BuildMetrics::default();
-        for s in samples {
-            let slot = match s.name.as_str() {
-                "imageindex_memory_rss_bytes" => &mut m.rss,
-                "imageindex_memory_peak_rss_bytes" => &mut m.peak_rss,
-                "imageindex_memory_working_set_bytes" => &mut m.working_set,
-                "imageindex_memory_available_bytes" => &mut m.available,
-                "imageindex_memory_limit_bytes" => &mut m.limit,
-                "imageindex_images_total" => &mut m.images_total,
-                "imageindex_images_processed_total" => &mut m.images_processed,
-                "imageindex_images_failed_total" => &mut m.images_failed,
-                "imageindex_descriptors_total" => &mut m.descriptors,
-                "imageindex_build_phase" => {
-                    if s.value >= 0.5 {
-                        m.phase = s.labels.get("phase").cloned();
-                    }
-                    continue;
+/// Picks the contract's series out of parsed samples.
+pub fn metrics_of(samples: &[Sample]) -> ScrapedMetrics {
+    let mut m = ScrapedMetrics::default();
+    for s in samples {
+        let slot = match s.name.as_str() {
+            names::MEMORY_RSS_BYTES => &mut m.rss,
+            names::MEMORY_PEAK_RSS_BYTES => &mut m.peak_rss,
+            names::MEMORY_WORKING_SET_BYTES => &mut m.working_set,
+            names::MEMORY_AVAILABLE_BYTES => &mut m.available,
+            names::MEMORY_LIMIT_BYTES => &mut m.limit,
+            names::IMAGES_TOTAL => &mut m.images_total,
+            names::IMAGES_PROCESSED_TOTAL => &mut m.images_processed,
+            names::IMAGES_FAILED_TOTAL => &mut m.images_failed,
+            names::DESCRIPTORS_TOTAL => &mut m.descriptors,
+            names::BUILD_PHASE => {
+                if s.value >= 0.5 {
+                    m.phase = s.labels.get(names::PHASE_LABEL).cloned();
                 }
-                "imageindex_build_info" => {
-                    m.preset = s.labels.get("preset").cloned();
-                    continue;
-                }
-                _ => continue,
-            };
-            *slot = as_count(s.value);
-        }
-        m
+                continue;
+            }
+            names::BUILD_INFO => {
+                m.preset = s.labels.get(names::PRESET_LABEL).cloned();
+                continue;
+            }
+            _ => continue,
+        };
+        *slot = as_count(s.value);
     }
+    m
+}
 
-    /// Parses a `/metrics` body.
-    pub fn parse(text: &str) -> Result<Self, ParseError> {
-        Ok(Self::from_samples(&parse(text)?))
-    }
-
-    /// The working set, or the RSS when the build runs outside a cgroup.
-    pub fn working_set_or_rss(&self) -> Option<u64> {
-        self.working_set.or(self.rss)
-    }
-
-    /// The working set (0 when unknown) and the limit the build reports, else `fallback_limit`
-    /// (the spec's): what pressure is classified over.
-    pub fn working_set_and_limit(&self, fallback_limit: u64) -> (u64, u64) {
-        let limit = self.limit.filter(|l| *l > 0).unwrap_or(fallback_limit);
-        (self.working_set_or_rss().unwrap_or(0), limit)
-    }
+/// Parses a `/metrics` body.
+pub fn parse_metrics(text: &str) -> Result<ScrapedMetrics, ParseError> {
+    Ok(metrics_of(&parse(text)?))
 }
 
 /// The URL of a build pod's metrics: `http://<podIP>:<port>/metrics` (IPv6 in brackets).
@@ -273,7 +235,7 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
 }
 
 /// Scrapes one build's `/metrics`.
-pub async fn scrape(http: &reqwest::Client, url: &str) -> Result<BuildMetrics, ScrapeError> {
+pub async fn scrape(http: &reqwest::Client, url: &str) -> Result<ScrapedMetrics, ScrapeError> {
     let http_err = |source| ScrapeError::Http {
         url: url.to_string(),
         source,
@@ -287,7 +249,7 @@ pub async fn scrape(http: &reqwest::Client, url: &str) -> Result<BuildMetrics, S
         .text()
         .await
         .map_err(http_err)?;
-    BuildMetrics::parse(&body).map_err(|source| ScrapeError::Parse {
+    parse_metrics(&body).map_err(|source| ScrapeError::Parse {
         url: url.to_string(),
         source,
     })
@@ -323,7 +285,7 @@ process_open_fds 12
 
     #[test]
     fn reads_every_contract_series() {
-        let m = BuildMetrics::parse(EXTRACTING).unwrap();
+        let m = parse_metrics(EXTRACTING).unwrap();
         assert_eq!(m.rss, Some(471_859_200));
         assert_eq!(m.peak_rss, Some(503_316_480));
         assert_eq!(m.working_set, Some(484_442_112));
@@ -339,12 +301,12 @@ process_open_fds 12
 
     #[test]
     fn missing_series_stay_absent_and_rss_stands_in_for_working_set() {
-        let m = BuildMetrics::parse("imageindex_memory_rss_bytes 100\n").unwrap();
+        let m = parse_metrics("imageindex_memory_rss_bytes 100\n").unwrap();
         assert_eq!(m.working_set, None);
         assert_eq!(m.working_set_or_rss(), Some(100));
         assert_eq!(m.working_set_and_limit(512), (100, 512));
         assert_eq!(m.phase, None);
-        assert_eq!(BuildMetrics::parse("").unwrap(), BuildMetrics::default());
+        assert_eq!(parse_metrics("").unwrap(), ScrapedMetrics::default());
     }
 
     #[test]
@@ -368,8 +330,7 @@ process_open_fds 12
         assert_eq!(s[3].value, 1000.0);
         // Non-finite or negative values are not counts.
         let m =
-            BuildMetrics::parse("imageindex_memory_rss_bytes NaN\nimageindex_images_total -1\n")
-                .unwrap();
+            parse_metrics("imageindex_memory_rss_bytes NaN\nimageindex_images_total -1\n").unwrap();
         assert_eq!((m.rss, m.images_total), (None, None));
     }
 

@@ -39,27 +39,14 @@ impl Default for Settings {
     }
 }
 
-/// Parses a duration such as `5s`, `500ms`, `2m` or `1h` (a bare number is seconds).
+/// Parses a positive duration such as `5s`, `500ms`, `2m` or `1h` (a bare number is seconds;
+/// the workspace's one duration syntax, [`imageindex_crds::duration`]).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 5s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
-    };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("{text:?} must be positive"));
+    match imageindex_crds::duration::parse(text) {
+        Ok(d) if d.is_zero() => Err(format!("{text:?} must be positive")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]

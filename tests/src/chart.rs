@@ -14,6 +14,15 @@ pub fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/imageindex/tools"))
 }
 
+/// `PATH` with the tools of scripts/setup.sh (helm, kubectl) first.
+pub fn tools_path() -> String {
+    format!(
+        "{}:{}",
+        tools_dir().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 fn existing(path: PathBuf, what: &str) -> PathBuf {
     assert!(
         path.is_file(),

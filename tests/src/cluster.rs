@@ -1,61 +1,41 @@
-//! A whole test cluster on this machine: the control plane of tests/controlplane (etcd,
-//! kube-apiserver, kube-controller-manager v1.20.2), alone or with a real node (tests/node:
-//! containerd, kubelet, kube-proxy, kube-scheduler; [`crate::real_node`]) and a local-path
-//! provisioner; kubectl and helm pointed at it, and the helpers the cluster tests share:
-//! waiting with a deadline, resolving a Service to a pod address, queries, and a diagnostic
-//! dump for failure messages.
+//! A whole test cluster on this machine: the control plane of tests/controlplane
+//! ([`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager v1.20.2), alone or with a
+//! real node (tests/node: containerd, kubelet, kube-proxy, kube-scheduler;
+//! [`crate::real_node`]) and a local-path provisioner; kubectl and helm pointed at it, and the
+//! helpers the cluster tests share: waiting with a deadline, resolving a Service to a pod
+//! address, queries, and a diagnostic dump for failure messages.
 
-use crate::chart::{helm_bin, kubectl_bin, tools_dir};
+use crate::chart::kubectl_bin;
+use crate::controlplane::{stderr_without_skew, ControlPlane, Options};
 use crate::provisioner::LocalPathProvisioner;
 use crate::real_node::RealNode;
 use crate::repo;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `PATH` with the tools of scripts/setup.sh (helm, kubectl) first.
-pub fn tools_path() -> String {
-    format!(
-        "{}:{}",
-        tools_dir().join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
-/// A control plane from tests/controlplane/up.sh (stopped with down.sh when dropped), or a
-/// control plane with a real node from tests/node/up.sh (stopped with tests/node/down.sh) and
-/// its volume provisioner.
+/// A control plane ([`ControlPlane`], stopped when dropped), or a control plane with a real
+/// node from tests/node/up.sh (stopped with tests/node/down.sh first) and its volume
+/// provisioner.
 pub struct TestCluster {
-    dir: tempfile::TempDir,
-    env: BTreeMap<String, String>,
-    node: Option<RealNode>,
     provisioner: Option<LocalPathProvisioner>,
-    /// The node's teardown left something behind: keep the directory (its state tells
-    /// tests/node/up.sh's next run what to clean up).
-    keep_dir: bool,
+    node: Option<RealNode>,
+    /// Dropped last: the node and the provisioner stop before it.
+    cp: ControlPlane,
 }
 
-/// The 1.20 PV controller races with itself when a claim names a pre-bound volume (the
-/// volume's status update conflicts) and retries only at its resync: 15 s by default, 2 s
-/// here.
-fn controller_manager_args() -> String {
-    format!(
-        "{} --pvclaimbinder-sync-period=2s",
-        std::env::var("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS").unwrap_or_default()
-    )
-    .trim()
-    .to_string()
-}
-
-fn scratch_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("imageindex-cluster-")
-        .tempdir()
-        .expect("a temporary directory")
+/// The control plane's options: the 1.20 PV controller races with itself when a claim names
+/// a pre-bound volume (the volume's status update conflicts) and retries only at its resync:
+/// 15 s by default, 2 s here.
+fn options() -> Options {
+    Options {
+        prefix: "imageindex-cluster-",
+        controller_manager_args: vec!["--pvclaimbinder-sync-period=2s".into()],
+        ..Options::default()
+    }
 }
 
 impl TestCluster {
@@ -63,34 +43,16 @@ impl TestCluster {
     /// in `images` (scripts/images.sh), and a local-path provisioner for its claims. Panics
     /// with up.sh's output if it cannot.
     pub fn start_with_node(images: &Path) -> TestCluster {
-        let dir = scratch_dir();
-        let state = dir.path().join("state");
-        let node = RealNode::start(
-            &state,
-            Some(images),
-            &[(
-                "KUBE_CONTROLLER_MANAGER_EXTRA_ARGS",
-                controller_manager_args(),
-            )],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let env = std::fs::read_to_string(state.join("env"))
-            .expect("up.sh writes STATE_DIR/env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches(['\'', '"']).to_string()))
-            .collect();
-        let provisioner = LocalPathProvisioner::start(
-            &state.join("admin.kubeconfig"),
-            &dir.path().join("volumes"),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (cp, node) = ControlPlane::start_with(&options(), |state, env| {
+            RealNode::start(state, Some(images), env)
+        });
+        let provisioner =
+            LocalPathProvisioner::start(&cp.admin_kubeconfig(), &cp.dir().join("volumes"))
+                .unwrap_or_else(|e| panic!("{e}"));
         TestCluster {
-            dir,
-            env,
-            node: Some(node),
             provisioner: Some(provisioner),
-            keep_dir: false,
+            node: Some(node),
+            cp,
         }
     }
 
@@ -104,107 +66,67 @@ impl TestCluster {
     /// Stops everything now; the error lists what the node's teardown found left behind
     /// (processes, mounts, cgroups, the bridge, iptables chains).
     pub fn stop(mut self) -> Result<(), String> {
+        self.stop_node()
+    }
+
+    /// Stops the provisioner and the node, if any; keeps the scratch directory if the node's
+    /// teardown left something behind (its state tells tests/node/up.sh's next run what to
+    /// clean up).
+    fn stop_node(&mut self) -> Result<(), String> {
         self.provisioner.take();
-        let result = match self.node.as_mut() {
-            Some(node) => node.stop(),
+        let result = match self.node.take() {
+            Some(mut node) => node.stop(),
             None => Ok(()),
         };
-        self.keep_dir = result.is_err();
+        if result.is_err() {
+            self.cp.keep_dir();
+        }
         result
     }
 
     /// Starts the control plane (panics with up.sh's output if it cannot).
     pub fn start() -> TestCluster {
-        let dir = scratch_dir();
-        let state = dir.path().join("state");
-        let extra = controller_manager_args();
-        let out = Command::new("bash")
-            .arg(repo().join("tests/controlplane/up.sh"))
-            .arg(&state)
-            .env("KUBE_CONTROLLER_MANAGER_EXTRA_ARGS", extra)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run tests/controlplane/up.sh");
-        assert!(
-            out.status.success(),
-            "tests/controlplane/up.sh failed (build the control plane with \
-             tests/controlplane/build.sh, or set IMAGEINDEX_SKIP_APISERVER=1 to skip):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = std::fs::read_to_string(state.join("env"))
-            .expect("up.sh writes STATE_DIR/env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches(['\'', '"']).to_string()))
-            .collect();
         TestCluster {
-            dir,
-            env,
-            node: None,
             provisioner: None,
-            keep_dir: false,
+            node: None,
+            cp: ControlPlane::start(&options()),
         }
     }
 
     /// A value of STATE_DIR/env (`APISERVER_URL`, `APISERVER_PORT`, `CA_CERT`, ...).
     pub fn env(&self, key: &str) -> &str {
-        self.env
-            .get(key)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("{key} is not in up.sh's env"))
+        self.cp.env(key)
     }
 
     /// The cluster's scratch directory (control-plane and node state, volumes, helm's home).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.cp.dir()
     }
 
     /// The admin's kubeconfig (group system:masters).
     pub fn admin_kubeconfig(&self) -> PathBuf {
-        self.dir.path().join("state/admin.kubeconfig")
+        self.cp.admin_kubeconfig()
     }
 
-    /// A command with this cluster's KUBECONFIG and a private helm home.
+    /// A command with this cluster's KUBECONFIG, a private helm home, and the tools' kubectl
+    /// and helm first on PATH.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new(program);
-        let path = tools_path();
-        cmd.env("KUBECONFIG", self.admin_kubeconfig())
-            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
-            .env("PATH", path)
-            .stdin(Stdio::null());
-        cmd
+        self.cp.command(program)
     }
 
     /// `kubectl ARGS`, whatever its outcome.
     pub fn kubectl_output(&self, args: &[&str]) -> Output {
-        self.command(kubectl_bin())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+        self.cp.kubectl_output(args)
     }
 
     /// `kubectl ARGS`, its stdout; panics with its stderr if it fails.
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = self.kubectl_output(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr_without_skew(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cp.kubectl(args)
     }
 
     /// `kubectl ARGS -o json`, parsed.
     pub fn kubectl_json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["-o", "json"]);
-        let text = self.kubectl(&args);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: not JSON ({e}): {text}"))
+        self.cp.kubectl_json(args)
     }
 
     /// `kubectl ARGS -o json` if it succeeds (e.g. `None` when the object does not exist).
@@ -245,12 +167,7 @@ impl TestCluster {
 
     /// `helm ARGS`, its stdout; panics if it fails.
     pub fn helm(&self, args: &[&str]) -> String {
-        let out = self
-            .command(helm_bin())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("helm {args:?}: {e}"));
-        crate::stdout_of_success(&out, &format!("helm {args:?}"))
+        self.cp.helm(args)
     }
 
     /// Runs a shell command line as written (from the repository root, helm and kubectl of
@@ -388,41 +305,14 @@ impl TestCluster {
 }
 
 impl Drop for TestCluster {
-    /// Stops the node (if any) and the control plane; removes the
-    /// scratch directory unless IMAGEINDEX_KEEP_CLUSTER=1 (then its path is printed).
+    /// Stops the provisioner and the node (if any; its errors are printed); then the control
+    /// plane stops as it drops (its scratch directory is kept with IMAGEINDEX_KEEP_CLUSTER=1
+    /// or when the node's teardown left something behind).
     fn drop(&mut self) {
-        self.provisioner.take();
-        if let Some(mut node) = self.node.take() {
-            if let Err(e) = node.stop() {
-                eprintln!("{e}");
-                self.keep_dir = true;
-            }
-        } else {
-            let _ = Command::new("bash")
-                .arg(repo().join("tests/controlplane/down.sh"))
-                .arg(self.dir.path().join("state"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        if self.keep_dir || std::env::var("IMAGEINDEX_KEEP_CLUSTER").as_deref() == Ok("1") {
-            let kept =
-                std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("tempdir")).keep();
-            eprintln!(
-                "kept {} (IMAGEINDEX_KEEP_CLUSTER=1 or a teardown that left something behind)",
-                kept.display()
-            );
+        if let Err(e) = self.stop_node() {
+            eprintln!("{e}");
         }
     }
-}
-
-fn stderr_without_skew(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.contains("version difference") && !l.contains("skew"))
-        .map(|l| format!("{l}\n"))
-        .collect()
 }
 
 /// One line per pod: namespace/name, node, phase, IP, and its container's state.

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 pub mod chart;
 pub mod cluster;
+pub mod controlplane;
 pub mod prometheus;
 pub mod provisioner;
 pub mod real_node;
@@ -93,7 +94,10 @@ pub fn cgroups_writable() -> bool {
     } else {
         PathBuf::from("/sys/fs/cgroup")
     };
-    let probe = root.join(format!("imageindex-probe-{}", std::process::id()));
+    // One name per call: tests running in parallel in one process probe at the same time.
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = root.join(format!("imageindex-probe-{}-{n}", std::process::id()));
     let ok = std::fs::create_dir(&probe).is_ok();
     let _ = std::fs::remove_dir(&probe);
     ok

@@ -294,7 +294,7 @@ impl RealNode {
         let mut cmd = Command::new("bash");
         cmd.arg(repo().join("tests/node/up.sh"))
             .arg(state)
-            .env("PATH", crate::cluster::tools_path())
+            .env("PATH", crate::chart::tools_path())
             .stdin(Stdio::null());
         if let Some(dir) = images {
             cmd.env("IMAGEINDEX_IMAGES_DIR", dir);
@@ -439,7 +439,7 @@ impl RealNode {
         let out = Command::new("bash")
             .arg(repo().join("tests/node/down.sh"))
             .arg(&self.state)
-            .env("PATH", crate::cluster::tools_path())
+            .env("PATH", crate::chart::tools_path())
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run tests/node/down.sh: {e}"))?;

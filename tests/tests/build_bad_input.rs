@@ -133,7 +133,7 @@ fn a_full_disk_stops_with_exit_code_4_and_resumes_once_there_is_room() {
             .status()
             .unwrap()
     };
-    assert!(mount("size=1m").success());
+    assert!(mount("size=256k").success());
     let out = mnt.join("idx");
     let o = build(&ds, &out, "small", &[]);
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();

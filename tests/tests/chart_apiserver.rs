@@ -18,7 +18,8 @@
 //! `operator` binary. IMAGEINDEX_SKIP_APISERVER=1 skips it (a missing control plane is
 //! otherwise a failure).
 
-use imageindex_e2e::chart::{chart_dir, helm_bin, kubectl_bin, rule_keys, RuleKey};
+use imageindex_e2e::chart::{chart_dir, kubectl_bin, rule_keys, RuleKey};
+use imageindex_e2e::controlplane::{self, ControlPlane, Options};
 use imageindex_e2e::{bin, free_port, http_get, repo, stdout_of_success};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -29,70 +30,40 @@ const RELEASE: &str = "imageindex-operator";
 const NS: &str = "imageindex-system";
 const SA: &str = "imageindex-operator";
 
-/// A control plane from tests/controlplane/up.sh, stopped by down.sh when dropped; helm's
-/// configuration and cache live in its temporary directory.
+/// The control plane ([`ControlPlane`]) with what this test asks of it: README commands,
+/// `kubectl auth can-i` and rules reviews as a user.
 struct Cluster {
-    dir: tempfile::TempDir,
+    cp: ControlPlane,
 }
 
 impl Cluster {
     fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("imageindex-chart-")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(repo().join("tests/controlplane/up.sh"))
-            .arg(dir.path().join("state"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run tests/controlplane/up.sh");
-        assert!(
-            out.status.success(),
-            "tests/controlplane/up.sh failed (build the control plane with \
-             tests/controlplane/build.sh, or set IMAGEINDEX_SKIP_APISERVER=1 to skip):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cluster { dir }
-    }
-
-    fn admin_kubeconfig(&self) -> PathBuf {
-        self.dir.path().join("state/admin.kubeconfig")
-    }
-
-    fn command(&self, program: PathBuf, args: &[&str]) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("KUBECONFIG", self.admin_kubeconfig())
-            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
-            .stdin(Stdio::null());
-        cmd
+        Cluster {
+            cp: ControlPlane::start(&Options {
+                prefix: "imageindex-chart-",
+                ..Options::default()
+            }),
+        }
     }
 
     fn output(&self, program: PathBuf, args: &[&str]) -> Output {
-        self.command(program, args)
+        self.cp
+            .command(program)
+            .args(args)
             .output()
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
-    fn ok(&self, program: PathBuf, args: &[&str]) -> String {
-        stdout_of_success(&self.output(program, args), &format!("{args:?}"))
-    }
-
     fn kubectl(&self, args: &[&str]) -> String {
-        self.ok(kubectl_bin(), args)
+        self.cp.kubectl(args)
     }
 
     fn kubectl_json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.extend(["-o", "json"]);
-        serde_json::from_str(&self.kubectl(&args)).unwrap()
+        self.cp.kubectl_json(args)
     }
 
     fn helm(&self, args: &[&str]) -> String {
-        self.ok(helm_bin(), args)
+        self.cp.helm(args)
     }
 
     /// Runs the one README command that starts with `prefix`, as written (from the repository
@@ -108,14 +79,13 @@ impl Cluster {
             1,
             "README commands starting with {prefix:?}: {commands:?}"
         );
-        let tools = kubectl_bin().parent().unwrap().to_path_buf();
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let mut cmd = self.command(PathBuf::from("bash"), &["-c", &commands[0]]);
-        let out = cmd.current_dir(repo()).env("PATH", path).output().unwrap();
+        let out = self
+            .cp
+            .command("bash")
+            .args(["-c", &commands[0]])
+            .current_dir(repo())
+            .output()
+            .unwrap();
         stdout_of_success(&out, &format!("README command {}", commands[0]))
     }
 
@@ -150,7 +120,7 @@ impl Cluster {
 
     /// The rules `user` has in `namespace`, as a SelfSubjectRulesReview made as that user.
     fn rules_of(&self, user: &str, namespace: &str) -> Vec<RuleKey> {
-        let review = self.dir.path().join(format!("ssrr-{namespace}.yaml"));
+        let review = self.cp.dir().join(format!("ssrr-{namespace}.yaml"));
         std::fs::write(
             &review,
             format!(
@@ -194,36 +164,6 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-
-    /// A kubeconfig for `token` (same server and CA as the admin's).
-    fn kubeconfig_for(&self, token: &str, user: &str) -> PathBuf {
-        let admin = std::fs::read_to_string(self.admin_kubeconfig()).unwrap();
-        let env = std::fs::read_to_string(self.dir.path().join("state/env")).unwrap();
-        let admin_token = env
-            .lines()
-            .find_map(|l| l.strip_prefix("ADMIN_TOKEN="))
-            .expect("ADMIN_TOKEN in env")
-            .trim_matches(['\'', '"']);
-        let text = admin
-            .replace(admin_token, token)
-            .replace("name: admin", &format!("name: {user}"))
-            .replace("user: admin", &format!("user: {user}"));
-        let path = self.dir.path().join(format!("{user}.kubeconfig"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("tests/controlplane/down.sh"))
-            .arg(self.dir.path().join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
@@ -327,8 +267,9 @@ fn readme_commands_are_run_or_skipped_for_a_reason() {
 
 #[test]
 fn chart_installs_on_a_real_api_server_with_exactly_the_operators_rights() {
-    if std::env::var("IMAGEINDEX_SKIP_APISERVER").as_deref() == Ok("1") {
-        eprintln!("IMAGEINDEX_SKIP_APISERVER=1: skipped");
+    if controlplane::skipped(
+        "chart_installs_on_a_real_api_server_with_exactly_the_operators_rights",
+    ) {
         return;
     }
     let t0 = Instant::now();
@@ -437,7 +378,7 @@ fn chart_installs_on_a_real_api_server_with_exactly_the_operators_rights() {
         .kubectl(&["create", "token", SA, "--namespace", NS, "--duration=1h"])
         .trim()
         .to_string();
-    let kubeconfig = cluster.kubeconfig_for(&token, SA);
+    let kubeconfig = cluster.cp.kubeconfig_for(SA, &token);
     let deployment = cluster.kubectl_json(&["get", "deployment", RELEASE, "--namespace", NS]);
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["command"][0], "operator");
@@ -459,7 +400,7 @@ fn chart_installs_on_a_real_api_server_with_exactly_the_operators_rights() {
     assert!(args
         .iter()
         .any(|a| a == "--indexer-image=registry.example.com/imageindex/indexer:0.1.0"));
-    let log = cluster.dir.path().join("operator.log");
+    let log = cluster.cp.dir().join("operator.log");
     let log_file = std::fs::File::create(&log).unwrap();
     let operator = Running(
         Command::new(bin("operator"))

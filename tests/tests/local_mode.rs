@@ -2,13 +2,14 @@
 //! (a) the bundled sample under a generous limit ends Ready and its served endpoint finds an
 //! attacked copy; (b) an explicit `full` under a limit it cannot fit is really OOM-killed by
 //! the kernel, the policy downgrades and the next attempt resumes from the checkpoint;
-//! (c) a limit below the floor fails without a build, naming the limit and what would fit;
+//! (c) a limit below the floor fails without a build, naming the limit and what would fit, and
+//! stays Failed when run again unchanged;
 //! (d) SIGTERM mid-build stops the build at its checkpoint and a rerun resumes it.
 //!
 //! Build the binaries first: `cargo build -p indexer -p operator`. Needs root (cgroups); the
 //! tests say "skipped" and pass without it.
 
-use imageindex_crds::policy::smallest_fitting_limit;
+use imageindex_crds::first_preset::smallest_fitting_limit;
 use imageindex_crds::quantity::format_mebibytes_ceil;
 use imageindex_crds::ScanReport;
 use imageindex_e2e::*;
@@ -312,7 +313,8 @@ fn an_oom_kill_downgrades_and_the_next_attempt_resumes() {
     );
 }
 
-/// (c) Below the floor: Failed before any build, naming the limit and the smallest that fits.
+/// (c) Below the floor: Failed before any build, naming the limit and the smallest that fits;
+/// run again unchanged, it stays Failed.
 #[test]
 fn a_limit_below_the_floor_fails_without_a_build() {
     if skip_without_cgroups("a_limit_below_the_floor_fails_without_a_build") {
@@ -353,6 +355,17 @@ fn a_limit_below_the_floor_fails_without_a_build() {
     );
     let logs = std::fs::read_dir(state.join("attempts")).unwrap().count();
     assert_eq!(logs, 0, "no build was started");
+    // The same manifest again: nothing it depends on changed, so it stays Failed as it was.
+    let again = local(&m, &state, &status, &[]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    let s2 = read_status(&status).unwrap();
+    assert_eq!(s2["phase"], "Failed");
+    assert_eq!(s2["conditions"], s["conditions"], "the status is as it was");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("neither the spec"),
+        "{}",
+        text(&again)
+    );
     eprintln!("(c) 32Mi: {message}");
 }
 

@@ -1,7 +1,7 @@
 //! Runs a build as a child process (optionally inside its own memory cgroup) and collects
 //! its summary and memory peaks, so benchmarks measure the build alone.
 
-use crate::cgroup::LimitedGroup;
+use imageindex_cgroup::{Hierarchy, Limits, DEFAULT_ROOT, PARENT};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,11 +48,12 @@ pub fn run_build(
     let exe: PathBuf = std::env::current_exe()?;
     let group = match limit {
         Some(l) => Some(
-            LimitedGroup::create(
-                &format!("bench-{}-{}", std::process::id(), rand_suffix()),
-                l,
-            )
-            .map_err(std::io::Error::other)?,
+            Hierarchy::require(Path::new(DEFAULT_ROOT))
+                .and_then(|h| {
+                    let name = format!("bench-{}-{}", std::process::id(), rand_suffix());
+                    h.create(&Path::new(PARENT).join(name), Limits::memory(l))
+                })
+                .map_err(std::io::Error::other)?,
         ),
         None => None,
     };
@@ -63,7 +64,7 @@ pub fn run_build(
         use std::os::unix::process::CommandExt;
         if let Some(g) = &group {
             use std::os::unix::ffi::OsStrExt;
-            let procs = std::ffi::CString::new(g.dir.join("cgroup.procs").as_os_str().as_bytes())
+            let procs = std::ffi::CString::new(g.dir().join("cgroup.procs").as_os_str().as_bytes())
                 .map_err(std::io::Error::other)?;
             // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
             unsafe {
@@ -102,8 +103,8 @@ pub fn run_build(
     };
     if let Some(g) = group {
         r.cgroup_peak = g.peak();
-        r.oom_kills = g.oom_kills();
-        let _ = g.remove();
+        r.oom_kills = g.oom_kills().unwrap_or(0);
+        let _ = g.remove(std::time::Duration::from_secs(1));
     }
     Ok(r)
 }

@@ -3,12 +3,13 @@
 //! and measure recall@1/@5 and per-query latency for each lookup engine — and the old
 //! system's setup on the same files in the same run.
 
+use super::attacks;
 use super::baseline::{self, BaselineReport};
 use super::child::{self, ChildBuild};
 use super::stats::{mean, mib, percentile};
-use crate::attacks;
 use crate::features::{Detector, ExtractParams};
-use crate::search::{self, Engine, Index, SearchParams};
+use crate::lists::Probe;
+use crate::search::{self, Index, SearchParams};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -27,17 +28,19 @@ pub struct ImagesBench {
     pub presets: Vec<String>,
     /// Memory limit for the builds (a real cgroup limit).
     pub memory_limit: Option<u64>,
-    /// Lookup engines to measure.
-    pub engines: Vec<Engine>,
     /// Run the Python + Annoy baseline with these feature counts (empty = skip).
     pub baseline_features: Vec<u32>,
     /// Python interpreter for the baseline.
     pub python: String,
     /// Inverted lists probed per descriptor (`None`: the index's preset decides).
     pub nprobe: Option<usize>,
+    /// Cells considered per descriptor (`None`: the default).
+    pub cells: Option<usize>,
     /// Synthetic descriptors added to the catalogue's (queries then run inside an index of
     /// that size).
     pub pad: u64,
+    /// Where the padding comes from.
+    pub pad_kind: super::synthetic_index::PadKind,
     /// Reuse an index a previous run built with the same preset and padding.
     pub reuse: bool,
 }
@@ -120,20 +123,25 @@ pub fn prepare_queries(b: &ImagesBench) -> std::io::Result<PathBuf> {
 pub fn measure(
     index: &Index,
     queries: &[PathBuf],
-    engine: Engine,
     nprobe: Option<usize>,
+    cells: Option<usize>,
 ) -> crate::error::Result<EngineRow> {
     let defaults = SearchParams::for_index(&index.meta);
     let params = SearchParams {
         k: 5,
         verify: true,
-        engine,
-        nprobe: nprobe.unwrap_or(defaults.nprobe),
+        probe: Probe {
+            cells: cells.unwrap_or(defaults.probe.cells),
+            lists: nprobe.unwrap_or(defaults.probe.lists),
+        },
         ..defaults
     };
     let mut detector = Detector::for_queries(ExtractParams::for_query(&index.meta.preset))?;
     let mut row = EngineRow {
-        system: format!("{} {:?}", index.meta.preset, engine).to_lowercase(),
+        system: format!(
+            "{} c{} l{}",
+            index.meta.preset, params.probe.cells, params.probe.lists
+        ),
         ..Default::default()
     };
     let (mut hit1, mut hit5, mut n) = (0usize, 0usize, 0usize);
@@ -194,7 +202,11 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     let queries = query_files(&queries_dir)?;
     let mut rows = Vec::new();
     for preset in &b.presets {
-        let out = b.work.join(format!("idx-{preset}-pad{}", b.pad));
+        let kind = match b.pad_kind {
+            super::synthetic_index::PadKind::Real => "real",
+            super::synthetic_index::PadKind::Synthetic => "synthetic",
+        };
+        let out = b.work.join(format!("idx-{preset}-pad{}{kind}", b.pad));
         let built: ChildBuild = if b.reuse && Index::open(&out).is_ok() {
             ChildBuild::default()
         } else {
@@ -206,8 +218,10 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
                 out.display().to_string(),
                 "--preset".into(),
                 preset.clone(),
-                "--pad-synthetic".into(),
+                "--pad".into(),
                 b.pad.to_string(),
+                "--pad-kind".into(),
+                kind.into(),
             ];
             child::run_build(&args, b.memory_limit, &out)?
         };
@@ -219,12 +233,10 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
             );
         }
         let index = Index::open(&out)?;
-        for engine in &b.engines {
-            let mut row = measure(&index, &queries, *engine, b.nprobe)?;
-            row.build_s = built.seconds;
-            row.build_peak = (built.peak_working_set, built.peak_rss_anon);
-            rows.push(row);
-        }
+        let mut row = measure(&index, &queries, b.nprobe, b.cells)?;
+        row.build_s = built.seconds;
+        row.build_peak = (built.peak_working_set, built.peak_rss_anon);
+        rows.push(row);
     }
     for nf in &b.baseline_features {
         let r: BaselineReport = baseline::run(&b.python, &b.catalogue, &queries_dir, *nf, 15, 50)?;
@@ -233,62 +245,70 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     Ok(rows)
 }
 
-/// Prints the rows as a table.
-pub fn print(rows: &[EngineRow]) {
-    println!(
-        "{:<28} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}  {:>28} {:>8} {:>10} {:>16} {:>9}",
-        "system",
-        "queries",
-        "recall@1",
-        "recall@5",
-        "FP",
-        "p50 ms",
-        "p95 ms",
-        "decode/extract/lookup/verify",
-        "build s",
-        "descr.",
-        "build WS/anon MiB",
-        "disk MiB"
-    );
-    for r in rows {
-        println!(
-            "{:<28} {:>7} {:>8.3} {:>8.3} {:>6} {:>8.1} {:>8.1}  {:>28} {:>8.1} {:>10} {:>16} {:>9}",
-            r.system,
-            r.queries,
-            r.recall1,
-            r.recall5,
-            format!("{}/{}", r.false_positives, r.distractors),
-            r.p50_ms,
-            r.p95_ms,
-            format!("{:.1}/{:.1}/{:.1}/{:.1}", r.split_ms[0], r.split_ms[1], r.split_ms[2], r.split_ms[3]),
-            r.build_s,
-            r.descriptors,
-            format!("{}/{}", mib(r.build_peak.0), mib(r.build_peak.1)),
-            mib(r.disk_bytes)
-        );
-    }
-    let attacks: Vec<&String> = rows
-        .iter()
-        .flat_map(|r| r.per_attack.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    println!();
-    print!("{:<28}", "recall@1 per attack");
-    for a in &attacks {
-        print!(" {:>9}", &a[..a.len().min(9)]);
-    }
-    println!();
-    for r in rows {
-        print!("{:<28}", r.system);
-        for a in &attacks {
-            print!(
-                " {:>9}",
-                r.per_attack
-                    .get(*a)
-                    .map_or("-".into(), |v| format!("{v:.2}"))
-            );
+/// The rows as a table: recall, latency, build and disk per system, then recall@1 per attack.
+pub struct ImagesTable<'a>(pub &'a [EngineRow]);
+
+impl std::fmt::Display for ImagesTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = self.0;
+        writeln!(
+            f,
+            "{:<28} {:>7} {:>8} {:>8} {:>6} {:>8} {:>8}  {:>28} {:>8} {:>10} {:>16} {:>9}",
+            "system",
+            "queries",
+            "recall@1",
+            "recall@5",
+            "FP",
+            "p50 ms",
+            "p95 ms",
+            "decode/extract/lookup/verify",
+            "build s",
+            "descr.",
+            "build WS/anon MiB",
+            "disk MiB"
+        )?;
+        for r in rows {
+            writeln!(
+                f,
+                "{:<28} {:>7} {:>8.3} {:>8.3} {:>6} {:>8.1} {:>8.1}  {:>28} {:>8.1} {:>10} {:>16} {:>9}",
+                r.system,
+                r.queries,
+                r.recall1,
+                r.recall5,
+                format!("{}/{}", r.false_positives, r.distractors),
+                r.p50_ms,
+                r.p95_ms,
+                format!("{:.1}/{:.1}/{:.1}/{:.1}", r.split_ms[0], r.split_ms[1], r.split_ms[2], r.split_ms[3]),
+                r.build_s,
+                r.descriptors,
+                format!("{}/{}", mib(r.build_peak.0), mib(r.build_peak.1)),
+                mib(r.disk_bytes)
+            )?;
         }
-        println!();
+        let attacks: Vec<&String> = rows
+            .iter()
+            .flat_map(|r| r.per_attack.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        writeln!(f)?;
+        write!(f, "{:<28}", "recall@1 per attack")?;
+        for a in &attacks {
+            write!(f, " {:>9}", &a[..a.len().min(9)])?;
+        }
+        for r in rows {
+            writeln!(f)?;
+            write!(f, "{:<28}", r.system)?;
+            for a in &attacks {
+                write!(
+                    f,
+                    " {:>9}",
+                    r.per_attack
+                        .get(*a)
+                        .map_or("-".into(), |v| format!("{v:.2}"))
+                )?;
+            }
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,8 @@
 use super::child;
 use super::stats::{mean, mib, percentile};
 use crate::features::{Descriptor, Features};
-use crate::search::{Engine, Index, SearchParams};
+use crate::lists::{Hit, Probe};
+use crate::search::{Index, SearchParams};
 use rand::{RngExt, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -168,14 +169,9 @@ fn measure(
     }
     // Steady state, not a cold page cache: touch every list and shard once first.
     warm_up(&index)?;
-    let (ivf_rate, ivf_recall) = single_lookups(&index, &singles, Engine::Ivf, nprobe)?;
+    let (ivf_rate, ivf_recall) = single_lookups(&index, &singles, nprobe)?;
     row.ivf_lookups_per_s = ivf_rate;
     row.ivf_recall = ivf_recall;
-    let arroy_n = (queries / 4).max(50).min(singles.len());
-    let (arroy_rate, arroy_recall) =
-        single_lookups(&index, &singles[..arroy_n], Engine::Arroy, nprobe)?;
-    row.arroy_lookups_per_s = arroy_rate;
-    row.arroy_recall = arroy_recall;
     // Query images: 60% of an image's descriptors perturbed + 40% unrelated ones.
     let mut lat = Vec::new();
     let mut hits = 0;
@@ -197,6 +193,7 @@ fn measure(
             adaptation: Default::default(),
             keypoints: vec![[0, 0]; descriptors.len()],
             descriptors,
+            global: None,
             format: crate::imageguard::Format::Jpeg,
         };
         let t = Instant::now();
@@ -205,7 +202,7 @@ fn measure(
             &SearchParams {
                 k: 5,
                 verify: false,
-                nprobe,
+                probe: probe(nprobe),
                 ..Default::default()
             },
         )?;
@@ -228,24 +225,42 @@ fn warm_up(index: &Index) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The closest stored descriptor to one query descriptor.
+fn nearest(
+    index: &Index,
+    d: &Descriptor,
+    params: &SearchParams,
+) -> crate::error::Result<Option<Hit>> {
+    let best = index.lookup(std::slice::from_ref(d), params)?;
+    Ok(best.first().map(|b| b[0]).filter(|h| h.dist != u32::MAX))
+}
+
+fn probe(lists: usize) -> Probe {
+    Probe {
+        cells: crate::search::DEFAULT_CELLS.min(lists.max(1)),
+        lists: lists.max(1),
+    }
+}
+
 fn single_lookups(
     index: &Index,
     singles: &[(u32, Descriptor)],
-    engine: Engine,
     nprobe: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let params = SearchParams {
         k: 1,
         verify: false,
-        engine,
-        nprobe,
+        probe: probe(nprobe),
         ..Default::default()
     };
     let t = Instant::now();
     let mut hits = 0;
     for (id, d) in singles {
-        let best = index.nearest(d, &params)?;
-        hits += usize::from(best == Some(*id));
+        let best = nearest(index, d, &params)?;
+        // Synthetic image i's descriptor j is stored at keypoint (j % 640, j / 640) × 4.
+        let (image, j) = (id / PER_IMAGE, id % PER_IMAGE);
+        let kp = [(j % 640) as u16 * 4, (j / 640) as u16 * 4];
+        hits += usize::from(best.is_some_and(|h| h.image == image && h.kp == kp));
     }
     let secs = t.elapsed().as_secs_f64();
     Ok((
@@ -254,61 +269,79 @@ fn single_lookups(
     ))
 }
 
-/// Prints the rows as a table.
-pub fn print(rows: &[SyntheticRow], limit: Option<u64>) {
-    println!(
-        "synthetic ORB-like descriptors, build limit {}",
-        limit.map_or("none".to_string(), |l| format!(
-            "{} MiB (real cgroup)",
-            l >> 20
-        ))
-    );
-    println!(
-        "{:>12} {:>5} {:>9} {:>10} {:>10} {:>9} {:>4} {:>9} {:>12} {:>8} {:>12} {:>8} {:>15} {:>8}",
-        "descriptors",
-        "exit",
-        "build s",
-        "peak WS",
-        "RssAnon",
-        "VmHWM",
-        "OOM",
-        "B/desc",
-        "ivf lookup/s",
-        "ivf r@1",
-        "arroy look/s",
-        "arroy r@1",
-        "img p50/p95 ms",
-        "img r@1"
-    );
-    for r in rows {
-        println!(
-            "{:>12} {:>5} {:>9.1} {:>10} {:>10} {:>9} {:>4} {:>9.1} {:>12.0} {:>8.3} {:>12.0} {:>8.3} {:>15} {:>8.3}",
-            r.descriptors,
-            r.exit_code,
-            r.build_s,
-            mib(r.peak_working_set),
-            mib(r.peak_rss_anon),
-            mib(r.peak_rss),
-            r.oom_kills,
-            r.disk_per_descriptor,
-            r.ivf_lookups_per_s,
-            r.ivf_recall,
-            r.arroy_lookups_per_s,
-            r.arroy_recall,
-            format!("{:.1}/{:.1}", r.image_query_ms.0, r.image_query_ms.1),
-            r.image_recall
-        );
-    }
-    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        if first.peak_working_set > 0 && rows.len() > 1 {
-            println!(
-                "peak working set {}x from {} to {} descriptors (ivf is {:.0}x arroy's lookup rate at {})",
-                format_args!("{:.2}", last.peak_working_set as f64 / first.peak_working_set as f64),
-                first.descriptors,
-                last.descriptors,
-                last.ivf_lookups_per_s / last.arroy_lookups_per_s.max(1e-9),
-                last.descriptors
-            );
+/// The rows as a table under the build limit they ran with, and how the peak working set
+/// grew from the first size to the last.
+pub struct SyntheticTable<'a> {
+    /// Measured sizes.
+    pub rows: &'a [SyntheticRow],
+    /// The builds' memory limit.
+    pub limit: Option<u64>,
+}
+
+impl std::fmt::Display for SyntheticTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let rows = self.rows;
+        writeln!(
+            f,
+            "synthetic ORB-like descriptors, build limit {}",
+            self.limit.map_or("none".to_string(), |l| format!(
+                "{} MiB (real cgroup)",
+                l >> 20
+            ))
+        )?;
+        write!(
+            f,
+            "{:>12} {:>5} {:>9} {:>10} {:>10} {:>9} {:>4} {:>9} {:>12} {:>8} {:>12} {:>8} {:>15} {:>8}",
+            "descriptors",
+            "exit",
+            "build s",
+            "peak WS",
+            "RssAnon",
+            "VmHWM",
+            "OOM",
+            "B/desc",
+            "ivf lookup/s",
+            "ivf r@1",
+            "arroy look/s",
+            "arroy r@1",
+            "img p50/p95 ms",
+            "img r@1"
+        )?;
+        for r in rows {
+            writeln!(f)?;
+            write!(
+                f,
+                "{:>12} {:>5} {:>9.1} {:>10} {:>10} {:>9} {:>4} {:>9.1} {:>12.0} {:>8.3} {:>12.0} {:>8.3} {:>15} {:>8.3}",
+                r.descriptors,
+                r.exit_code,
+                r.build_s,
+                mib(r.peak_working_set),
+                mib(r.peak_rss_anon),
+                mib(r.peak_rss),
+                r.oom_kills,
+                r.disk_per_descriptor,
+                r.ivf_lookups_per_s,
+                r.ivf_recall,
+                r.arroy_lookups_per_s,
+                r.arroy_recall,
+                format!("{:.1}/{:.1}", r.image_query_ms.0, r.image_query_ms.1),
+                r.image_recall
+            )?;
         }
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            if first.peak_working_set > 0 && rows.len() > 1 {
+                writeln!(f)?;
+                write!(
+                    f,
+                    "peak working set {}x from {} to {} descriptors (ivf is {:.0}x arroy's lookup rate at {})",
+                    format_args!("{:.2}", last.peak_working_set as f64 / first.peak_working_set as f64),
+                    first.descriptors,
+                    last.descriptors,
+                    last.ivf_lookups_per_s / last.arroy_lookups_per_s.max(1e-9),
+                    last.descriptors
+                )?;
+            }
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 use super::BuildContext;
 use crate::error::{IndexError, Result};
 use crate::features::{Detector, ExtractParams};
+use crate::global;
 use crate::store::{self, Checkpoint, ImageRecord, Store, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::preset::Preset;
@@ -82,6 +83,16 @@ enum Outcome {
 struct Job {
     id: u32,
     path: String,
+}
+
+/// Why an extracted image cannot be found by any query, if it cannot: no local features
+/// and no layout (a blank or single-colour image).
+pub fn unfindable(f: &crate::features::Features) -> Option<String> {
+    (f.descriptors.is_empty() && f.global.is_none()).then(|| {
+        "no features even with an adapted detector, and no layout to match (a blank or \
+         single-colour image)"
+            .to_string()
+    })
 }
 
 /// Extracts one image under the byte budget.
@@ -178,7 +189,7 @@ pub(super) fn run(
         }
         return Ok(0);
     }
-    ctx.progress.set_phase(crate::progress::Phase::Extract);
+    ctx.progress.set_phase(crate::progress::BuildPhase::Extract);
     let total_jobs = jobs.len();
     let first = jobs[0].id;
     let threads = threads.max(1);
@@ -281,13 +292,24 @@ pub(super) fn run(
                         rec.count = f.descriptors.len() as u32;
                         rec.extracted_with = preset.nfeatures;
                         rec.adaptation = Some(f.adaptation);
-                        rec.error = None;
+                        rec.global = f.global.is_some();
+                        rec.error = unfindable(&f);
                         let d = store::descriptors_blob(&f.descriptors);
                         let k = store::keypoints_blob(&f.keypoints);
                         batch_bytes += (d.len() + k.len()) as u64;
                         work.descs.put(&mut work_txn, &next_id, &d)?;
-                        store.kps.put(&mut wtxn, &next_id, &k)?;
-                        ctx.progress.image_done(f.descriptors.len() as u64, false);
+                        work.kps.put(&mut work_txn, &next_id, &k)?;
+                        match &f.global {
+                            Some(g) => store.globals.put(&mut wtxn, &next_id, &global::to_bytes(g))?,
+                            None => {
+                                store.globals.delete(&mut wtxn, &next_id)?;
+                            }
+                        }
+                        if let Some(reason) = &rec.error {
+                            tracing::warn!(path = %rec.path, %reason, "image cannot be indexed");
+                        }
+                        ctx.progress
+                            .image_done(f.descriptors.len() as u64, rec.error.is_some());
                     }
                 }
                 store.images.put(&mut wtxn, &next_id, &rec)?;

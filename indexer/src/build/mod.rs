@@ -1,20 +1,20 @@
 //! `indexer build`: list the dataset, extract ORB features under a memory budget, build the
-//! inverted lists and arroy shards, and publish a generation atomically — resumable at
+//! vocabulary, inverted lists and global-descriptor index, and publish a generation
+//! atomically — resumable at
 //! every step from the checkpoint in `IDX/build/`.
 
 mod extract;
 mod governor;
 mod index;
-mod publish;
+pub(crate) mod publish;
 
 pub use governor::MemoryGovernor;
-pub use index::read_offsets;
 
 use crate::dataset;
 use crate::error::{IndexError, Result};
 use crate::layout::IndexDir;
 use crate::memory::MemorySource;
-use crate::progress::{BuildProgress, Phase};
+use crate::progress::{BuildPhase, BuildProgress};
 use crate::store::{self, BuildMeta, Checkpoint, ImageRecord, Store, Timings, WorkStore};
 use imageindex_crds::estimate::{self, BuildPlan};
 use imageindex_crds::policy;
@@ -31,38 +31,34 @@ pub struct BuildOptions {
     /// The index directory.
     pub out: PathBuf,
     /// `auto` or a preset label.
-    pub preset: PresetChoice,
+    pub preset: PresetRequest,
     /// Extraction threads.
     pub threads: usize,
     /// Refuse to start when the preset's estimate exceeds the budget (instead of trying).
     pub strict_memory: bool,
     /// Headers sampled to learn the largest image.
     pub sample: usize,
-    /// Benchmarks only: add this many synthetic ORB-like descriptors (as 1000-descriptor
-    /// filler images) after the dataset's, to measure queries on a real catalogue inside a
-    /// large index.
-    pub pad_descriptors: u64,
-    /// Descriptors per arroy shard instead of the plan's (tests: many shards from a small
-    /// catalogue). Ignored when a build is resumed: its shard size is fixed at its first shard.
-    pub shard_items: Option<u64>,
+    /// Bytes of one in-memory part of a cell's lists instead of the plan's (tests: cells
+    /// split into many parts from a small catalogue).
+    pub list_part_bytes: Option<u64>,
 }
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PresetChoice {
+pub enum PresetRequest {
     /// Let the policy choose from the dataset and the budget.
     Auto,
     /// This step of the ladder.
     Exact(Preset),
 }
 
-impl PresetChoice {
+impl PresetRequest {
     /// Parses `auto` or a preset label.
-    pub fn parse(text: &str) -> Option<PresetChoice> {
+    pub fn parse(text: &str) -> Option<PresetRequest> {
         if PresetSelector::parse(text) == Some(PresetSelector::Auto) {
-            return Some(PresetChoice::Auto);
+            return Some(PresetRequest::Auto);
         }
-        Preset::from_label(text.trim()).map(PresetChoice::Exact)
+        Preset::from_label(text.trim()).map(PresetRequest::Exact)
     }
 }
 
@@ -107,34 +103,66 @@ pub struct BuildContext {
     pub memory: Arc<MemorySource>,
 }
 
-/// Runs a build to completion (or to an error with the checkpoint intact).
-pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
-    run_inner(opts, ctx).map_err(|e| e.or_no_space(&opts.out))
+/// Images a build adds after its dataset's, before the index phases (the benchmarks pad a
+/// real catalogue with generated descriptors to measure queries inside a large index).
+pub trait ExtraImages {
+    /// Appended to the dataset's fingerprint, so that a build with other extras is not
+    /// resumed as this one.
+    fn fingerprint_suffix(&self) -> String;
+    /// Writes the extra images' records and descriptors under ids from `first` on, resuming
+    /// where an earlier run stopped.
+    fn ingest(
+        &self,
+        store: &Store,
+        work: &WorkStore,
+        first: u32,
+        preset: &Preset,
+        plan: &BuildPlan,
+        ctx: &BuildContext,
+    ) -> Result<()>;
 }
 
-fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+/// Runs a build to completion (or to an error with the checkpoint intact).
+pub fn run(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
+    run_with_extra(opts, ctx, None)
+}
+
+/// [`run`], adding `extra`'s images after the dataset's.
+pub fn run_with_extra(
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+    extra: Option<&dyn ExtraImages>,
+) -> Result<BuildSummary> {
+    run_inner(opts, ctx, extra).map_err(|e| e.or_no_space(&opts.out))
+}
+
+fn run_inner(
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+    extra: Option<&dyn ExtraImages>,
+) -> Result<BuildSummary> {
     let started = Instant::now();
     let started_at = now_rfc3339();
     let dir = IndexDir::new(&opts.out);
     let _lock = dir.lock()?;
-    ctx.progress.set_phase(Phase::Scan);
+    ctx.progress.set_phase(BuildPhase::Scan);
     let mut listing = dataset::list(&opts.dataset)?;
-    if opts.pad_descriptors > 0 {
-        listing.fingerprint = format!("{}+pad{}", listing.fingerprint, opts.pad_descriptors);
+    if let Some(extra) = extra {
+        listing.fingerprint.push_str(&extra.fingerprint_suffix());
     }
     let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
     let budget = ctx.memory.limit();
     let preset = match opts.preset {
-        PresetChoice::Exact(p) => p,
-        PresetChoice::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
+        PresetRequest::Exact(p) => p,
+        PresetRequest::Auto => policy::auto_preset(&shape, budget, None).unwrap_or_else(|| {
             *Preset::ladder()
                 .last()
                 .unwrap_or(&imageindex_crds::PresetName::Xlarge.preset())
         }),
     };
     let mut plan = plan_for(&preset, &shape, budget, opts.strict_memory)?;
-    if let Some(items) = opts.shard_items {
-        plan.shard_items = items.max(1);
+    if let Some(bytes) = opts.list_part_bytes {
+        plan.list_part_bytes = bytes.max(1);
     }
     ctx.progress.set_preset(preset);
     tracing::info!(
@@ -143,7 +171,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         skipped = listing.skipped.len(),
         budget_mib = budget >> 20,
         image_mib = plan.image_bytes >> 20,
-        shard_items = plan.shard_items,
+        list_part_mib = plan.list_part_bytes >> 20,
         "build planned"
     );
     let scan_secs = started.elapsed().as_secs_f64();
@@ -179,21 +207,11 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         ctx,
     )?;
     timings.extract += t.elapsed().as_secs_f64();
-    if opts.pad_descriptors > 0 {
-        let generator = crate::bench::synthetic::Generator::new(7);
-        let generate = move |i: u32| generator.image(i);
-        let per = crate::bench::synthetic::PER_IMAGE;
-        let source = SyntheticSource {
-            images: opts.pad_descriptors.div_ceil(per as u64) as u32,
-            per_image: per,
-            generate: &generate,
-            fingerprint: String::new(),
-        };
-        ingest_synthetic(
+    if let Some(extra) = extra {
+        extra.ingest(
             &store,
             &work,
             listing.files.len() as u32,
-            &source,
             &preset,
             &plan,
             ctx,
@@ -201,12 +219,12 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     }
     save_timings(&store, &timings)?;
 
-    ctx.progress.set_phase(Phase::Index);
+    ctx.progress.set_phase(BuildPhase::Index);
     let (index_stats, store) =
         index_phases(store, &work, &preset, &plan, ctx, &mut timings, &governor)?;
     save_timings(&store, &timings)?;
 
-    ctx.progress.set_phase(Phase::Publish);
+    ctx.progress.set_phase(BuildPhase::Publish);
     let t = Instant::now();
     let generation = dir.next_generation()?;
     let (images_indexed, images_failed) = count_images(&store)?;
@@ -220,9 +238,9 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
         images_indexed,
         images_failed: images_failed + listing.skipped.len() as u64,
         descriptors: index_stats.descriptors,
-        ivf_lists: index_stats.lists,
-        arroy_shards: index_stats.shards,
-        shard_items: index_stats.shard_items,
+        cells: index_stats.cells,
+        lists: index_stats.lists,
+        globals: index_stats.globals,
         memory_budget: budget,
         peak_working_set: governor.peak_working_set(),
         started_at,
@@ -236,7 +254,7 @@ fn run_inner(opts: &BuildOptions, ctx: &BuildContext) -> Result<BuildSummary> {
     let path = publish::run(&dir, &store, work, &meta, &listing)?;
     let mut meta = meta;
     meta.timings.publish = t.elapsed().as_secs_f64();
-    ctx.progress.set_phase(Phase::Done);
+    ctx.progress.set_phase(BuildPhase::Done);
     let memory = governor.memory();
     drop(governor);
     Ok(BuildSummary {
@@ -322,7 +340,7 @@ fn adopt_unswitched(
 
 /// Opens the in-progress build, discarding it when the dataset changed or when it was
 /// extracted with fewer features than this preset wants.
-fn open_or_reset(
+pub(crate) fn open_or_reset(
     build_dir: &std::path::Path,
     listing: &dataset::Listing,
     preset: &Preset,
@@ -378,11 +396,9 @@ fn open_or_reset(
     Ok((store, work, false))
 }
 
-/// Runs the index phases to the end, closing and reopening the build environment between
-/// arroy shards: LMDB frees the buffers of its dirty pages only when the environment closes,
-/// so without this every shard after the first would also hold the previous shard's.
-fn index_phases(
-    mut store: Store,
+/// Runs the index phases to the end.
+pub(crate) fn index_phases(
+    store: Store,
     work: &WorkStore,
     preset: &Preset,
     plan: &BuildPlan,
@@ -390,23 +406,17 @@ fn index_phases(
     timings: &mut Timings,
     governor: &MemoryGovernor,
 ) -> Result<(index::IndexStats, Store)> {
-    loop {
-        if let Some(stats) = index::run(&store, work, preset, plan, ctx, timings, &|| {
-            governor.release_now()
-        })? {
-            return Ok((stats, store));
-        }
-        let dir = store.env.path().to_path_buf();
-        store.close();
-        store = Store::create(&dir)?;
-    }
+    let stats = index::run(&store, work, preset, plan, ctx, timings, &|| {
+        governor.release_now()
+    })?;
+    Ok((stats, store))
 }
 
 /// The working environment's directory inside the build directory.
 pub const WORK_DIR: &str = "work";
 
 /// Moves the checkpoint from extraction to the index phases.
-fn enter_training(store: &Store, preset: &Preset) -> Result<()> {
+pub(crate) fn enter_training(store: &Store, preset: &Preset) -> Result<()> {
     let mut wtxn = store.env.write_txn()?;
     store.set_checkpoint(
         &mut wtxn,
@@ -432,7 +442,7 @@ fn count_images(store: &Store) -> Result<(u64, u64)> {
         let (_, rec) = r?;
         if rec.error.is_some() {
             failed += 1;
-        } else if rec.count > 0 {
+        } else if rec.count > 0 || rec.global {
             ok += 1;
         }
     }
@@ -442,158 +452,4 @@ fn count_images(store: &Store) -> Result<(u64, u64)> {
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// Writes the records of synthetic images `first..first + source.images` (resuming from the
-/// `synthetic_next` metadata key), in batched write transactions.
-fn ingest_synthetic(
-    store: &Store,
-    work: &WorkStore,
-    first: u32,
-    source: &SyntheticSource,
-    preset: &Preset,
-    plan: &BuildPlan,
-    ctx: &BuildContext,
-) -> Result<()> {
-    let end = first + source.images;
-    let next: u32 = {
-        let rtxn = store.env.read_txn()?;
-        store.get_json(&rtxn, "synthetic_next")?.unwrap_or(first)
-    };
-    let mut wtxn = store.env.write_txn()?;
-    let mut work_txn = work.env.write_txn()?;
-    let mut bytes = 0u64;
-    for i in next.max(first)..end {
-        if ctx.progress.is_cancelled() {
-            store.put_json(&mut wtxn, "synthetic_next", &i)?;
-            work_txn.commit()?;
-            wtxn.commit()?;
-            return Err(IndexError::Interrupted);
-        }
-        let descs = (source.generate)(i - first);
-        let kps: Vec<[u16; 2]> = (0..descs.len())
-            .map(|j| [(j % 640) as u16 * 4, (j / 640) as u16 * 4])
-            .collect();
-        let mut rec: ImageRecord = store.images.get(&wtxn, &i)?.unwrap_or_default();
-        if rec.path.is_empty() {
-            rec.path = format!("synthetic/{:08}", i - first);
-        }
-        rec.count = descs.len() as u32;
-        rec.extracted_with = preset.nfeatures;
-        (rec.width, rec.height, rec.work_width, rec.work_height) = (640, 480, 640, 480);
-        store.images.put(&mut wtxn, &i, &rec)?;
-        let d = store::descriptors_blob(&descs);
-        bytes += d.len() as u64;
-        work.descs.put(&mut work_txn, &i, &d)?;
-        store.kps.put(&mut wtxn, &i, &store::keypoints_blob(&kps))?;
-        ctx.progress.image_done(descs.len() as u64, false);
-        if bytes >= plan.write_batch_bytes {
-            store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
-            // Descriptors first: a crash between the two commits only redoes images.
-            work_txn.commit()?;
-            wtxn.commit()?;
-            wtxn = store.env.write_txn()?;
-            work_txn = work.env.write_txn()?;
-            bytes = 0;
-        }
-    }
-    store.put_json(&mut wtxn, "synthetic_next", &end)?;
-    work_txn.commit()?;
-    wtxn.commit()?;
-    Ok(())
-}
-
-/// A build from generated descriptors instead of images (for benchmarks at sizes no sample
-/// dataset reaches): `images` groups of `per_image` descriptors from `generate(image)`.
-pub struct SyntheticSource<'a> {
-    /// Number of synthetic images.
-    pub images: u32,
-    /// Descriptors per image.
-    pub per_image: u32,
-    /// Makes the descriptors of one image (deterministic).
-    pub generate: &'a (dyn Fn(u32) -> Vec<crate::features::Descriptor> + Sync),
-    /// Identifies the generated set (its fingerprint).
-    pub fingerprint: String,
-}
-
-/// Builds and publishes an index of synthetic descriptors through the same index phases,
-/// checkpoints and publish step as an image build.
-pub fn run_synthetic(
-    out: &std::path::Path,
-    source: &SyntheticSource,
-    preset: &Preset,
-    ctx: &BuildContext,
-) -> Result<BuildSummary> {
-    let started_at = now_rfc3339();
-    let dir = IndexDir::new(out);
-    let _lock = dir.lock()?;
-    let budget = ctx.memory.limit();
-    let shape = estimate::DatasetShape {
-        images: source.images as u64,
-        bytes: 0,
-        max_width: 640,
-        max_height: 480,
-        max_is_jpeg: true,
-    };
-    let plan = plan_for(preset, &shape, budget, false)?;
-    let listing = dataset::Listing {
-        files: (0..source.images)
-            .map(|i| dataset::FileEntry {
-                path: format!("synthetic/{i:08}"),
-                bytes: 0,
-                mtime: 0,
-            })
-            .collect(),
-        skipped: Vec::new(),
-        fingerprint: source.fingerprint.clone(),
-    };
-    let (store, work, resumed) = open_or_reset(&dir.build_dir(), &listing, preset)?;
-    drop(listing);
-    let governor = MemoryGovernor::start(
-        ctx.memory.clone(),
-        &plan,
-        Some(store.env.path().to_path_buf()),
-    );
-    ctx.progress.set_total(source.images as u64);
-    ctx.progress.set_phase(Phase::Extract);
-    let mut timings = Timings::default();
-    let t = Instant::now();
-    ingest_synthetic(&store, &work, 0, source, preset, &plan, ctx)?;
-    enter_training(&store, preset)?;
-    timings.extract = t.elapsed().as_secs_f64();
-    ctx.progress.set_phase(Phase::Index);
-    let (stats, store) = index_phases(store, &work, preset, &plan, ctx, &mut timings, &governor)?;
-    ctx.progress.set_phase(Phase::Publish);
-    let generation = dir.next_generation()?;
-    let meta = BuildMeta {
-        format_version: store::FORMAT_VERSION,
-        generation,
-        preset: *preset,
-        dataset: "synthetic".into(),
-        fingerprint: source.fingerprint.clone(),
-        images_total: source.images as u64,
-        images_indexed: source.images as u64,
-        images_failed: 0,
-        descriptors: stats.descriptors,
-        ivf_lists: stats.lists,
-        arroy_shards: stats.shards,
-        shard_items: stats.shard_items,
-        memory_budget: budget,
-        peak_working_set: governor.peak_working_set(),
-        started_at,
-        finished_at: now_rfc3339(),
-        timings,
-        indexer_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let path = publish::run(&dir, &store, work, &meta, &dataset::Listing::default())?;
-    ctx.progress.set_phase(Phase::Done);
-    let memory = governor.memory();
-    Ok(BuildSummary {
-        generation,
-        path,
-        meta,
-        resumed,
-        extracted_now: 0,
-        memory,
-    })
 }

@@ -1,7 +1,8 @@
 //! Publishing: record the build's metadata, drop the working environment, and make the build
 //! directory the new generation with one rename; then point `current` at it with another
-//! rename and prune old generations. Nothing is copied: the environment never held the
-//! working descriptors, so it is already what readers need.
+//! rename and prune old generations. The environment never held the working descriptors, so
+//! it is already what readers need and is renamed as it is — unless more than
+//! `MAX_FREE_SHARE` (5%) of its pages are free, when a compacted copy is published instead.
 
 use crate::dataset::Listing;
 use crate::error::{IndexError, Result};
@@ -21,15 +22,16 @@ fn free_share(store: &Store) -> Result<f64> {
         |st: heed::DatabaseStat| (st.branch_pages + st.leaf_pages + st.overflow_pages) as f64;
     let used = pages(store.meta.stat(&rtxn)?)
         + pages(store.images.stat(&rtxn)?)
-        + pages(store.kps.stat(&rtxn)?)
+        + pages(store.cells.stat(&rtxn)?)
         + pages(store.lists.stat(&rtxn)?)
+        + pages(store.globals.stat(&rtxn)?)
         + pages(store.arroy.stat(&rtxn)?)
         + 2.0;
     Ok(((total - used) / total).max(0.0))
 }
 
 /// Publishes the build in `store` as generation `meta.generation`; returns its directory.
-pub(super) fn run(
+pub(crate) fn run(
     dir: &IndexDir,
     store: &Store,
     work: WorkStore,
@@ -63,9 +65,9 @@ pub(super) fn run(
     }
     store.env.force_sync()?;
     let build_dir = dir.build_dir();
-    // Pages freed during the build (merged list chunks, arroy's bookkeeping) stay in the file
-    // until a later write reuses them. Many shards reuse them as they go; a small build can
-    // end with a large free share: then publish a compacted copy instead of the directory.
+    // Pages freed during the build (index phases redone for another preset, arroy's
+    // bookkeeping) stay in the file until a later write reuses them: with a large free share,
+    // publish a compacted copy instead of the directory.
     let free = free_share(store)?;
     let compact = free > MAX_FREE_SHARE;
     tracing::info!(free_share = free, compact, "publishing");

@@ -5,13 +5,13 @@
 //! memory, its upload and OpenCV's copy of the upload. [`estimate::image_bytes`] gives the
 //! first two for a header's size; the largest image the header check admits
 //! ([`imageguard::MAX_PIXELS`], 100 MP, at most [`imageguard::MAX_SIDE`] a side) at the richest
-//! preset's working size, with twice the query features, is the worst case of one slot:
+//! preset's working size, with the query features, is the worst case of one slot:
 //!
 //! ```text
 //! slot = decoded (100 MP × 1 B, gray) + work (2048² px × ORB_BYTES_PER_WORK_PIXEL)
-//!        + 2000 features × BYTES_PER_FEATURE + 2 × max_body
-//!      = 100,000,000 + 4,194,304 × 20 + 2000 × 400 + 2 × 20,000,000
-//!      = 224,686,080 B (≈ 214 MiB) with today's calibrated constants
+//!        + 1000 features × BYTES_PER_FEATURE + 2 × max_body
+//!      = 100,000,000 + 4,194,304 × 20 + 1000 × 400 + 2 × 20,000,000
+//!      = 224,286,080 B (≈ 214 MiB) with today's calibrated constants
 //! ```
 //!
 //! WebP and TIFF are decoded by OpenCV through a colour buffer first: they cost
@@ -74,25 +74,21 @@ pub fn query_bytes(preset: &Preset, header: &Header, upload: u64) -> u64 {
 /// The worst case of one slot: the largest admitted gray-decoded image at the richest preset
 /// of the ladder, with the largest upload.
 pub fn worst_query_bytes(max_body: u64) -> u64 {
-    let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
-    let header = Header {
-        format: Format::Png,
-        width: side,
-        height: side,
-    };
-    Preset::ladder()
-        .iter()
-        .map(|p| query_bytes(p, &header, max_body))
-        .max()
-        .unwrap_or(0)
+    worst_slot_bytes(Format::Png, max_body)
 }
 
 /// The worst case of one slot over every admitted format: the largest admitted image
 /// decoded through a colour buffer.
 pub fn worst_any_format_bytes(max_body: u64) -> u64 {
+    worst_slot_bytes(Format::Webp, max_body)
+}
+
+/// One slot holding the largest admitted image of `format` at the richest preset of the
+/// ladder, with the largest upload.
+fn worst_slot_bytes(format: Format, max_body: u64) -> u64 {
     let side = (imageguard::MAX_PIXELS as f64).sqrt() as u32;
     let header = Header {
-        format: Format::Webp,
+        format,
         width: side,
         height: side,
     };
@@ -164,17 +160,6 @@ impl ServeLimits {
     }
 }
 
-/// Parses a byte size: Kubernetes quantities (`20M`, `20Mi`) and the common `20MB`/`20MiB`.
-pub fn parse_size(text: &str) -> Result<u64, imageindex_crds::quantity::QuantityError> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .map(|s| format!("{s}i"))
-        .or_else(|| t.strip_suffix('B').map(str::to_string))
-        .unwrap_or_else(|| t.to_string());
-    imageindex_crds::quantity::parse_bytes(&t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,7 +169,7 @@ mod tests {
     #[test]
     fn the_worst_slot_is_a_100_megapixel_gray_image_at_full() {
         let work = 2048 * 2048 * estimate::ORB_BYTES_PER_WORK_PIXEL;
-        let features = 2000 * estimate::BYTES_PER_FEATURE;
+        let features = 1000 * estimate::BYTES_PER_FEATURE;
         assert_eq!(
             worst_query_bytes(20_000_000),
             100_000_000 + work + features + 40_000_000
@@ -256,14 +241,5 @@ mod tests {
             query_bytes(&p, &h(Format::Webp), 0) - query_bytes(&p, &h(Format::Png), 0),
             16_000_000 * COLOUR_BUFFER_BYTES_PER_PIXEL
         );
-    }
-
-    #[test]
-    fn sizes_accept_quantities_and_megabytes() {
-        assert_eq!(parse_size("20MB").unwrap(), 20_000_000);
-        assert_eq!(parse_size("20MiB").unwrap(), 20 << 20);
-        assert_eq!(parse_size("20Mi").unwrap(), 20 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("lots").is_err());
     }
 }

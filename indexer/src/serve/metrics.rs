@@ -7,6 +7,7 @@ use crate::metrics::MemoryMetrics;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use imageindex_crds::metrics as names;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -55,7 +56,7 @@ impl ServeMetrics {
                 &registry,
                 HistogramVec::new(
                     HistogramOpts::new(
-                        "imageindex_http_request_duration_seconds",
+                        names::HTTP_REQUEST_DURATION_SECONDS,
                         "HTTP request latency by route",
                     )
                     .buckets(buckets.clone()),
@@ -66,7 +67,7 @@ impl ServeMetrics {
                 &registry,
                 IntCounterVec::new(
                     Opts::new(
-                        "imageindex_http_requests_total",
+                        names::HTTP_REQUESTS_TOTAL,
                         "HTTP requests by route and status code",
                     ),
                     &["route", "method", "status"],
@@ -76,7 +77,7 @@ impl ServeMetrics {
                 &registry,
                 HistogramVec::new(
                     HistogramOpts::new(
-                        "imageindex_query_stage_seconds",
+                        names::QUERY_STAGE_SECONDS,
                         "Time per query stage (queue, decode, extract, lookup, verify)",
                     )
                     .buckets(buckets),
@@ -86,35 +87,29 @@ impl ServeMetrics {
             generation: register(
                 &registry,
                 IntGauge::new(
-                    "imageindex_index_generation",
+                    names::INDEX_GENERATION,
                     "Index generation answering queries (0 = none loaded)",
                 )?,
             ),
             slots_busy: register(
                 &registry,
-                IntGauge::new(
-                    "imageindex_query_slots_busy",
-                    "Decode + extract slots in use",
-                )?,
+                IntGauge::new(names::QUERY_SLOTS_BUSY, "Decode + extract slots in use")?,
             ),
             queue_waiting: register(
                 &registry,
                 IntGauge::new(
-                    "imageindex_query_queue_waiting",
+                    names::QUERY_QUEUE_WAITING,
                     "Search requests waiting for a decode slot",
                 )?,
             ),
             swaps: register(
                 &registry,
-                IntCounter::new(
-                    "imageindex_index_swaps_total",
-                    "Index generations swapped in",
-                )?,
+                IntCounter::new(names::INDEX_SWAPS_TOTAL, "Index generations swapped in")?,
             ),
             rebuilds: register(
                 &registry,
                 IntCounterVec::new(
-                    Opts::new("imageindex_rebuilds_total", "Rebuilds by outcome"),
+                    Opts::new(names::REBUILDS_TOTAL, "Rebuilds by outcome"),
                     &["outcome"],
                 )?,
             ),

@@ -16,7 +16,6 @@ pub mod catalogue;
 pub mod errors;
 pub mod health;
 pub mod limits;
-pub mod load;
 pub mod metrics;
 pub mod openapi;
 pub mod rebuild;

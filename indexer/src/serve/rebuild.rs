@@ -7,7 +7,7 @@ use super::api::{RebuildProgressOut, RebuildRequest, RebuildStatus};
 use super::catalogue::rfc3339;
 use super::errors::ApiError;
 use super::App;
-use crate::build::{self, BuildContext, BuildOptions, PresetChoice};
+use crate::build::{self, BuildContext, BuildOptions, PresetRequest};
 use crate::memory::MemorySource;
 use crate::progress::BuildProgress;
 use crate::IndexError;
@@ -200,7 +200,7 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
             .get()
             .map_or_else(|| "auto".to_string(), |l| l.index.meta.preset.label()),
     };
-    let preset = PresetChoice::parse(&label).ok_or_else(|| {
+    let preset = PresetRequest::parse(&label).ok_or_else(|| {
         ApiError::bad_request(
             "bad_preset",
             format!("unknown preset {label:?} (auto, full, small, medium, large, xlarge)"),
@@ -252,8 +252,7 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
         threads: rebuilds.threads,
         strict_memory: false,
         sample: 512,
-        pad_descriptors: 0,
-        shard_items: None,
+        list_part_bytes: None,
     };
     let ctx = BuildContext {
         progress: progress.clone(),

@@ -142,7 +142,8 @@ impl Runner {
                 warn!(cgroup = %g.dir.display(), %error, "cannot remove the attempt's cgroup");
             }
         }
-        let outcome = process::classify(&exit, oom_kills, stop);
+        let end = process::attempt_end(&exit, oom_kills, stop);
+        let outcome = self.draft.outcome_of(&end);
         let ending = ProcessEnd {
             number,
             process,
@@ -156,7 +157,7 @@ impl Runner {
         let message = self.end_message(&ending);
         self.tick();
         self.draft
-            .end_attempt(number, outcome, exit.exit_code(), message, None, &limit);
+            .end_attempt(number, outcome, end.exit_code, message, None, &limit);
         self.save()?;
         Ok(match (outcome, stop) {
             (AttemptOutcome::Succeeded, _) => AttemptEnd::Succeeded,
@@ -210,7 +211,7 @@ impl Runner {
                         n("/meta/imagesFailed"),
                         n("/meta/descriptors"),
                     ) {
-                        self.draft.status.progress = Some(Progress::new(
+                        self.draft.status.unit.progress = Some(Progress::new(
                             total,
                             total,
                             failed,

@@ -4,38 +4,20 @@
 //!
 //! `exec-limited` creates the group and moves the build into it; this side only checks up
 //! front that groups can be made (so a missing privilege is one clear error, not a failed
-//! attempt) and reads the kernel's verdict afterwards.
+//! attempt) and reads the kernel's verdict afterwards. Both go through `imageindex-cgroup`.
 
-use std::fs;
+use imageindex_cgroup::{CgroupError, Group, Hierarchy};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Parent group of the groups `indexer exec-limited` makes.
-pub const PARENT: &str = "imageindex";
-
-/// Which cgroup hierarchy holds the memory controller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Version {
-    /// cgroup v1: the `memory` controller's own hierarchy.
-    V1,
-    /// cgroup v2: the unified hierarchy.
-    V2,
-}
-
-/// The memory hierarchy under `root` (normally `/sys/fs/cgroup`), if there is one.
-pub fn hierarchy(root: &Path) -> Option<(PathBuf, Version)> {
-    let v1 = root.join("memory");
-    if v1.join("cgroup.procs").exists() {
-        return Some((v1, Version::V1));
-    }
-    root.join("cgroup.controllers")
-        .exists()
-        .then(|| (root.to_path_buf(), Version::V2))
-}
+pub use imageindex_cgroup::{Version, PARENT};
 
 /// How to get real memory limits when this process may not make cgroups.
 pub const FIX: &str = "local mode puts each build in a cgroup with a real memory limit: run it as root (e.g. `sudo operator local ...`), or delegate a cgroup v2 subtree to your user (e.g. `systemd-run --user --scope -p Delegate=yes operator local ...`) on a host with memory accounting enabled";
+
+/// How long removing a group waits for the kernel to let go of an exited attempt.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One attempt's group.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,57 +26,39 @@ pub struct AttemptGroup {
     pub dir: PathBuf,
     /// Its hierarchy.
     pub version: Version,
+    group: Group,
 }
 
 impl AttemptGroup {
     /// The group `indexer exec-limited --name name` makes under `root`; `None` without a
     /// memory hierarchy.
     pub fn at(root: &Path, name: &str) -> Option<Self> {
-        let (mount, version) = hierarchy(root)?;
+        let group = Hierarchy::find(root)?.group(&Path::new(PARENT).join(name));
         Some(AttemptGroup {
-            dir: mount.join(PARENT).join(name),
-            version,
+            dir: group.dir().to_path_buf(),
+            version: group.version(),
+            group,
         })
     }
 
     /// Times the kernel's OOM killer fired in the group (0 when unreadable).
     pub fn oom_kills(&self) -> u64 {
-        let file = match self.version {
-            Version::V1 => "memory.oom_control",
-            Version::V2 => "memory.events",
-        };
-        fs::read_to_string(self.dir.join(file))
-            .map(|text| oom_kill_count(&text))
-            .unwrap_or(0)
+        self.group.oom_kills().unwrap_or(0)
     }
 
     /// Highest memory usage the kernel charged to the group (v1 `memory.max_usage_in_bytes`,
     /// v2 `memory.peak`), page cache included.
     pub fn peak_usage(&self) -> Option<u64> {
-        let file = match self.version {
-            Version::V1 => "memory.max_usage_in_bytes",
-            Version::V2 => "memory.peak",
-        };
-        fs::read_to_string(self.dir.join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        self.group.peak()
     }
 
     /// Removes the group (its process has exited); retries while the kernel tears the exited
     /// task down. A group that is already gone is fine.
     pub fn remove(&self) -> io::Result<()> {
-        let mut last = None;
-        for _ in 0..100 {
-            match fs::remove_dir(&self.dir) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => last = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(last.unwrap_or_else(|| io::Error::other("cgroup busy")))
+        self.group.remove(REMOVE_TIMEOUT).map_err(|e| match e {
+            CgroupError::Io { source, .. } => source,
+            other => io::Error::other(other),
+        })
     }
 }
 
@@ -102,82 +66,41 @@ impl AttemptGroup {
 /// (only empty groups can be removed; a group still holding a process stays). Returns how
 /// many were removed.
 pub fn remove_stale(root: &Path, instance: &str) -> usize {
-    let Some((mount, _)) = hierarchy(root) else {
+    let Some(hierarchy) = Hierarchy::find(root) else {
         return 0;
     };
     let prefix = format!("{instance}-build-");
-    fs::read_dir(mount.join(PARENT))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .filter(|e| fs::remove_dir(e.path()).is_ok())
-                .count()
+    hierarchy
+        .children(Path::new(PARENT))
+        .into_iter()
+        .filter(|name| name.starts_with(&prefix))
+        .filter(|name| {
+            let group = hierarchy.group(&Path::new(PARENT).join(name));
+            std::fs::remove_dir(group.dir()).is_ok()
         })
-        .unwrap_or(0)
-}
-
-/// The `oom_kill N` line of v1 `memory.oom_control` or v2 `memory.events`.
-pub fn oom_kill_count(text: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .count()
 }
 
 /// Checks that groups can be made under `root`'s `imageindex/` (by making and removing a
 /// probe group); the error says why not.
 pub fn check_writable(root: &Path) -> Result<Version, String> {
-    let (mount, version) = hierarchy(root).ok_or_else(|| {
+    let hierarchy = Hierarchy::find(root).ok_or_else(|| {
         format!(
             "no cgroup memory controller under {} (neither v1 memory/ nor v2 cgroup.controllers)",
             root.display()
         )
     })?;
-    let parent = mount.join(PARENT);
-    if version == Version::V2 {
-        // The memory controller must be enabled for children of every ancestor.
-        let _ = fs::write(mount.join("cgroup.subtree_control"), "+memory");
-    }
-    fs::create_dir_all(&parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    if version == Version::V2 {
-        let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory");
-    }
-    let probe = parent.join(format!("probe-{}", std::process::id()));
-    fs::create_dir(&probe).map_err(|e| format!("cannot create {}: {e}", probe.display()))?;
-    let limit_file = match version {
-        Version::V1 => "memory.limit_in_bytes",
-        Version::V2 => "memory.max",
-    };
-    let has_limit = probe.join(limit_file).exists();
-    let _ = fs::remove_dir(&probe);
-    if has_limit {
-        Ok(version)
-    } else {
-        Err(format!(
-            "{} has no {limit_file}: the memory controller is not enabled there",
-            probe.display()
-        ))
+    match hierarchy.check_writable() {
+        Ok(()) => Ok(hierarchy.version()),
+        Err(CgroupError::Unavailable { reason, .. }) => Err(reason),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn oom_kill_lines_of_both_versions() {
-        assert_eq!(
-            oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"),
-            2
-        );
-        assert_eq!(
-            oom_kill_count("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n"),
-            1
-        );
-        assert_eq!(oom_kill_count("oom_kill_disable 0\n"), 0);
-        assert_eq!(oom_kill_count(""), 0);
-    }
+    use std::fs;
 
     #[test]
     fn groups_are_found_in_either_hierarchy() {

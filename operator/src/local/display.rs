@@ -3,7 +3,7 @@
 //! plain log line now and then when the output is a file or a pipe. Log lines and notes
 //! are printed above the live line without tearing it.
 
-use imageindex_crds::types::Phase;
+use imageindex_crds::types::IndexPhase;
 use imageindex_crds::ImageIndexStatus;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::Write;
@@ -17,21 +17,22 @@ pub const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 /// The one-line summary of a status.
 pub fn summary_line(status: &ImageIndexStatus) -> String {
-    let phase = status.phase.unwrap_or(Phase::Pending);
+    let unit = &status.unit;
+    let phase = unit.phase.unwrap_or(IndexPhase::Pending);
     let mut parts = vec![format!("{phase:?}")];
-    if let Some(preset) = &status.preset {
+    if let Some(preset) = &unit.preset {
         parts.push(format!("preset {preset}"));
     }
-    if phase == Phase::Building {
-        if let Some(a) = status.attempts.last() {
+    if phase == IndexPhase::Building {
+        if let Some(a) = unit.attempts.last() {
             parts.push(format!("attempt {}", a.number));
         }
     }
-    if let Some(p) = &status.progress {
+    if let Some(p) = &unit.progress {
         let step = p.build_phase.as_deref().unwrap_or("images");
         parts.push(format!("{step} {}", p.summary));
     }
-    if let Some(m) = &status.memory {
+    if let Some(m) = &unit.memory {
         let pct = if m.limit > 0 {
             m.working_set as f64 * 100.0 / m.limit as f64
         } else {
@@ -46,10 +47,11 @@ pub fn summary_line(status: &ImageIndexStatus) -> String {
 }
 
 /// What makes a plain line worth printing at once: phase, preset and attempts.
-type LineKey = (Option<Phase>, Option<String>, usize);
+type LineKey = (Option<IndexPhase>, Option<String>, usize);
 
 fn key(status: &ImageIndexStatus) -> LineKey {
-    (status.phase, status.preset.clone(), status.attempts.len())
+    let unit = &status.unit;
+    (unit.phase, unit.preset.clone(), unit.attempts.len())
 }
 
 /// The live line on a terminal, shared with the log writer so logs print above it.
@@ -190,35 +192,39 @@ pub fn example_curl(url: &str, image: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imageindex_crds::types::{MemoryStatus, Progress};
+    use imageindex_crds::types::{MemoryStatus, Progress, UnitStatus};
 
     #[test]
     fn the_summary_line_says_what_matters() {
         let mut s = ImageIndexStatus {
-            phase: Some(Phase::Building),
-            preset: Some("medium".into()),
-            progress: Some(Progress::new(12, 31, 0, 900, Some("extract".into()))),
-            memory: Some(MemoryStatus::new(
-                50 << 20,
-                45 << 20,
-                35 << 20,
-                80 << 20,
-                60 << 20,
-            )),
+            unit: UnitStatus {
+                phase: Some(IndexPhase::Building),
+                preset: Some("medium".into()),
+                progress: Some(Progress::new(12, 31, 0, 900, Some("extract".into()))),
+                memory: Some(MemoryStatus::new(
+                    50 << 20,
+                    45 << 20,
+                    35 << 20,
+                    80 << 20,
+                    60 << 20,
+                )),
+                ..UnitStatus::default()
+            },
             ..ImageIndexStatus::default()
         };
         let start = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::from_second(0).unwrap(),
         );
-        s.attempts
-            .push(crate::attempts::started(2, "medium", "p", start));
+        s.unit
+            .attempts
+            .push(imageindex_crds::attempts::started(2, "medium", "p", start));
         assert_eq!(
             summary_line(&s),
             "Building  preset medium  attempt 2  extract 12/31 (39%)  working set 45Mi/80Mi (56%)"
         );
         assert_eq!(summary_line(&ImageIndexStatus::default()), "Pending");
-        s.phase = Some(Phase::Ready);
-        s.memory = None;
+        s.unit.phase = Some(IndexPhase::Ready);
+        s.unit.memory = None;
         s.endpoint = Some("http://127.0.0.1:8080".into());
         assert_eq!(
             summary_line(&s),

@@ -1,15 +1,17 @@
 //! `operator local`: the operator on one machine. The same ImageIndex manifest and the same
-//! policy as the cluster controller (`imageindex_crds::policy`, written into status by
-//! [`crate::transitions`]), with local processes instead of pods:
+//! decisions as the cluster controller (`imageindex_crds`, written into status by
+//! `imageindex_crds::transitions`), with local processes instead of pods:
 //!
 //! manifest → validate → scan (`indexer scan`) → choose the preset → attempts, each
 //! `indexer exec-limited -- indexer build` in a fresh cgroup limited to `spec.memoryLimit`,
-//! its `/metrics` scraped into status → after each attempt the policy decides (resume,
+//! its `/metrics` scraped into status → after each attempt its end is observed
+//! ([`process::attempt_end`]: exit and the cgroup's OOM counter) and the ladder decides (resume,
 //! downgrade, retry, give up) → publish → serve (`indexer serve`) or exit.
 //!
 //! The status goes to `--status-out` and to the state directory ([`state`]) after every
 //! change, so a rerun of the same manifest continues the attempt history and resumes the
-//! build from its checkpoint.
+//! build from its checkpoint; whether a rerun begins a new build is
+//! `imageindex_crds::rebuild::build_start`'s call, as in the cluster.
 
 mod attempt;
 pub mod cgroup;
@@ -19,23 +21,25 @@ pub mod process;
 mod serve;
 pub mod state;
 
-use crate::attempts;
 use crate::history::{BuildKey, MemoryHistory};
 use crate::resources;
 use crate::scrape;
-use crate::transitions::StatusDraft;
 use display::{Console, LiveLine};
-use imageindex_crds::conditions::{MEMORY_PRESSURE, PROGRESSING, READY};
-use imageindex_crds::policy::{NextStep, Pressure, PressureLevel};
+use imageindex_crds::attempts;
+use imageindex_crds::conditions::READY;
+use imageindex_crds::ladder::{Limits, UnitAction};
+use imageindex_crds::pressure::{Pressure, PressureLevel};
 use imageindex_crds::quantity::format_mebibytes_ceil;
-use imageindex_crds::types::{AttemptOutcome, Phase, ScanSummary};
+use imageindex_crds::rebuild::{self, BuildStart};
+use imageindex_crds::transitions::StatusDraft;
+use imageindex_crds::types::{AttemptOutcome, IndexPhase, ScanSummary};
 use imageindex_crds::validate;
 use imageindex_crds::{ImageIndex, ImageIndexStatus, Preset, ScanReport};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use manifest::{Manifest, ManifestError};
 use process::{BuildCommand, ExitInfo, ProcessError, Stop};
-use state::{Continuation, StateDir, StateError};
+use state::{StateDir, StateError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -147,6 +151,8 @@ enum Plan {
     },
     /// The build published: become Ready.
     Publish,
+    /// Begin a new build (scan first), for this reason.
+    Rescan(&'static str),
     /// Stop with this ending.
     Stop(Ending),
 }
@@ -228,7 +234,7 @@ pub async fn run(opts: LocalOptions, live: LiveLine, tty: bool) -> Result<Ending
         exe.as_deref(),
         std::env::var("PATH").ok().as_deref(),
     )?;
-    let (record, spec_changed) = state::record_for_run(state.load()?, &manifest.index, now());
+    let record = state::record_for_run(state.load()?, &manifest.index, now());
     let draft = StatusDraft::new(
         record.status.clone().unwrap_or_default(),
         record.metadata.generation,
@@ -258,7 +264,6 @@ pub async fn run(opts: LocalOptions, live: LiveLine, tty: bool) -> Result<Ending
         indexer,
         record,
         draft,
-        spec_changed,
         threads,
     };
     let ending = runner.drive().await;
@@ -289,7 +294,6 @@ struct Runner {
     indexer: PathBuf,
     record: ImageIndex,
     draft: StatusDraft,
-    spec_changed: bool,
     threads: u32,
     console: Console,
     stops: watch::Receiver<u32>,
@@ -336,27 +340,43 @@ impl Runner {
         Ok(())
     }
 
+    /// Whether this run begins a new build, continues the recorded one (resume, or serve
+    /// what is published) or stays Failed: `rebuild::build_start` before the scan, and again
+    /// with the dataset's fingerprint once the scan ran.
     async fn drive(&mut self) -> Result<Ending, LocalError> {
-        let reason = state::new_build_reason(self.record.status.as_ref(), self.spec_changed);
-        let plan = match reason {
-            Some(reason) => self.new_build(reason, None).await?,
-            None => {
+        let before = self.record.status.clone().unwrap_or_default();
+        let plan = match rebuild::build_start(&before, &state::seen(&self.record, None, None)) {
+            BuildStart::Begin(reason) => self.new_build(reason, None).await?,
+            BuildStart::Continue | BuildStart::StayFailed => {
                 let report = match self.scan().await? {
                     Ok(report) => report,
                     Err(ending) => return Ok(ending),
                 };
-                let published = self.state.published();
-                match state::continuation(&self.draft.status, &report.fingerprint, published) {
-                    Continuation::NewBuild(reason) => self.new_build(reason, Some(report)).await?,
-                    Continuation::Published => {
+                let published = Some(self.state.published());
+                let seen = state::seen(&self.record, Some(&report.fingerprint), published);
+                match rebuild::build_start(&before, &seen) {
+                    BuildStart::Begin(reason) => self.new_build(reason, Some(report)).await?,
+                    BuildStart::StayFailed => return self.stay_failed(),
+                    BuildStart::Continue if before.scan.is_none() => {
+                        self.new_build("no scan is recorded", Some(report)).await?
+                    }
+                    BuildStart::Continue if before.unit.phase == Some(IndexPhase::Ready) => {
                         info!("the index is already built for this spec and dataset");
                         Plan::Publish
                     }
-                    Continuation::Resume => self.resume()?,
+                    BuildStart::Continue => self.resume()?,
                 }
             }
         };
         self.build(plan).await
+    }
+
+    /// The last build failed and neither the spec, the rebuild token nor the dataset changed:
+    /// it would fail the same way, so nothing is built.
+    fn stay_failed(&mut self) -> Result<Ending, LocalError> {
+        warn!("the last build failed and neither the spec, its rebuild token nor the dataset changed since: change one of them to build again");
+        self.save()?;
+        Ok(Ending::Failed)
     }
 
     /// Runs the scan; `Err(ending)` when it was interrupted or failed (recorded in status).
@@ -373,7 +393,7 @@ impl Runner {
             Ok(report) => Ok(Ok(report)),
             Err(ProcessError::Scan { code, message, .. }) => {
                 self.tick();
-                let reason = if code == Some(imageindex_crds::policy::exit_code::DATASET) {
+                let reason = if code == Some(imageindex_crds::outcome::exit_code::DATASET) {
                     "DatasetUnavailable"
                 } else {
                     "ScanFailed"
@@ -395,7 +415,7 @@ impl Runner {
     ) -> Result<Plan, LocalError> {
         self.tick();
         self.draft.begin_build(self.record.spec.rebuild.clone());
-        let first = attempts::next_number(&self.draft.status.attempts);
+        let first = attempts::next_number(&self.draft.status.unit.attempts);
         let scan_name = resources::scan_pod_name(&self.manifest.name, first);
         self.draft.scanning(format!(
             "{scan_name} is counting {} ({reason})",
@@ -442,7 +462,7 @@ impl Runner {
         self.tick();
         let scan = self.draft.status.scan.clone();
         if let Some(n) =
-            attempts::running(&mut self.draft.status.attempts, scan.as_ref()).map(|a| a.number)
+            attempts::running(&mut self.draft.status.unit.attempts, scan.as_ref()).map(|a| a.number)
         {
             let limit = self.limit_text();
             self.draft.end_attempt(
@@ -458,33 +478,25 @@ impl Runner {
         self.after_attempt()
     }
 
-    /// The policy's decision after the last attempt of the current build.
+    /// The ladder's decision after the last attempt of the current build.
     fn after_attempt(&mut self) -> Result<Plan, LocalError> {
         let valid = &self.manifest.valid;
-        let plan = match self
-            .draft
-            .decide_next(valid.max_attempts, valid.memory_limit)
-        {
-            None => {
-                let first = attempts::next_number(&self.draft.status.attempts);
-                return self.choose(first);
-            }
-            Some((NextStep::Done, _)) => Plan::Publish,
-            Some((NextStep::GiveUp { .. }, _)) => Plan::Stop(Ending::Failed),
-            Some((
-                NextStep::Start {
-                    preset,
-                    number,
-                    delay,
-                    reason,
-                    message,
-                },
-                last,
-            )) => Plan::Attempt {
-                preset,
-                number,
-                wait: attempts::wait_after(&last, delay, &self.draft.now).unwrap_or_default(),
-                why: Some((reason, message)),
+        let limits = Limits {
+            memory_limit: valid.memory_limit,
+            max_attempts: valid.max_attempts,
+        };
+        let plan = match self.draft.next(limits) {
+            UnitAction::Scan => Plan::Rescan("no scan is recorded"),
+            // Nothing runs between runs: an attempt still open was ended by `resume`.
+            UnitAction::Watch { .. } => Plan::Rescan("a recorded attempt is still open"),
+            UnitAction::Choose { number } => return self.choose(number),
+            UnitAction::Publish => Plan::Publish,
+            UnitAction::GiveUp { .. } => Plan::Stop(Ending::Failed),
+            UnitAction::Start(next) => Plan::Attempt {
+                preset: next.preset,
+                number: next.number,
+                wait: next.wait.unwrap_or_default(),
+                why: Some((next.reason, next.message)),
             },
         };
         self.save()?;
@@ -496,6 +508,7 @@ impl Runner {
             plan = match plan {
                 Plan::Stop(ending) => return Ok(ending),
                 Plan::Publish => return self.publish().await,
+                Plan::Rescan(reason) => self.new_build(reason, None).await?,
                 Plan::Attempt {
                     preset,
                     number,
@@ -532,13 +545,7 @@ impl Runner {
     /// Stopped by a signal: phase Pending, resumable.
     fn interrupted(&mut self, during: &str) -> Result<Ending, LocalError> {
         self.tick();
-        self.draft.status.phase = Some(Phase::Pending);
-        let message = format!("operator local was stopped {during}; run the same command again to resume from the checkpoint");
-        self.draft
-            .set_condition(PROGRESSING, false, "Interrupted", &message);
-        self.draft
-            .set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
-        self.draft.note(false, "Interrupted", "Stop", message);
+        self.draft.interrupted(format!("operator local was stopped {during}; run the same command again to resume from the checkpoint"));
         self.save()?;
         Ok(Ending::Interrupted)
     }

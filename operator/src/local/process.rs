@@ -1,10 +1,12 @@
 //! The local processes of an ImageIndex: the scan, each build attempt (`indexer exec-limited
 //! ... -- indexer build ...`, so the attempt's pid is the build inside its own cgroup), and
-//! the query service. Spawning, signalling and reading how they ended is here; what an
-//! ending means is decided by [`classify`] and the shared policy.
+//! the query service. Spawning, signalling and reading how they ended is here (local mode's
+//! adapter to the decisions' observations: [`attempt_end`]); what an ending means is
+//! `imageindex_crds::outcome::classify`'s call, as in the cluster.
 
-use imageindex_crds::policy::{self, exit_code};
-use imageindex_crds::types::AttemptOutcome;
+use imageindex_crds::observation::AttemptEnd;
+pub use imageindex_crds::observation::Stop;
+use imageindex_crds::outcome::exit_code;
 use imageindex_crds::ScanReport;
 use std::ffi::OsString;
 use std::fs::File;
@@ -109,31 +111,13 @@ impl ExitInfo {
     }
 }
 
-/// Why the operator stopped a build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    /// Sustained critical memory pressure (the policy's call).
-    Pressure,
-    /// The operator itself was asked to stop (Ctrl-C, SIGTERM).
-    Interrupt,
-}
-
-/// How an attempt ended: the OOM killer's counter of its cgroup and the exit decide, unless
-/// the operator stopped it (a build that published anyway succeeded).
-pub fn classify(exit: &ExitInfo, oom_kills: u64, stop: Option<Stop>) -> AttemptOutcome {
-    let code = exit.exit_code();
-    if code == Some(exit_code::OK) {
-        return AttemptOutcome::Succeeded;
-    }
-    match stop {
-        Some(Stop::Interrupt) => AttemptOutcome::Interrupted,
-        Some(Stop::Pressure) => policy::outcome_of_exit(code, false, true),
-        // A SIGKILL the operator did not send is the OOM killer's (the counter may lag).
-        None => policy::outcome_of_exit(
-            code,
-            oom_kills > 0 || code == Some(exit_code::KILLED),
-            false,
-        ),
+/// How an attempt ended, as local mode sees it: the exit (its code, or 128 + the signal that
+/// killed it), the OOM killer's counter of its cgroup, and whether the operator stopped it.
+pub fn attempt_end(exit: &ExitInfo, oom_kills: u64, stop: Option<Stop>) -> AttemptEnd {
+    AttemptEnd {
+        exit_code: exit.exit_code(),
+        oom_kill_reported: oom_kills > 0,
+        stopped: stop,
     }
 }
 
@@ -400,30 +384,54 @@ mod tests {
     }
 
     #[test]
-    fn endings_are_classified_like_the_controller_does() {
-        use AttemptOutcome::*;
+    fn endings_are_observed_with_the_cgroup_counter_and_the_stop() {
+        use imageindex_crds::outcome::classify;
+        use imageindex_crds::pressure::MemorySample;
+        use imageindex_crds::types::AttemptOutcome::*;
+        let near = MemorySample {
+            at_ms: 0,
+            working_set: 90,
+            limit: 100,
+        };
+        let none = None::<MemorySample>;
         let cases = [
-            (exited(0), 0, None, Succeeded),
-            (exited(0), 0, Some(Stop::Interrupt), Succeeded),
-            (exited(0), 0, Some(Stop::Pressure), Succeeded),
-            (killed(9), 1, None, OomKilled),
-            (killed(9), 0, None, OomKilled),
-            (exited(137), 0, None, OomKilled),
-            (exited(1), 1, None, OomKilled),
-            (killed(9), 0, Some(Stop::Interrupt), Interrupted),
-            (exited(6), 0, Some(Stop::Interrupt), Interrupted),
-            (exited(6), 0, None, Interrupted),
-            (killed(15), 0, None, Interrupted),
-            (exited(6), 0, Some(Stop::Pressure), MemoryPressureRestart),
-            (killed(9), 0, Some(Stop::Pressure), MemoryPressureRestart),
-            (exited(1), 0, None, Failed),
-            (exited(3), 0, None, Failed),
+            (exited(0), 0, None, none, Succeeded),
+            (exited(0), 0, Some(Stop::Interrupt), None, Succeeded),
+            (exited(0), 0, Some(Stop::Pressure), None, Succeeded),
+            (killed(9), 1, None, None, OomKilled),
+            (exited(1), 1, None, None, OomKilled),
+            // A SIGKILL the cgroup did not count is the OOM killer's only at the limit.
+            (killed(9), 0, None, Some(near), OomKilled),
+            (exited(137), 0, None, Some(near), OomKilled),
+            (killed(9), 0, None, None, Killed),
+            (exited(137), 0, None, None, Killed),
+            (killed(9), 0, Some(Stop::Interrupt), None, Interrupted),
+            (exited(6), 0, Some(Stop::Interrupt), None, Interrupted),
+            (exited(6), 0, None, None, Interrupted),
+            (killed(15), 0, None, None, Interrupted),
+            (
+                exited(6),
+                0,
+                Some(Stop::Pressure),
+                None,
+                MemoryPressureRestart,
+            ),
+            (
+                killed(9),
+                0,
+                Some(Stop::Pressure),
+                None,
+                MemoryPressureRestart,
+            ),
+            (exited(1), 0, None, None, Failed),
+            (exited(3), 0, None, None, Failed),
         ];
-        for (exit, ooms, stop, want) in cases {
+        for (exit, ooms, stop, last, want) in cases {
+            let end = attempt_end(&exit, ooms, stop);
             assert_eq!(
-                classify(&exit, ooms, stop),
+                classify(&end, last.as_ref()),
                 want,
-                "{exit:?} {ooms} {stop:?}"
+                "{exit:?} {ooms} {stop:?} {last:?}"
             );
         }
         assert_eq!(killed(9).exit_code(), Some(137));

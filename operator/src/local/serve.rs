@@ -32,7 +32,7 @@ fn example_image(dataset: &Path) -> Option<PathBuf> {
 impl Runner {
     fn ready_line(&self) -> String {
         let s = &self.draft.status;
-        let current = attempts::of_current_build(&s.attempts, s.scan.as_ref());
+        let current = attempts::of_current_build(&s.unit.attempts, s.scan.as_ref());
         let peak = current
             .last()
             .and_then(|a| a.peak_working_set)
@@ -41,7 +41,7 @@ impl Runner {
             "{} is Ready after {:.1}s: preset {}, {} images, {} attempt(s) in this build, peak working set {peak} under {}",
             self.manifest.name,
             self.started.elapsed().as_secs_f64(),
-            s.preset.as_deref().unwrap_or("?"),
+            s.unit.preset.as_deref().unwrap_or("?"),
             s.scan.as_ref().map_or(0, |s| s.images),
             current.len(),
             self.limit_text()
@@ -52,7 +52,7 @@ impl Runner {
     pub(super) async fn publish(&mut self) -> Result<Ending, LocalError> {
         self.tick();
         self.draft.published();
-        let generation = self.draft.status.index_generation.unwrap_or(0);
+        let generation = self.draft.status.unit.index_generation.unwrap_or(0);
         let index = self.state.index_dir();
         let Some(addr) = self.opts.serve else {
             self.draft.status.endpoint = None;

@@ -1,6 +1,7 @@
 //! The state directory of one local ImageIndex: the resource with its status as last written
 //! (so a rerun continues the attempt history and resumes), the index the builds write (with
-//! its checkpoint), and each attempt's log.
+//! its checkpoint), and each attempt's log. Whether a rerun continues is decided by
+//! `imageindex_crds::rebuild::build_start` over what this directory holds.
 //!
 //! ```text
 //! STATE/
@@ -11,8 +12,8 @@
 //!   lock                  held (flock) by the one `operator local` using this directory
 //! ```
 
-use imageindex_crds::types::Phase;
-use imageindex_crds::{ImageIndex, ImageIndexStatus};
+use imageindex_crds::rebuild::Seen;
+use imageindex_crds::ImageIndex;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -175,22 +176,18 @@ impl StateDir {
 }
 
 /// The ImageIndex this run works on: the manifest's metadata and spec with the saved status.
-/// `metadata.generation` counts spec changes across runs (it is what conditions'
-/// `observedGeneration` refer to); returns whether the spec changed since the saved run.
-pub fn record_for_run(
-    saved: Option<ImageIndex>,
-    manifest: &ImageIndex,
-    now: Time,
-) -> (ImageIndex, bool) {
+/// `metadata.generation` counts spec changes across runs as the API server counts them (it is
+/// what `status.observedGeneration` and conditions refer to), so a changed spec shows as in a
+/// cluster: a generation the status has not observed.
+pub fn record_for_run(saved: Option<ImageIndex>, manifest: &ImageIndex, now: Time) -> ImageIndex {
     let mut record = manifest.clone();
-    let (generation, changed, created, status) = match saved {
-        None => (1, false, now, None),
+    let (generation, created, status) = match saved {
+        None => (1, now, None),
         Some(saved) => {
             let before = saved.metadata.generation.unwrap_or(1);
             let changed = saved.spec != manifest.spec;
             (
                 if changed { before + 1 } else { before },
-                changed,
                 saved.metadata.creation_timestamp.unwrap_or(now),
                 saved.status,
             )
@@ -199,100 +196,44 @@ pub fn record_for_run(
     record.metadata.generation = Some(generation);
     record.metadata.creation_timestamp = Some(created);
     record.status = status;
-    (record, changed)
+    record
 }
 
-/// Why a run starts a new build instead of continuing the recorded one, judged before the
-/// scan; `None`: the recorded build may continue if the dataset is unchanged.
-pub fn new_build_reason(
-    saved: Option<&ImageIndexStatus>,
-    spec_changed: bool,
-) -> Option<&'static str> {
-    let Some(saved) = saved else {
-        return Some("first run");
-    };
-    if spec_changed {
-        return Some("the spec changed");
-    }
-    match saved.phase {
-        None => Some("no build recorded"),
-        Some(Phase::Failed) => Some("the last build failed"),
-        Some(_) if saved.scan.is_none() => Some("no scan recorded"),
-        Some(_) => None,
-    }
-}
-
-/// How a run goes on from a recorded build whose spec is unchanged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Continuation {
-    /// Build anew, for this reason.
-    NewBuild(&'static str),
-    /// Its index is published and current: nothing to build.
-    Published,
-    /// It was stopped before it published: resume it from the checkpoint.
-    Resume,
-}
-
-/// Decides how to go on from `saved` now that the dataset's `fingerprint` is known and
-/// whether the index directory holds a published generation.
-pub fn continuation(saved: &ImageIndexStatus, fingerprint: &str, published: bool) -> Continuation {
-    if saved.scan.as_ref().map(|s| s.fingerprint.as_str()) != Some(fingerprint) {
-        Continuation::NewBuild("the dataset changed")
-    } else if saved.phase == Some(Phase::Ready) {
-        if published {
-            Continuation::Published
-        } else {
-            Continuation::NewBuild("the published index is gone")
-        }
-    } else {
-        Continuation::Resume
+/// What a run sees of the build recorded in `record` (from [`record_for_run`]): the spec
+/// against the saved status, as a cluster would show it, and — once the run has scanned — the
+/// dataset's fingerprint and whether the index directory holds a published generation. Nothing
+/// of an earlier run is still running, so a changed spec starts over.
+pub fn seen<'a>(
+    record: &'a ImageIndex,
+    fingerprint: Option<&'a str>,
+    published: Option<bool>,
+) -> Seen<'a> {
+    let before = record.status.clone().unwrap_or_default();
+    Seen {
+        fingerprint,
+        published,
+        spec_change_restarts: true,
+        ..Seen::of_spec(
+            &before,
+            record.metadata.generation,
+            record.spec.rebuild.as_deref(),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imageindex_crds::types::ScanSummary;
+    use imageindex_crds::types::IndexPhase;
+    use imageindex_crds::ImageIndexStatus;
 
-    fn status(phase: Phase, fingerprint: &str) -> ImageIndexStatus {
-        ImageIndexStatus {
-            phase: Some(phase),
-            scan: Some(ScanSummary {
-                fingerprint: fingerprint.into(),
-                ..ScanSummary::default()
-            }),
+    fn building() -> ImageIndexStatus {
+        let mut s = ImageIndexStatus {
+            observed_generation: Some(1),
             ..ImageIndexStatus::default()
-        }
-    }
-
-    #[test]
-    fn reruns_continue_unless_something_changed() {
-        assert_eq!(new_build_reason(None, false), Some("first run"));
-        let building = status(Phase::Building, "f1");
-        assert_eq!(new_build_reason(Some(&building), false), None);
-        assert_eq!(
-            new_build_reason(Some(&building), true),
-            Some("the spec changed")
-        );
-        assert_eq!(
-            new_build_reason(Some(&status(Phase::Failed, "f1")), false),
-            Some("the last build failed")
-        );
-        assert_eq!(
-            new_build_reason(Some(&ImageIndexStatus::default()), false),
-            Some("no build recorded")
-        );
-        assert_eq!(continuation(&building, "f1", false), Continuation::Resume);
-        assert_eq!(
-            continuation(&building, "f2", false),
-            Continuation::NewBuild("the dataset changed")
-        );
-        let ready = status(Phase::Ready, "f1");
-        assert_eq!(continuation(&ready, "f1", true), Continuation::Published);
-        assert_eq!(
-            continuation(&ready, "f1", false),
-            Continuation::NewBuild("the published index is gone")
-        );
+        };
+        s.unit.phase = Some(IndexPhase::Building);
+        s
     }
 
     #[test]
@@ -303,17 +244,22 @@ mod tests {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(10).unwrap());
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(20).unwrap());
         let manifest = ImageIndex::new("cats", spec("1Gi"));
-        let (first, changed) = record_for_run(None, &manifest, t0.clone());
-        assert_eq!((first.metadata.generation, changed), (Some(1), false));
+        let first = record_for_run(None, &manifest, t0.clone());
+        assert_eq!(first.metadata.generation, Some(1));
         let mut saved = first.clone();
-        saved.status = Some(status(Phase::Building, "f"));
-        let (again, changed) = record_for_run(Some(saved.clone()), &manifest, t1.clone());
-        assert_eq!((again.metadata.generation, changed), (Some(1), false));
+        saved.status = Some(building());
+        let again = record_for_run(Some(saved.clone()), &manifest, t1.clone());
+        assert_eq!(again.metadata.generation, Some(1));
         assert_eq!(again.status, saved.status);
         assert_eq!(again.metadata.creation_timestamp, Some(t0));
         let bigger = ImageIndex::new("cats", spec("2Gi"));
-        let (next, changed) = record_for_run(Some(saved), &bigger, t1);
-        assert_eq!((next.metadata.generation, changed), (Some(2), true));
+        let next = record_for_run(Some(saved), &bigger, t1);
+        assert_eq!(next.metadata.generation, Some(2));
+        // The status observed generation 1: the spec changed, as a cluster would show it.
+        assert_ne!(
+            next.status.as_ref().and_then(|s| s.observed_generation),
+            next.metadata.generation
+        );
     }
 
     #[test]

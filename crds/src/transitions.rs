@@ -2,25 +2,29 @@
 //! attempts, memory, progress — and the notes (Events) of the decisions taken.
 //!
 //! Pure code over [`ImageIndexStatus`], shared by the Kubernetes controller and local mode so
-//! that both report a build the same way: the decisions are `imageindex_crds::policy`'s, the
-//! wording and bookkeeping are here, and the callers only do I/O (pods or processes).
+//! that both report a build the same way: the runtimes say what they observed (a scan report,
+//! a scrape, an [`AttemptEnd`]), the steps here record it and ask the decisions
+//! ([`crate::first_preset`], [`crate::pressure`], [`crate::outcome`], [`crate::ladder`]) what
+//! follows, and the runtimes carry that out (pods or processes).
 
 use crate::attempts;
-use crate::scrape::BuildMetrics;
-use imageindex_crds::conditions::{
-    self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY,
+use crate::conditions::{self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY};
+use crate::first_preset::{self, PresetFit};
+use crate::ladder::{self, Limits, UnitAction};
+use crate::observation::{AttemptEnd, ScrapedMetrics};
+use crate::outcome;
+use crate::preset::{Preset, PresetSelector};
+use crate::pressure::{self, MemorySample, Pressure, PressureLevel};
+use crate::quantity::format_mebibytes_ceil;
+use crate::rebuild;
+use crate::types::{
+    Attempt, AttemptOutcome, ImageIndexStatus, IndexPhase, MemoryStatus, Progress, ScanSummary,
 };
-use imageindex_crds::policy::{
-    self, MemorySample, NextStep, PresetChoice, Pressure, PressureLevel,
-};
-use imageindex_crds::quantity::format_mebibytes_ceil;
-use imageindex_crds::types::{Attempt, AttemptOutcome, MemoryStatus, Phase, Progress, ScanSummary};
-use imageindex_crds::{ImageIndexStatus, Preset, PresetSelector};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
 /// Progressing reason after the operator gave up on a build.
-pub const BUILD_FAILED: &str = "BuildFailed";
+pub const BUILD_FAILED: &str = rebuild::BUILD_FAILED;
 /// Degraded reason of an invalid spec.
 pub const INVALID_SPEC: &str = "InvalidSpec";
 
@@ -97,7 +101,7 @@ impl StatusDraft {
 
     /// Whether an index has been published (and so may be served while a rebuild runs).
     pub fn served(&self) -> bool {
-        self.status.index_generation.unwrap_or(0) > 0
+        self.status.unit.index_generation.unwrap_or(0) > 0
     }
 
     /// Invalid spec: say so in `Degraded` and start nothing. A build already running is
@@ -107,10 +111,10 @@ impl StatusDraft {
             self.note(true, INVALID_SPEC, "Validate", message.to_string());
         }
         if matches!(
-            self.status.phase,
-            None | Some(Phase::Pending) | Some(Phase::Failed)
+            self.status.unit.phase,
+            None | Some(IndexPhase::Pending) | Some(IndexPhase::Failed)
         ) {
-            self.status.phase = Some(Phase::Failed);
+            self.status.unit.phase = Some(IndexPhase::Failed);
             self.set_condition(
                 PROGRESSING,
                 false,
@@ -135,13 +139,13 @@ impl StatusDraft {
     /// A new build begins (first one or a rebuild for `rebuild`): phase Pending, the
     /// previous build's memory and progress cleared.
     pub fn begin_build(&mut self, rebuild: Option<String>) {
-        if self.status.phase == Some(Phase::Pending) {
+        if self.status.unit.phase == Some(IndexPhase::Pending) {
             return;
         }
-        self.status.phase = Some(Phase::Pending);
+        self.status.unit.phase = Some(IndexPhase::Pending);
         self.status.rebuild = rebuild;
-        self.status.memory = None;
-        self.status.progress = None;
+        self.status.unit.memory = None;
+        self.status.unit.progress = None;
         self.set_condition(PROGRESSING, true, "Starting", "starting a build");
         self.set_condition(DEGRADED, false, "NewBuild", "a new build started");
         self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
@@ -152,7 +156,7 @@ impl StatusDraft {
 
     /// The scan started (`message` says where it runs).
     pub fn scanning(&mut self, message: String) {
-        self.status.phase = Some(Phase::Scanning);
+        self.status.unit.phase = Some(IndexPhase::Scanning);
         self.set_condition(PROGRESSING, true, "Scanning", &message);
         self.note(false, "ScanStarted", "Scan", message);
     }
@@ -187,20 +191,20 @@ impl StatusDraft {
             self.give_up("ScanReportMissing", "no scan result in status".into());
             return None;
         };
-        match policy::choose_preset(selector, &shape, limit, disk_limit) {
-            PresetChoice::NothingFits { message } => {
+        match first_preset::choose_preset(selector, &shape, limit, disk_limit) {
+            PresetFit::NothingFits { message } => {
                 self.set_condition(PRESET_FITS, false, "NothingFits", &message);
                 self.give_up("NothingFits", message);
                 None
             }
-            PresetChoice::ExplicitTooLarge {
+            PresetFit::ExplicitTooLarge {
                 preset, message, ..
             } => {
                 self.set_condition(PRESET_FITS, false, "ExplicitTooLarge", &message);
                 self.note(true, "PresetTooLarge", "ChoosePreset", message);
                 Some(preset)
             }
-            PresetChoice::Fits { preset, message } => {
+            PresetFit::Fits { preset, message } => {
                 self.set_condition(PRESET_FITS, true, "Fits", &message);
                 self.note(false, "PresetChosen", "ChoosePreset", message);
                 Some(preset)
@@ -222,11 +226,11 @@ impl StatusDraft {
             self.note(false, reason, "StartAttempt", message);
         }
         let (number, label) = (started.number, started.preset.clone());
-        self.status.attempts.push(started);
-        self.status.preset = Some(label.clone());
-        self.status.phase = Some(Phase::Building);
-        self.status.memory = None;
-        self.status.progress = None;
+        self.status.unit.attempts.push(started);
+        self.status.unit.preset = Some(label.clone());
+        self.status.unit.phase = Some(IndexPhase::Building);
+        self.status.unit.memory = None;
+        self.status.unit.progress = None;
         let message =
             format!("attempt {number} builds with preset {label} under {memory_limit} in {place}");
         self.set_condition(PROGRESSING, true, "Building", &message);
@@ -246,7 +250,7 @@ impl StatusDraft {
     pub fn observe(
         &mut self,
         number: u32,
-        m: &BuildMetrics,
+        m: &ScrapedMetrics,
         samples: &[MemorySample],
     ) -> Option<Pressure> {
         let images = self.status.scan.as_ref().map_or(0, |s| s.images);
@@ -255,12 +259,13 @@ impl StatusDraft {
         } = samples.last()?;
         let attempt = self
             .status
+            .unit
             .attempts
             .iter_mut()
             .find(|a| a.number == number)?;
         attempts::raise_peaks(attempt, m.peak_rss.max(m.rss), Some(working_set));
         let peak = attempt.peak_working_set.unwrap_or(working_set);
-        self.status.memory = Some(MemoryStatus::new(
+        self.status.unit.memory = Some(MemoryStatus::new(
             m.rss.unwrap_or(0),
             working_set,
             m.available
@@ -268,14 +273,14 @@ impl StatusDraft {
             limit,
             peak,
         ));
-        self.status.progress = Some(Progress::new(
+        self.status.unit.progress = Some(Progress::new(
             m.images_processed.unwrap_or(0),
             m.images_total.unwrap_or(images),
             m.images_failed.unwrap_or(0),
             m.descriptors.unwrap_or(0),
             m.phase.clone(),
         ));
-        let pressure = policy::classify_pressure(samples);
+        let pressure = pressure::classify_pressure(samples);
         self.set_condition(
             MEMORY_PRESSURE,
             pressure.level >= PressureLevel::Warning,
@@ -288,7 +293,13 @@ impl StatusDraft {
     /// Raises attempt `number`'s recorded peaks with measurements taken outside the scrapes
     /// (the build's own summary, the cgroup's charge).
     pub fn raise_peaks(&mut self, number: u32, rss: Option<u64>, working_set: Option<u64>) {
-        if let Some(a) = self.status.attempts.iter_mut().find(|a| a.number == number) {
+        if let Some(a) = self
+            .status
+            .unit
+            .attempts
+            .iter_mut()
+            .find(|a| a.number == number)
+        {
             attempts::raise_peaks(a, rss, working_set);
         }
     }
@@ -305,14 +316,20 @@ impl StatusDraft {
         memory_limit: &str,
     ) -> bool {
         let end = end.unwrap_or_else(|| self.now.clone());
-        let Some(attempt) = self.status.attempts.iter_mut().find(|a| a.number == number) else {
+        let Some(attempt) = self
+            .status
+            .unit
+            .attempts
+            .iter_mut()
+            .find(|a| a.number == number)
+        else {
             return false;
         };
         attempts::finish(attempt, outcome, exit_code, message.clone(), end);
         if outcome == AttemptOutcome::OomKilled {
             // The kernel kills at the limit: the last scrape may predate the spike, so an
             // OOM-killed attempt's peak is at least its limit.
-            let limit = imageindex_crds::quantity::parse_bytes(memory_limit).ok();
+            let limit = crate::quantity::parse_bytes(memory_limit).ok();
             attempts::raise_peaks(attempt, None, limit);
         }
         let preset = attempt.preset.clone();
@@ -322,55 +339,66 @@ impl StatusDraft {
         let text = format!("attempt {number} with preset {preset} under {memory_limit} (peak working set {peak}): {message}");
         let (warning, reason) = match outcome {
             AttemptOutcome::Succeeded => {
-                self.status.index_generation = Some(self.status.index_generation.unwrap_or(0) + 1);
+                self.status.unit.index_generation =
+                    Some(self.status.unit.index_generation.unwrap_or(0) + 1);
                 (false, "BuildSucceeded")
             }
             AttemptOutcome::OomKilled => (true, "OOMKilled"),
             AttemptOutcome::MemoryPressureRestart => (true, "MemoryPressureRestart"),
             AttemptOutcome::Failed => (true, "BuildFailed"),
+            AttemptOutcome::Killed => (true, "BuildKilled"),
             AttemptOutcome::Interrupted => (false, "BuildInterrupted"),
         };
         self.note(warning, reason, "Build", text);
         true
     }
 
-    /// After an attempt of the current build ended without success: the policy's next step
-    /// and the attempt it follows. A `GiveUp` (or an attempt with an unknown preset) has been
-    /// applied already; a downgrade or retry is in `Degraded`. `None`: there is no ended
-    /// attempt or no scan, so the build must start over.
-    pub fn decide_next(&mut self, max_attempts: u32, limit: u64) -> Option<(NextStep, Attempt)> {
-        let scan = self.status.scan.clone()?;
-        let current = attempts::owned_current_build(&self.status.attempts, Some(&scan));
-        let last = current.last()?.clone();
-        let Some(preset) = Preset::from_label(&last.preset) else {
-            let reason = "UnknownPreset";
-            let message = format!(
-                "attempt {} has an unknown preset {:?}",
-                last.number, last.preset
-            );
-            self.give_up(reason, message.clone());
-            return Some((NextStep::GiveUp { reason, message }, last));
-        };
-        let outcome = last.outcome.unwrap_or(AttemptOutcome::Failed);
-        let step = policy::after_attempt(
-            &preset,
-            outcome,
-            last.exit_code,
-            &current,
-            max_attempts,
-            limit,
-            &scan.shape(),
+    /// The outcome of the running attempt that ended so, by the one rule of
+    /// [`outcome::classify`]; its last memory sample is its last scrape, which status keeps
+    /// (`memory`, cleared when an attempt starts).
+    pub fn outcome_of(&self, end: &AttemptEnd) -> AttemptOutcome {
+        let last = self.status.unit.memory.as_ref().map(|m| MemorySample {
+            at_ms: 0,
+            working_set: m.working_set,
+            limit: m.limit,
+        });
+        outcome::classify(end, last.as_ref())
+    }
+
+    /// How attempt `number` ended, as its runtime observed it: names the outcome
+    /// ([`Self::outcome_of`]) and records it like [`Self::end_attempt`]. `None` when the
+    /// attempt is not recorded.
+    pub fn attempt_ended(
+        &mut self,
+        number: u32,
+        end: &AttemptEnd,
+        message: String,
+        at: Option<Time>,
+        memory_limit: &str,
+    ) -> Option<AttemptOutcome> {
+        let outcome = self.outcome_of(end);
+        self.end_attempt(number, outcome, end.exit_code, message, at, memory_limit)
+            .then_some(outcome)
+    }
+
+    /// What the build unit does next ([`ladder::next_action`], at `now`). After an attempt ended
+    /// without success the decision is applied here already: a give-up gives up, a downgrade
+    /// or retry is in `Degraded` (a resume after an interruption is not).
+    pub fn next(&mut self, limits: Limits) -> UnitAction {
+        let action = ladder::next_action(
+            &self.status.unit,
+            self.status.scan.as_ref(),
+            limits,
+            &self.now,
         );
-        match &step {
-            NextStep::GiveUp { reason, message } => self.give_up(reason, message.clone()),
-            NextStep::Start {
-                reason, message, ..
-            } if outcome != AttemptOutcome::Interrupted => {
-                self.set_condition(DEGRADED, true, reason, message);
+        match &action {
+            UnitAction::GiveUp { reason, message } => self.give_up(reason, message.clone()),
+            UnitAction::Start(next) if next.after != AttemptOutcome::Interrupted => {
+                self.set_condition(DEGRADED, true, next.reason, &next.message);
             }
             _ => {}
         }
-        Some((step, last))
+        action
     }
 
     /// The next attempt waits `wait` before it starts (back-off after a failure).
@@ -392,9 +420,9 @@ impl StatusDraft {
         self.set_condition(DEGRADED, true, reason, &message);
         self.set_condition(PROGRESSING, false, BUILD_FAILED, &message);
         if self.served() {
-            self.status.phase = Some(Phase::Ready);
+            self.status.unit.phase = Some(IndexPhase::Ready);
         } else {
-            self.status.phase = Some(Phase::Failed);
+            self.status.unit.phase = Some(IndexPhase::Failed);
             self.set_condition(READY, false, BUILD_FAILED, &message);
         }
         self.note(true, reason, "GiveUp", message);
@@ -402,13 +430,22 @@ impl StatusDraft {
 
     /// Whether the last build was given up on.
     pub fn build_gave_up(&self) -> bool {
-        conditions::get(&self.status.conditions, PROGRESSING)
-            .is_some_and(|c| c.status == "False" && c.reason == BUILD_FAILED)
+        rebuild::gave_up(&self.status)
+    }
+
+    /// The runtime itself was stopped (local mode: a signal) `message`: phase Pending, no build
+    /// running; the recorded build resumes on the next run.
+    pub fn interrupted(&mut self, message: String) {
+        self.status.unit.phase = Some(IndexPhase::Pending);
+        self.set_condition(PROGRESSING, false, "Interrupted", &message);
+        self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
+        self.note(false, "Interrupted", "Stop", message);
     }
 
     /// The presets the current build started and ended with.
     fn first_and_last_preset(&self) -> (String, String) {
-        let current = attempts::of_current_build(&self.status.attempts, self.status.scan.as_ref());
+        let current =
+            attempts::of_current_build(&self.status.unit.attempts, self.status.scan.as_ref());
         let first = current
             .first()
             .map(|a| a.preset.clone())
@@ -436,7 +473,7 @@ impl StatusDraft {
     /// The published index is available (`reason`, `message` say how): phase Ready.
     pub fn ready(&mut self, reason: &str, message: String, action: &'static str) {
         let (_, last) = self.first_and_last_preset();
-        self.status.phase = Some(Phase::Ready);
+        self.status.unit.phase = Some(IndexPhase::Ready);
         self.set_condition(READY, true, reason, &message);
         self.set_condition(
             PROGRESSING,
@@ -452,14 +489,7 @@ impl StatusDraft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imageindex_crds::PresetSelector;
-    use k8s_openapi::jiff::Timestamp;
-
-    const MIB: u64 = 1 << 20;
-
-    fn at(secs: i64) -> Time {
-        Time(Timestamp::from_second(secs).unwrap())
-    }
+    use crate::fixtures::{at, MIB};
 
     fn photos() -> ScanSummary {
         ScanSummary {
@@ -478,6 +508,13 @@ mod tests {
         d.begin_build(None);
         d.scanned(photos());
         d
+    }
+
+    fn limits(memory_limit: u64) -> Limits {
+        Limits {
+            memory_limit,
+            max_attempts: 6,
+        }
     }
 
     fn cond(d: &StatusDraft, type_: &str) -> (String, String) {
@@ -501,12 +538,12 @@ mod tests {
             ("False".into(), "ExplicitTooLarge".into())
         );
         start(&mut d, 1, &full);
-        assert_eq!(d.status.phase, Some(Phase::Building));
-        let m = BuildMetrics {
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Building));
+        let m = ScrapedMetrics {
             rss: Some(70 * MIB),
             working_set: Some(75 * MIB),
             images_processed: Some(5),
-            ..BuildMetrics::default()
+            ..ScrapedMetrics::default()
         };
         let s = MemorySample {
             at_ms: 0,
@@ -516,7 +553,10 @@ mod tests {
         let p = d.observe(1, &m, &[s]).unwrap();
         assert_eq!(p.level, PressureLevel::Warning);
         assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True");
-        assert_eq!(d.status.progress.as_ref().unwrap().summary, "5/31 (16%)");
+        assert_eq!(
+            d.status.unit.progress.as_ref().unwrap().summary,
+            "5/31 (16%)"
+        );
         assert!(d.end_attempt(
             1,
             AttemptOutcome::OomKilled,
@@ -525,12 +565,12 @@ mod tests {
             None,
             "80Mi"
         ));
-        let (step, last) = d.decide_next(6, 80 * MIB).unwrap();
-        // the last scrape saw 75Mi; the kernel killed it at the 80Mi limit
-        assert_eq!(last.peak_working_set, Some(80 * MIB));
-        let NextStep::Start { preset, number, .. } = step else {
-            panic!("{step:?}")
+        let UnitAction::Start(next) = d.next(limits(80 * MIB)) else {
+            panic!("no next attempt")
         };
+        // the last scrape saw 75Mi; the kernel killed it at the 80Mi limit
+        assert_eq!(d.status.unit.attempts[0].peak_working_set, Some(80 * MIB));
+        let (preset, number) = (next.preset, next.number);
         assert_eq!((preset.label().as_str(), number), ("medium", 2));
         assert_eq!(
             cond(&d, DEGRADED),
@@ -545,10 +585,10 @@ mod tests {
             None,
             "80Mi",
         );
-        assert_eq!(d.status.index_generation, Some(1));
+        assert_eq!(d.status.unit.index_generation, Some(1));
         d.published();
         d.ready("IndexPublished", "served".into(), "Publish");
-        assert_eq!(d.status.phase, Some(Phase::Ready));
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Ready));
         assert_eq!(cond(&d, DEGRADED), ("True".into(), "Downgraded".into()));
         assert_eq!(cond(&d, READY), ("True".into(), "IndexPublished".into()));
         let notes: Vec<String> = d.take_notes().into_iter().map(|n| n.reason).collect();
@@ -578,8 +618,8 @@ mod tests {
         assert!(d
             .choose_preset(PresetSelector::Auto, 20 * MIB, None)
             .is_none());
-        assert_eq!(d.status.phase, Some(Phase::Failed));
-        assert!(d.status.attempts.is_empty());
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Failed));
+        assert!(d.status.unit.attempts.is_empty());
         assert_eq!(cond(&d, DEGRADED), ("True".into(), "NothingFits".into()));
         assert!(d.build_gave_up());
     }
@@ -599,8 +639,10 @@ mod tests {
             None,
             "1Gi",
         );
-        let (step, _) = d.decide_next(6, 1 << 30).unwrap();
-        assert!(matches!(step, NextStep::Start { preset, number: 2, .. } if preset == small));
+        let UnitAction::Start(next) = d.next(limits(1 << 30)) else {
+            panic!("no next attempt")
+        };
+        assert_eq!((next.preset, next.number), (small, 2));
         assert_eq!(cond(&d, DEGRADED), ("False".into(), "NewBuild".into()));
     }
 
@@ -609,28 +651,94 @@ mod tests {
         let mut d = draft();
         let mut a = attempts::started(1, "huge", "x-build-1", at(0));
         attempts::finish(&mut a, AttemptOutcome::Failed, Some(1), "m".into(), at(1));
-        d.status.attempts.push(a);
+        d.status.unit.attempts.push(a);
         assert!(matches!(
-            d.decide_next(6, 1 << 30),
-            Some((
-                NextStep::GiveUp {
-                    reason: "UnknownPreset",
-                    ..
-                },
-                _
-            ))
+            d.next(limits(1 << 30)),
+            UnitAction::GiveUp {
+                reason: "UnknownPreset",
+                ..
+            }
         ));
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Failed));
         d.status.scan = None;
-        assert!(d.decide_next(6, 1 << 30).is_none());
+        assert_eq!(d.next(limits(1 << 30)), UnitAction::Scan);
     }
 
     #[test]
     fn invalid_spec_fails_an_idle_index_and_clears_when_fixed() {
         let mut d = StatusDraft::new(ImageIndexStatus::default(), Some(1), at(0));
         d.invalid_spec("spec.memoryLimit: bad");
-        assert_eq!(d.status.phase, Some(Phase::Failed));
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Failed));
         assert_eq!(cond(&d, DEGRADED), ("True".into(), INVALID_SPEC.into()));
         d.spec_valid();
         assert_eq!(cond(&d, DEGRADED), ("False".into(), "SpecValid".into()));
+    }
+
+    #[test]
+    fn an_ended_attempt_is_named_by_the_one_rule_with_its_last_scrape() {
+        let mut d = draft();
+        let full = d
+            .choose_preset(PresetSelector::Full, 80 * MIB, None)
+            .unwrap();
+        start(&mut d, 1, &full);
+        let kill = AttemptEnd {
+            exit_code: Some(137),
+            ..AttemptEnd::default()
+        };
+        // No scrape: a bare SIGKILL is not the OOM killer's.
+        let mut quiet = d.clone();
+        assert_eq!(
+            quiet.attempt_ended(1, &kill, "killed".into(), None, "80Mi"),
+            Some(AttemptOutcome::Killed)
+        );
+        let UnitAction::Start(next) = quiet.next(limits(80 * MIB)) else {
+            panic!("no next attempt")
+        };
+        assert!(
+            (next.preset, next.number, next.reason) == (full, 2, "RetryAfterKill"),
+            "{next:?}"
+        );
+        assert_eq!(cond(&quiet, DEGRADED).1, "RetryAfterKill");
+        // The last scrape saw 70 of 80Mi: the same SIGKILL is an OOM kill.
+        let m = ScrapedMetrics {
+            working_set: Some(70 * MIB),
+            ..ScrapedMetrics::default()
+        };
+        let s = MemorySample {
+            at_ms: 0,
+            working_set: 70 * MIB,
+            limit: 80 * MIB,
+        };
+        d.observe(1, &m, &[s]);
+        assert_eq!(
+            d.attempt_ended(1, &kill, "killed".into(), None, "80Mi"),
+            Some(AttemptOutcome::OomKilled)
+        );
+        assert_eq!(
+            d.status.unit.attempts[0].peak_working_set,
+            Some(80 * MIB),
+            "an OOM kill happens at the limit"
+        );
+        assert_eq!(d.attempt_ended(9, &kill, "x".into(), None, "80Mi"), None);
+    }
+
+    #[test]
+    fn an_interrupted_run_is_pending_and_resumes() {
+        let mut d = draft();
+        let small = d
+            .choose_preset(PresetSelector::Small, 1 << 30, None)
+            .unwrap();
+        start(&mut d, 1, &small);
+        assert_eq!(d.next(limits(1 << 30)), UnitAction::Watch { number: 1 });
+        d.interrupted("stopped by SIGTERM".into());
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Pending));
+        assert_eq!(
+            cond(&d, PROGRESSING),
+            ("False".into(), "Interrupted".into())
+        );
+        assert_eq!(
+            cond(&d, MEMORY_PRESSURE),
+            ("False".into(), "NoBuild".into())
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! the status counts, latency percentiles and the server's own peak memory (from its
 //! `/metrics`). Traffic goes only to the address given (a service you run).
 
-use crate::bench::stats::percentile;
+use super::stats::{mean, percentile};
+use imageindex_crds::metrics as names;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -254,13 +255,13 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport, LoadError> {
                 let s = StageStats {
                     p50: percentile(&v, 50.0),
                     p95: percentile(&v, 95.0),
-                    mean: crate::bench::stats::mean(&v),
+                    mean: mean(&v),
                 };
                 (k, s)
             })
             .collect(),
-        server_peak_rss: sample("imageindex_memory_peak_rss_bytes"),
-        server_working_set: sample("imageindex_memory_working_set_bytes"),
+        server_peak_rss: sample(names::MEMORY_PEAK_RSS_BYTES),
+        server_working_set: sample(names::MEMORY_WORKING_SET_BYTES),
     })
 }
 
@@ -285,41 +286,47 @@ fn record_stages(r: &mut ClientResult, body: Option<&[u8]>) {
     }
 }
 
-/// Prints a report as a short table.
-pub fn print(r: &LoadReport) {
-    let statuses: Vec<String> = r
-        .statuses
-        .iter()
-        .map(|(s, n)| format!("{s}: {n}"))
-        .collect();
-    println!(
-        "{} clients, {:.1} s: {} requests ({:.1}/s); statuses {{{}}}; 5xx {}; transport errors {}",
-        r.clients,
-        r.seconds,
-        r.requests,
-        r.rps,
-        statuses.join(", "),
-        r.server_errors,
-        r.transport_errors
-    );
-    println!(
-        "latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
-        r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
-    );
-    println!("server stages, ms:   p50     p95    mean");
-    for (k, v) in &r.stages_ms {
-        println!("  {k:<12} {:>7.1} {:>7.1} {:>7.1}", v.p50, v.p95, v.mean);
+impl std::fmt::Display for LoadReport {
+    /// A short table: requests and statuses, latency percentiles, server stages and memory.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let r = self;
+        let statuses: Vec<String> = r
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect();
+        writeln!(
+            f,
+            "{} clients, {:.1} s: {} requests ({:.1}/s); statuses {{{}}}; 5xx {}; transport errors {}",
+            r.clients,
+            r.seconds,
+            r.requests,
+            r.rps,
+            statuses.join(", "),
+            r.server_errors,
+            r.transport_errors
+        )?;
+        writeln!(
+            f,
+            "latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+            r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
+        )?;
+        writeln!(f, "server stages, ms:   p50     p95    mean")?;
+        for (k, v) in &r.stages_ms {
+            writeln!(f, "  {k:<12} {:>7.1} {:>7.1} {:>7.1}", v.p50, v.p95, v.mean)?;
+        }
+        let mib = |b: Option<u64>| {
+            b.map_or("?".to_string(), |b| {
+                format!("{:.1} MiB", b as f64 / 1048576.0)
+            })
+        };
+        write!(
+            f,
+            "server memory: peak RSS {}, working set {}",
+            mib(r.server_peak_rss),
+            mib(r.server_working_set)
+        )
     }
-    let mib = |b: Option<u64>| {
-        b.map_or("?".to_string(), |b| {
-            format!("{:.1} MiB", b as f64 / 1048576.0)
-        })
-    };
-    println!(
-        "server memory: peak RSS {}, working set {}",
-        mib(r.server_peak_rss),
-        mib(r.server_working_set)
-    );
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Bookkeeping of `status.attempts`: which attempts belong to the current build, numbering,
 //! recording an attempt's start, peaks and end. Pure functions over status values.
 
-use imageindex_crds::types::{Attempt, AttemptOutcome, ScanSummary};
+use crate::types::{Attempt, AttemptOutcome, ScanSummary};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ pub fn of_current_build<'a>(
     attempts.iter().filter(|a| a.number >= first).collect()
 }
 
-/// The same, cloned, as the policy's `after_attempt` wants them.
+/// The same, cloned, as [`crate::ladder::after_attempt`] wants them.
 pub fn owned_current_build(attempts: &[Attempt], scan: Option<&ScanSummary>) -> Vec<Attempt> {
     of_current_build(attempts, scan)
         .into_iter()
@@ -68,6 +68,21 @@ pub fn finish(
     attempt.end_time = Some(end);
 }
 
+/// The attempts that gained an outcome between `before` and `now` (the same attempts, as a
+/// step recorded their ends), by number, with the outcome.
+pub fn ended_since(before: &[Attempt], now: &[Attempt]) -> Vec<(u32, AttemptOutcome)> {
+    now.iter()
+        .filter_map(|a| {
+            let outcome = a.outcome?;
+            let was_open = before
+                .iter()
+                .find(|b| b.number == a.number)
+                .is_none_or(|b| b.outcome.is_none());
+            was_open.then_some((a.number, outcome))
+        })
+        .collect()
+}
+
 /// How long to wait before starting the attempt that follows `ended` after `delay`
 /// (`None`: start now).
 pub fn wait_after(ended: &Attempt, delay: Duration, now: &Time) -> Option<Duration> {
@@ -93,11 +108,7 @@ pub fn running<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::jiff::Timestamp;
-
-    fn at(secs: i64) -> Time {
-        Time(Timestamp::from_second(secs).unwrap())
-    }
+    use crate::fixtures::at;
 
     fn ended(number: u32, outcome: AttemptOutcome) -> Attempt {
         let mut a = started(number, "full", &format!("x-build-{number}"), at(0));
@@ -144,6 +155,26 @@ mod tests {
         assert!(running(&mut attempts, Some(&scan(Some(3)))).is_none());
         let mut done = vec![ended(1, AttemptOutcome::Succeeded)];
         assert!(running(&mut done, Some(&scan(Some(1)))).is_none());
+    }
+
+    #[test]
+    fn ended_since_lists_the_attempts_that_gained_an_outcome() {
+        let before = vec![
+            ended(1, AttemptOutcome::OomKilled),
+            started(2, "small", "x-build-2", at(20)),
+        ];
+        let mut now = before.clone();
+        finish(
+            &mut now[1],
+            AttemptOutcome::Succeeded,
+            Some(0),
+            "ok".into(),
+            at(30),
+        );
+        assert_eq!(ended_since(&before, &now), [(2, AttemptOutcome::Succeeded)]);
+        assert!(ended_since(&now, &now).is_empty());
+        now.push(ended(3, AttemptOutcome::Failed));
+        assert_eq!(ended_since(&before, &now).len(), 2);
     }
 
     #[test]

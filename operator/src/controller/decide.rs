@@ -1,0 +1,448 @@
+//! Decide: the cluster's steps over the decisions of `imageindex_crds`, without I/O.
+//!
+//! From the status, the pods and the scrape, [`decide`] writes what the status becomes into the
+//! draft and returns the [`Plan`] of what to make or remove. Pod status becomes an observation
+//! through [`pods`] (the controller's adapter: [`pods::attempt_end`]); what a build's end means
+//! and what follows it are `imageindex_crds`'s (`outcome::classify`, `ladder::next_action`,
+//! `rebuild::build_start`). Status that depends on an effect having happened is a [`Step`] of
+//! the plan, recorded once [`super::apply`] got that far.
+
+use super::observe::{Observed, Scrape};
+use super::plan::{Effect, Plan, Step};
+use super::{REQUEUE_IDLE, REQUEUE_SHORT, REQUEUE_WATCH};
+use crate::pods::{self, PodState};
+use crate::resources::{self, Instance};
+use imageindex_crds::attempts;
+use imageindex_crds::conditions::PROGRESSING;
+use imageindex_crds::labels::{self, Component};
+use imageindex_crds::ladder::{Limits, UnitAction};
+use imageindex_crds::outcome::exit_code;
+use imageindex_crds::pressure::PressureLevel;
+use imageindex_crds::rebuild::{self, BuildStart, Seen};
+use imageindex_crds::transitions::StatusDraft;
+use imageindex_crds::types::{Attempt, AttemptOutcome, IndexPhase, ScanSummary};
+use imageindex_crds::{ImageIndexSpec, ImageIndexStatus, Preset, ScanReport};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use std::time::Duration;
+
+/// The running build the controller should scrape: attempt, pod IP and metrics port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrapeTarget {
+    /// The running attempt.
+    pub attempt: u32,
+    /// Its pod's IP.
+    pub ip: String,
+    /// Its pod's metrics port.
+    pub port: u16,
+}
+
+/// The running build whose metrics [`decide`] will read: the current build's running attempt
+/// while the phase is Building and its pod runs with an address.
+pub fn scrape_target(
+    inst: &Instance<'_>,
+    status: &ImageIndexStatus,
+    pods: &[Pod],
+) -> Option<ScrapeTarget> {
+    if status.unit.phase != Some(IndexPhase::Building) || status.scan.is_none() {
+        return None;
+    }
+    let current = attempts::of_current_build(&status.unit.attempts, status.scan.as_ref());
+    let running = current.last().filter(|a| a.outcome.is_none())?;
+    let pod = find(pods, &build_pod_of(inst, running))?;
+    match pods::observe(pod) {
+        PodState::Running { ip } => Some(ScrapeTarget {
+            attempt: running.number,
+            ip,
+            port: pods::metrics_port(pod).unwrap_or(inst.settings.build_metrics_port),
+        }),
+        _ => None,
+    }
+}
+
+/// What the controller sees of the build recorded in `status`: the spec (`generation`, the
+/// rebuild token) against it. The dataset and the index volume are seen by pods only, when a
+/// build runs; a running build and a served index are kept through other spec changes.
+pub fn seen<'a>(
+    status: &ImageIndexStatus,
+    generation: Option<i64>,
+    spec: &'a ImageIndexSpec,
+) -> Seen<'a> {
+    Seen::of_spec(status, generation, spec.rebuild.as_deref())
+}
+
+/// Decides one reconcile: writes status into `draft`, returns the effects.
+pub fn decide(inst: &Instance<'_>, draft: &mut StatusDraft, observed: &Observed) -> Plan {
+    let mut d = Decision {
+        inst,
+        draft,
+        pods: &observed.pods,
+        scrape: observed.scrape.as_ref(),
+        effects: Vec::new(),
+    };
+    let requeue = d.by_phase();
+    Plan {
+        effects: d.effects,
+        requeue,
+    }
+}
+
+fn find<'p>(pods: &'p [Pod], name: &str) -> Option<&'p Pod> {
+    pods.iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+}
+
+fn build_pod_of(inst: &Instance<'_>, attempt: &Attempt) -> String {
+    attempt
+        .pod
+        .clone()
+        .unwrap_or_else(|| resources::build_pod_name(inst.name, attempt.number))
+}
+
+/// One reconcile's decisions in the making.
+struct Decision<'a, 'i> {
+    inst: &'a Instance<'i>,
+    draft: &'a mut StatusDraft,
+    pods: &'a [Pod],
+    scrape: Option<&'a Scrape>,
+    effects: Vec<Effect>,
+}
+
+impl Decision<'_, '_> {
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_limit: self.inst.valid.memory_limit,
+            max_attempts: self.inst.valid.max_attempts,
+        }
+    }
+
+    fn memory_limit(&self) -> String {
+        self.inst.spec.memory_limit.clone()
+    }
+
+    fn delete(&mut self, pod: &Pod) {
+        self.effects.push(Effect::DeletePod(pod.clone()));
+    }
+
+    fn record(&mut self, step: Step) {
+        self.effects.push(Effect::Record(step));
+    }
+
+    /// The step the phase calls for; a settled index (Ready, Failed) begins a new build only
+    /// as `rebuild::build_start` says.
+    fn by_phase(&mut self) -> Duration {
+        let status = &self.draft.status;
+        let phase = status.unit.phase;
+        let seen = seen(status, self.draft.generation, self.inst.spec);
+        match phase {
+            None | Some(IndexPhase::Pending) => self.begin_build(),
+            Some(IndexPhase::Scanning) => self.scanning(),
+            Some(IndexPhase::Building) => self.ladder(),
+            Some(IndexPhase::Ready | IndexPhase::Failed) => {
+                match rebuild::build_start(status, &seen) {
+                    BuildStart::Begin(_) => self.begin_build(),
+                    BuildStart::Continue if phase == Some(IndexPhase::Ready) => self.serving(),
+                    BuildStart::Continue | BuildStart::StayFailed => REQUEUE_IDLE,
+                }
+            }
+        }
+    }
+
+    /// Starts a build (first one or a rebuild): clears what an earlier build left, makes the
+    /// index claim and the scan pod.
+    fn begin_build(&mut self) -> Duration {
+        self.draft.begin_build(self.inst.spec.rebuild.clone());
+        // Scan and build pods of an earlier build go first (they may hold the index volume).
+        if !self.pods.is_empty() {
+            for pod in self
+                .pods
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                self.delete(pod);
+            }
+            return REQUEUE_SHORT;
+        }
+        if self.inst.makes_index_claim() {
+            self.effects
+                .push(Effect::EnsureIndexClaim(self.inst.index_claim()));
+        }
+        let n = attempts::next_number(&self.draft.status.unit.attempts);
+        let pod = self.inst.scan_pod(n);
+        let message = format!("scan pod {} is counting the dataset", pod.name_any());
+        self.effects.push(Effect::CreatePod {
+            pod,
+            component: Component::Scan,
+        });
+        self.record(Step::Scanning(message));
+        REQUEUE_WATCH
+    }
+
+    /// The scan pod: made again if it vanished, read once it ended.
+    fn scanning(&mut self) -> Duration {
+        let n = attempts::next_number(&self.draft.status.unit.attempts);
+        let name = resources::scan_pod_name(self.inst.name, n);
+        let Some(pod) = find(self.pods, &name) else {
+            // Deleted from outside: make it again.
+            self.effects.push(Effect::CreatePod {
+                pod: self.inst.scan_pod(n),
+                component: Component::Scan,
+            });
+            return REQUEUE_WATCH;
+        };
+        let ended = match pods::observe(pod) {
+            PodState::Terminated(t) => t,
+            PodState::Terminating => return REQUEUE_SHORT,
+            PodState::Pending | PodState::Running { .. } => return REQUEUE_WATCH,
+        };
+        if ended.exit_code != Some(exit_code::OK) || ended.oom_killed {
+            let reason = if ended.exit_code == Some(exit_code::DATASET) {
+                "DatasetUnavailable"
+            } else if ended.oom_killed {
+                "ScanOOMKilled"
+            } else {
+                "ScanFailed"
+            };
+            return self.give_up(
+                reason,
+                format!("scan pod {name} {}", pods::describe(&ended)),
+            );
+        }
+        let report = match pods::termination_message(pod).map(serde_json::from_str::<ScanReport>) {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => {
+                return self.give_up(
+                    "ScanReportUnreadable",
+                    format!(
+                    "scan pod {name} ended but its termination message is not a scan report: {e}"
+                ),
+                )
+            }
+            None => {
+                return self.give_up(
+                    "ScanReportMissing",
+                    format!("scan pod {name} ended without a termination message"),
+                )
+            }
+        };
+        let mut summary = ScanSummary::from_report(&report);
+        summary.pod = Some(name);
+        summary.first_attempt = Some(n);
+        self.draft.scanned(summary);
+        self.choose_and_start(n)
+    }
+
+    /// Chooses the first preset of a build and starts attempt `first` with it.
+    fn choose_and_start(&mut self, first: u32) -> Duration {
+        let valid = self.inst.valid;
+        match self.draft.choose_preset(
+            self.inst.spec.preset,
+            valid.memory_limit,
+            self.inst.disk_limit(),
+        ) {
+            Some(preset) => self.start_attempt(first, preset, None),
+            None => REQUEUE_IDLE,
+        }
+    }
+
+    /// The build unit's next step (`imageindex_crds::ladder`), carried out.
+    fn ladder(&mut self) -> Duration {
+        let limits = self.limits();
+        match self.draft.next(limits) {
+            UnitAction::Scan => self.begin_build(),
+            UnitAction::Choose { number } => self.choose_and_start(number),
+            UnitAction::Watch { number } => self.watch_attempt(number),
+            UnitAction::Publish => self.publish(),
+            UnitAction::GiveUp { .. } => REQUEUE_IDLE,
+            UnitAction::Start(next) => {
+                if let Some(wait) = next.wait {
+                    self.draft
+                        .waiting_to_retry(&next.message, next.number, wait);
+                    return wait;
+                }
+                self.start_attempt(next.number, next.preset, Some((next.reason, next.message)))
+            }
+        }
+    }
+
+    /// Starts (or adopts) build attempt `number` with `preset`; `why` is the decision that led
+    /// to it (reason, message) when it follows an earlier attempt.
+    fn start_attempt(
+        &mut self,
+        number: u32,
+        preset: Preset,
+        why: Option<(&'static str, String)>,
+    ) -> Duration {
+        let name = resources::build_pod_name(self.inst.name, number);
+        // Never two builds on one index volume: wait until every other pod has stopped.
+        let busy: Vec<&Pod> = self
+            .pods
+            .iter()
+            .filter(|p| {
+                p.metadata.name.as_deref() != Some(name.as_str()) && pods::observe(p).is_active()
+            })
+            .collect();
+        if !busy.is_empty() {
+            for pod in busy
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                self.delete(pod);
+            }
+            let names: Vec<String> = busy.iter().map(|p| p.name_any()).collect();
+            self.record(Step::Condition {
+                type_: PROGRESSING,
+                status: true,
+                reason: "WaitingForPreviousPod",
+                message: format!("attempt {number} waits for {} to stop", names.join(", ")),
+            });
+            return REQUEUE_SHORT;
+        }
+        let (label, start, found) = match find(self.pods, &name) {
+            Some(pod) => (
+                pods::label(pod, labels::PRESET).map_or_else(|| preset.label(), str::to_string),
+                pod.metadata
+                    .creation_timestamp
+                    .clone()
+                    .unwrap_or_else(|| self.draft.now.clone()),
+                true,
+            ),
+            None => {
+                self.effects.push(Effect::CreatePod {
+                    pod: self.inst.build_pod(number, &preset),
+                    component: Component::Build,
+                });
+                (preset.label(), self.draft.now.clone(), false)
+            }
+        };
+        let attempt = attempts::started(number, &label, &name, start);
+        let memory_limit = self.memory_limit();
+        self.record(Step::AttemptStarted {
+            attempt,
+            memory_limit,
+            found,
+            why,
+        });
+        self.inst.settings.scrape_interval
+    }
+
+    /// Watches the running attempt: its pod's end, or its memory while it runs.
+    fn watch_attempt(&mut self, number: u32) -> Duration {
+        let Some(running) = self
+            .draft
+            .status
+            .unit
+            .attempts
+            .iter()
+            .find(|a| a.number == number)
+        else {
+            return REQUEUE_SHORT;
+        };
+        let pod_name = build_pod_of(self.inst, running);
+        let memory_limit = self.memory_limit();
+        let Some(pod) = find(self.pods, &pod_name) else {
+            self.draft.end_attempt(
+                number,
+                AttemptOutcome::Interrupted,
+                None,
+                format!("build pod {pod_name} disappeared"),
+                None,
+                &memory_limit,
+            );
+            return self.ladder();
+        };
+        match pods::observe(pod) {
+            PodState::Pending => self.inst.settings.scrape_interval,
+            PodState::Terminating => REQUEUE_SHORT,
+            PodState::Running { .. } => self.watch_memory(pod, number),
+            PodState::Terminated(t) => {
+                let message = format!("build pod {pod_name} {}", pods::describe(&t));
+                let outcome = self.draft.attempt_ended(
+                    number,
+                    &pods::attempt_end(&t),
+                    message,
+                    t.finished_at.clone(),
+                    &memory_limit,
+                );
+                if t.still_running {
+                    // The container was restarted after it ended: stop it before the next attempt.
+                    self.delete(pod);
+                    return REQUEUE_SHORT;
+                }
+                if outcome == Some(AttemptOutcome::Succeeded) {
+                    self.publish()
+                } else {
+                    self.ladder()
+                }
+            }
+        }
+    }
+
+    /// Puts the scrape of the running build into status and stops it on critical pressure.
+    fn watch_memory(&mut self, pod: &Pod, number: u32) -> Duration {
+        let interval = self.inst.settings.scrape_interval;
+        let (metrics, samples) = match self.scrape {
+            Some(Scrape::Read { metrics, samples }) => (metrics, samples),
+            Some(Scrape::NotDue(wait)) => return *wait,
+            Some(Scrape::Failed) | None => return interval,
+        };
+        let Some(pressure) = self.draft.observe(number, metrics, samples) else {
+            return interval;
+        };
+        if pressure.level == PressureLevel::Critical {
+            self.delete(pod);
+            let memory_limit = self.memory_limit();
+            self.record(Step::StoppedForPressure {
+                number,
+                message: format!("stopped build pod {}: {}", pod.name_any(), pressure.message),
+                memory_limit,
+            });
+            // The next attempt starts once this pod has stopped (it writes its checkpoint).
+            return REQUEUE_SHORT;
+        }
+        interval
+    }
+
+    /// The build published an index: serve it and become Ready.
+    fn publish(&mut self) -> Duration {
+        self.apply_query();
+        self.record(Step::Published {
+            query: resources::query_name(self.inst.name),
+            endpoint: resources::endpoint(self.inst.name, self.inst.namespace),
+        });
+        REQUEUE_WATCH
+    }
+
+    /// Ready and nothing to build: keep the query objects as the spec says.
+    fn serving(&mut self) -> Duration {
+        if !self.draft.served() {
+            // Ready without a published index cannot happen; say so and stay Failed until the
+            // spec or the rebuild token changes.
+            return self.give_up(
+                "NoIndex",
+                "phase was Ready but no index generation is recorded".into(),
+            );
+        }
+        self.apply_query();
+        self.record(Step::Served {
+            query: resources::query_name(self.inst.name),
+            endpoint: resources::endpoint(self.inst.name, self.inst.namespace),
+        });
+        REQUEUE_IDLE
+    }
+
+    fn apply_query(&mut self) {
+        self.effects.push(Effect::ApplyQuery {
+            deployment: Box::new(self.inst.query_deployment()),
+            service: Box::new(self.inst.query_service()),
+            replicas: self.inst.valid.query_replicas,
+        });
+    }
+
+    /// Gives up on the current build: `Degraded` with the reason; phase Failed unless an
+    /// earlier index is still served.
+    fn give_up(&mut self, reason: &str, message: String) -> Duration {
+        self.draft.give_up(reason, message);
+        REQUEUE_IDLE
+    }
+}
