@@ -35,6 +35,7 @@ debs=(
     opencv-doc=4.6.0+dfsg-12
     stellarium-data=0.22.2-1
     xfdesktop4-data=4.18.1-1
+    libelementary-data=1.26.3-1
 )
 wheels=(scikit-image==0.26.0)
 

@@ -44,6 +44,7 @@ DEBIAN_PACKAGES = {
     "opencv-doc": "4.6.0+dfsg-12",
     "stellarium-data": "0.22.2-1",
     "xfdesktop4-data": "4.18.1-1",
+    "libelementary-data": "1.26.3-1",
 }
 SKIMAGE_VERSION = "0.26.0"
 
@@ -429,6 +430,7 @@ def discover(root=DEFAULT_ROOT):
              if "umang" not in s.file]
     srcs += _globbed(root, "lomiri-wallpapers-20.04", "usr/share/backgrounds/Kleiber*.jpg", "photo", "lomiri")
     srcs += _globbed(root, "palapeli-data", "usr/share/palapeli/collection/*.jpg", "photo", "palapeli")
+    srcs += _globbed(root, "libelementary-data", "usr/share/elementary/images/*.jpg", "photo", "efl")
     srcs += _opencv(root)
     srcs += _skimage(root)
     srcs += _gcompris(root)
