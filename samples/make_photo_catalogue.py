@@ -5,26 +5,29 @@ Deterministic given the package versions (samples/install_photo_sources.sh,
 samples/requirements-photos.txt) and --seed. Writes to OUT (never into the repository):
 
   catalogue/      N images (default 5,000; --small: 500), named c00001.jpg ... in a
-                  shuffled order. Each is a region of one source photo; regions of the
-                  same photo are disjoint (no two catalogue images share a pixel), so a
-                  copy of a catalogue image has exactly one right answer. Each is then
-                  maybe mirrored, recoloured (hue, saturation, gamma, grey, white
-                  balance), resized (320-2000 px on the long side; small regions are
-                  upscaled, as catalogues do) and encoded (JPEG q75-95 mostly, some PNG
-                  and WebP). About 5 % are hard cases real catalogues have: heavily
-                  blurred, dark, low-contrast (fog), tiny (100-200 px), product shots on
-                  a plain background, smooth gradients.
+                  shuffled order. Each is a rectangular region of one source photo (at
+                  most WORKING_LONG_SIDE px): the photo is cut by random guillotine cuts
+                  and regions are taken only where an ORB detector has something to find
+                  (>= MIN_CORNERS FAST corners), so regions of one photo never share a
+                  pixel and a copy of a catalogue image has exactly one right answer.
+                  Each is then maybe mirrored, recoloured (hue, saturation, gamma, grey,
+                  white balance), resized (320-2000 px on the long side; smaller regions
+                  are upscaled, as catalogues do) and encoded (JPEG q75-95 mostly, some
+                  q60-74, PNG and WebP). About 5 % are the hard cases real catalogues
+                  have: heavily blurred, dark, foggy (low contrast), tiny (100-200 px),
+                  regions with no texture (sky, bokeh, walls), product shots on a plain
+                  background, smooth gradients.
   queries/        attacked copies of a random subset of catalogue images, named
                   `<catalogue stem>__<attack>.jpg` (the convention of the indexer's image
                   bench and of indexer/bench/annoy_baseline.py), and distractors named
-                  `distractor__<n>.jpg` that share no pixel with the catalogue (whole
-                  held-out photos, and held-out regions of catalogue photos).
+                  `distractor__<n>.jpg` that share no pixel with the catalogue (held-out
+                  photos, and held-out regions of catalogue photos).
   truth.json      per query: its catalogue answer (or null), attack and parameters;
   truth.csv       the same, flat.
   manifest.json   per catalogue image: source package, version, file, licence, credit,
-                  region, every derivation step, size, format, texture score.
+                  region, every derivation step, size, format, texture score, ORB count.
   sources.json    per source photo: licence, how many images it gave, and why it was
-                  left out if it was (overlap with another source, astro cap).
+                  left out if it was (overlap with another source, held out).
   stats.json      counts per source package / kind / attack / format, resolutions, bytes,
                   ORB keypoints per catalogue image (cv2.ORB_create(1000)), timings.
 
@@ -32,10 +35,12 @@ Usage:
     samples/install_photo_sources.sh
     /var/cache/imageindex/photos-venv/bin/python samples/make_photo_catalogue.py OUT [--small]
 
-Source photos that show the same thing (the same photo shipped twice, stereo pairs,
-overlapping sky fields) would give a query two right answers: before cutting, every pair
-of sources is compared with ORB matches verified by a RANSAC homography, and the smaller
-of any overlapping pair is left out (sources.json says which and why).
+Source photos that show the same thing (one photo shipped twice, different photos of a
+landmark from the same spot, overlapping sky fields) would give a query two right
+answers: every pair of sources is compared with ORB matches verified by a RANSAC
+homography, and the smaller of any overlapping pair is left out. That audit takes
+minutes, so its result is checked in (samples/photo_source_overlaps.json) and only
+sources it has not seen are audited again (--run-audit redoes all of it).
 """
 import argparse
 import csv
@@ -572,9 +577,7 @@ def derive_catalogue_image(src_rgb, src_alpha, job, seed, source_size):
     r = rng.random()
     if hard == "tiny":
         target = int(rng.integers(100, 201))
-    elif long_in < MIN_LONG_SIDE and r < 0.5:  # small as found (a thumbnail-sized image)
-        target = long_in
-    elif long_in < MIN_LONG_SIDE:              # small, upscaled as catalogues do
+    elif long_in < MIN_LONG_SIDE:              # small: upscaled, as catalogues do
         target = int(rng.integers(MIN_LONG_SIDE, max(MIN_LONG_SIDE, int(min(MAX_UPSCALE * long_in, 640))) + 1))
     elif r < 0.5:
         target = min(long_in, MAX_LONG_SIDE)
@@ -1008,7 +1011,8 @@ def main():
     for s in srcs:
         role = ("left out: " + dropped[s.id] if s.id in dropped else
                 "held out: distractor queries only" if s.id in held_out else
-                "catalogue" if used[s.id] else "not used (small set)")
+                "catalogue" if used[s.id] else
+                "not used (no region with texture enough, or not drawn for a small set)")
         sources_doc.append({"id": s.id, "package": s.package, "version": s.version, "file": s.file,
                             "kind": s.kind, "licence": s.licence, "credit": s.credit,
                             "width": s.width, "height": s.height, "images": used[s.id], "role": role})
