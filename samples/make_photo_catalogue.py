@@ -705,11 +705,6 @@ def framed(img, background, rng):
     return canvas, f"scaled x{f:.2f} onto {what} at ({x},{y})"
 
 
-def jpeg_roundtrip(img, q):
-    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(q)])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
-
-
 def attack_image(img, attack, rng, background):
     """(attacked RGB, JPEG quality to save with, parameter text)."""
     q = int(rng.integers(85, 93))
