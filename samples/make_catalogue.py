@@ -31,6 +31,8 @@ from skimage.draw import ellipse, polygon
 
 HERE = Path(__file__).resolve().parent
 JPEG_QUALITY = 90
+# README.md from this heading on is maintained by hand (the benchmark photo catalogue).
+PRESERVED_FROM = "## Benchmark photo catalogue"
 
 # Licence wording as stated by scikit-image (docstrings of skimage.data.*).
 PD = "no known copyright restrictions, released into the public domain"
@@ -199,7 +201,10 @@ def write_readme(out_dir, readme):
     lines += ["", "## Holdout (not bundled; written by `--holdout DIR`)", ""]
     for name, source, note, _ in HOLDOUT:
         lines.append(f"- `distractor__{name}`: `{source}`; {note}.")
-    readme.write_text("\n".join(lines) + "\n")
+    # sections written by hand (from PRESERVED_FROM on) survive regeneration
+    old = readme.read_text() if readme.exists() else ""
+    kept = old[old.index(PRESERVED_FROM):] if PRESERVED_FROM in old else ""
+    readme.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     return total
 
 
