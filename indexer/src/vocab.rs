@@ -193,7 +193,9 @@ pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: 
     if k <= 1 || samples.is_empty() {
         return prices;
     }
-    let cap = ((samples.len() as f64 / k as f64) * max_factor).ceil().max(1.0);
+    let cap = ((samples.len() as f64 / k as f64) * max_factor)
+        .ceil()
+        .max(1.0);
     for _ in 0..rounds {
         let assign: Vec<u32> = if samples.len() * k >= 1 << 16 {
             samples
@@ -442,7 +444,10 @@ mod tests {
         assert_eq!(s.cells, 1024);
         assert_eq!(VocabShape::for_descriptors(4_000_000, 160).cells, 256);
         assert_eq!(VocabShape::for_descriptors(0, 160).cells, MIN_CELLS);
-        assert_eq!(VocabShape::for_descriptors(u64::MAX / 2, 1).cells, MAX_CELLS);
+        assert_eq!(
+            VocabShape::for_descriptors(u64::MAX / 2, 1).cells,
+            MAX_CELLS
+        );
         assert_eq!(s.leaves_for_cell(0), 1);
         assert_eq!(s.leaves_for_cell(160 * 7 + 10), 7);
         assert_eq!(s.leaves_for_cell(160 * 7 + 90), 8);
@@ -569,11 +574,20 @@ mod tests {
         let mean = data.len() as f64 / leaves.len() as f64;
         let unpriced = count(&vec![0; leaves.len()]);
         let prices = balance(&data, &leaves, BALANCE_FACTOR, BALANCE_ROUNDS);
-        assert!(unpriced > 3.0 * mean, "the data should have a hub: {unpriced} vs {mean}");
-        assert!(count(&prices) <= BALANCE_FACTOR * mean + 1.0, "{} vs {mean}", count(&prices));
+        assert!(
+            unpriced > 3.0 * mean,
+            "the data should have a hub: {unpriced} vs {mean}"
+        );
+        assert!(
+            count(&prices) <= BALANCE_FACTOR * mean + 1.0,
+            "{} vs {mean}",
+            count(&prices)
+        );
         let even = clustered(12, 100, 0.05, 0, 9);
         let seeds = train(&even, 12, TOP_ITERATIONS, 2);
-        assert!(balance(&even, &seeds, BALANCE_FACTOR, BALANCE_ROUNDS).iter().all(|&p| p == 0));
+        assert!(balance(&even, &seeds, BALANCE_FACTOR, BALANCE_ROUNDS)
+            .iter()
+            .all(|&p| p == 0));
     }
 
     #[test]
@@ -585,7 +599,10 @@ mod tests {
         let seeds = train(&blob, 20, 0, 3);
         assert_eq!(trained, seeds);
         let structured = regions(4, 10, 20, 7);
-        assert_ne!(train(&structured, 20, LEAF_ITERATIONS, 3), train(&structured, 20, 0, 3));
+        assert_ne!(
+            train(&structured, 20, LEAF_ITERATIONS, 3),
+            train(&structured, 20, 0, 3)
+        );
     }
 
     #[test]

@@ -56,7 +56,8 @@ fn ingest(
         let d = store::descriptors_blob(&descs);
         bytes += d.len() as u64;
         work.descs.put(&mut work_txn, &i, &d)?;
-        work.kps.put(&mut work_txn, &i, &store::keypoints_blob(&kps))?;
+        work.kps
+            .put(&mut work_txn, &i, &store::keypoints_blob(&kps))?;
         ctx.progress.image_done(descs.len() as u64, false);
         if bytes >= plan.write_batch_bytes {
             store.put_json(&mut wtxn, "synthetic_next", &(i + 1))?;
