@@ -1,6 +1,7 @@
 //! Memory cgroups, v1 and v2, as every imageindex runtime uses them: the indexer (its own
 //! limit and working set; `indexer exec-limited`), local mode (each build attempt's group) and
-//! the tests' node agent (each container's group).
+//! the tests' real node (the peak, limit and OOM kills of the kubelet's pod and container
+//! groups).
 //!
 //! - [`Hierarchy`]: where the memory controller is mounted under a root (normally
 //!   [`DEFAULT_ROOT`]; local mode's `--cgroup-root` overrides it), creating groups with

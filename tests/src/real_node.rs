@@ -6,6 +6,7 @@
 //! nothing was left behind. Test-only code, not shipped.
 
 use crate::repo;
+use imageindex_cgroup::{parse, Group, Hierarchy, DEFAULT_ROOT};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -129,29 +130,12 @@ struct MemoryWatch {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The root of the memory hierarchy: v1's memory controller or the v2 tree.
-fn memory_hierarchy() -> PathBuf {
-    let v1 = Path::new("/sys/fs/cgroup/memory");
-    if v1.join("cgroup.procs").exists() {
-        v1.to_path_buf()
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
+/// The memory hierarchy: v1's memory controller or the v2 tree.
+fn memory_hierarchy() -> Option<Hierarchy> {
+    Hierarchy::find(Path::new(DEFAULT_ROOT))
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The value of `key` in a flat-keyed cgroup file (`oom_kill 2`).
-fn keyed(path: &Path, key: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-fn read_cgroup(hierarchy: &Path, dir: &Path) -> Option<CgroupMemory> {
+fn read_cgroup(hierarchy: &Hierarchy, dir: &Path) -> Option<CgroupMemory> {
     let name = dir.file_name()?.to_str()?.to_string();
     let parent = dir.parent()?.file_name()?.to_str()?.to_string();
     let (pod_uid, container_id) = if let Some(uid) = name.strip_prefix("pod") {
@@ -159,31 +143,22 @@ fn read_cgroup(hierarchy: &Path, dir: &Path) -> Option<CgroupMemory> {
     } else {
         (parent.strip_prefix("pod")?.to_string(), Some(name))
     };
-    let v1 = dir.join("memory.max_usage_in_bytes").exists();
-    let (peak, limit, oom_kills) = if v1 {
-        (
-            read_u64(&dir.join("memory.max_usage_in_bytes"))?,
-            read_u64(&dir.join("memory.limit_in_bytes")).unwrap_or(u64::MAX),
-            keyed(&dir.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-        )
-    } else {
-        (
-            read_u64(&dir.join("memory.peak")).or_else(|| read_u64(&dir.join("memory.current")))?,
-            read_u64(&dir.join("memory.max")).unwrap_or(u64::MAX),
-            keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-        )
-    };
+    let group = Group::new(hierarchy.version(), dir.to_path_buf(), None);
+    // v2 before Linux 5.19 has no memory.peak: the current usage is the best reading there.
+    let peak = group.peak().or_else(|| {
+        parse::number(&std::fs::read_to_string(dir.join(hierarchy.version().usage_file())).ok()?)
+    })?;
     Some(CgroupMemory {
         path: dir
-            .strip_prefix(hierarchy)
+            .strip_prefix(hierarchy.memory_root())
             .unwrap_or(dir)
             .display()
             .to_string(),
         pod_uid,
         container_id,
         peak_bytes: peak,
-        limit_bytes: limit,
-        oom_kills,
+        limit_bytes: group.limit().unwrap_or(u64::MAX),
+        oom_kills: group.oom_kills().unwrap_or(0),
         last_seen: SystemTime::now(),
     })
 }
@@ -226,14 +201,28 @@ fn pod_cgroups(kubepods: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The kubelet's `kubepods` group under its cgroup root (`--cgroup-root`).
+fn kubepods(hierarchy: &Hierarchy, cgroup_root: &str) -> PathBuf {
+    hierarchy
+        .memory_root()
+        .join(cgroup_root.trim_start_matches('/'))
+        .join("kubepods")
+}
+
 impl MemoryWatch {
+    /// Watches the pods under the kubelet's `cgroup_root`; watches nothing on a machine
+    /// without a memory hierarchy.
     fn start(cgroup_root: &str) -> MemoryWatch {
-        let hierarchy = memory_hierarchy();
-        let kubepods = hierarchy
-            .join(cgroup_root.trim_start_matches('/'))
-            .join("kubepods");
         let seen = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let Some(hierarchy) = memory_hierarchy() else {
+            return MemoryWatch {
+                seen,
+                stop,
+                thread: None,
+            };
+        };
+        let kubepods = kubepods(&hierarchy, cgroup_root);
         let (s, st) = (seen.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("cgroup-memory-watch".into())
@@ -358,10 +347,9 @@ impl RealNode {
 
     /// The memory cgroup directories of the node's pods that exist now.
     pub fn live_cgroups(&self) -> Vec<PathBuf> {
-        let kubepods = memory_hierarchy()
-            .join(self.env("CGROUP_ROOT").trim_start_matches('/'))
-            .join("kubepods");
-        pod_cgroups(&kubepods)
+        memory_hierarchy()
+            .map(|h| pod_cgroups(&kubepods(&h, self.env("CGROUP_ROOT"))))
+            .unwrap_or_default()
     }
 
     /// The kernel's OOM kills of a container's processes (`containerID`, with or without
