@@ -523,8 +523,22 @@ impl Scenario {
         (second, ii)
     }
 
-    /// The Events of ImageIndex `name`, oldest first: (type, reason).
-    async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
+    /// The Events of ImageIndex `name`, oldest first: (type, reason), once all of `expected`
+    /// are among them or after 10 s. A reconcile publishes its Events after it wrote the
+    /// status, so the status a test waited for can be there before them.
+    async fn event_reasons(&self, name: &str, expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.events_now(name).await;
+            if expected.iter().all(|(t, r)| has(&events, t, r)) || Instant::now() > deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The Events of ImageIndex `name` now, oldest first: (type, reason).
+    async fn events_now(&self, name: &str) -> Vec<(String, String)> {
         let api: Api<Event> = Api::namespaced(self.admin.clone(), self.ns);
         let mut events: Vec<Event> = api
             .list(&ListParams::default())
@@ -700,15 +714,17 @@ async fn scan_then_build_then_ready() {
     assert_eq!(st.unit.attempts[0].peak_working_set, Some(LIMIT / 2));
     assert_eq!(st.observed_generation, Some(1));
     assert_eq!(cond(&ii, READY).unwrap().0, "True");
-    let events = s.event_reasons("cats").await;
-    for reason in [
+    let reasons = [
         "ScanStarted",
         "ScanComplete",
         "PresetChosen",
         "BuildStarted",
         "BuildSucceeded",
         "Ready",
-    ] {
+    ];
+    let expected: Vec<(&str, &str)> = reasons.iter().map(|r| ("Normal", *r)).collect();
+    let events = s.event_reasons("cats", &expected).await;
+    for reason in reasons {
         assert!(
             has(&events, "Normal", reason),
             "no {reason} event in {events:?}"
@@ -767,7 +783,15 @@ async fn an_oom_killed_build_restarts_with_a_smaller_preset() {
         cond(&ii, DEGRADED).unwrap(),
         ("True".into(), "DowngradeAfterOOMKill".into())
     );
-    let events = s.event_reasons("cats").await;
+    let events = s
+        .event_reasons(
+            "cats",
+            &[
+                ("Warning", "OOMKilled"),
+                ("Normal", "DowngradeAfterOOMKill"),
+            ],
+        )
+        .await;
     assert!(has(&events, "Warning", "OOMKilled"), "{events:?}");
     assert!(
         has(&events, "Normal", "DowngradeAfterOOMKill"),
@@ -827,7 +851,9 @@ async fn critical_pressure_restarts_the_build_before_the_kernel_does() {
         "{:?}",
         st.unit.attempts[0].message
     );
-    let events = s.event_reasons("cats").await;
+    let events = s
+        .event_reasons("cats", &[("Warning", "MemoryPressureRestart")])
+        .await;
     assert!(
         has(&events, "Warning", "MemoryPressureRestart"),
         "{events:?}"
@@ -870,7 +896,8 @@ async fn an_invalid_spec_is_reported_and_nothing_is_made() {
         "no pods for an invalid spec"
     );
     assert!(has(
-        &s.event_reasons("invalid").await,
+        &s.event_reasons("invalid", &[("Warning", "InvalidSpec")])
+            .await,
         "Warning",
         "InvalidSpec"
     ));
