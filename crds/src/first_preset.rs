@@ -16,8 +16,10 @@ pub fn auto_preset(shape: &DatasetShape, limit: u64, disk_limit: Option<u64>) ->
 fn fits(p: &Preset, shape: &DatasetShape, limit: u64, disk_limit: Option<u64>) -> bool {
     let memory_ok = estimate::min_memory(p, shape) <= limit;
     let disk_ok = disk_limit.is_none_or(|d| {
-        estimate::disk_bytes(estimate::expected_descriptors(p, shape.images), shape.images)
-            <= d / 10 * 9
+        estimate::disk_bytes(
+            estimate::expected_descriptors(p, shape.images),
+            shape.images,
+        ) <= d / 10 * 9
     });
     memory_ok && disk_ok
 }

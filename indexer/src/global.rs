@@ -103,7 +103,12 @@ fn coefficient(g: &GlobalDescriptor, u: usize, v: usize) -> f32 {
 /// (`transpose`, then mirror left-right, then mirror top-bottom), computed from the
 /// coefficients: a mirror negates the odd frequencies along its axis, a transpose swaps the
 /// axes (a quarter turn is a transpose and a mirror).
-pub fn oriented(g: &GlobalDescriptor, transpose: bool, mirror_x: bool, mirror_y: bool) -> GlobalDescriptor {
+pub fn oriented(
+    g: &GlobalDescriptor,
+    transpose: bool,
+    mirror_x: bool,
+    mirror_y: bool,
+) -> GlobalDescriptor {
     let mut out = [0f32; DIMS];
     for u in 0..FREQ {
         for v in 0..FREQ {

@@ -174,7 +174,11 @@ impl ListIndex {
             .collect();
         lens.sort_unstable();
         let n = lens.len().max(1);
-        let at = |q: f64| lens.get(((n - 1) as f64 * q) as usize).copied().unwrap_or(0);
+        let at = |q: f64| {
+            lens.get(((n - 1) as f64 * q) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         let squares: f64 = lens.iter().map(|&l| l as f64 * l as f64).sum();
         ListStats {
             cells: self.vocab.cells() as u32,
@@ -336,6 +340,10 @@ mod tests {
         }
         assert_eq!(b, [hit(1, 7), hit(2, 0), hit(3, 1), hit(3, 2)]);
         insert_hit(&mut b, hit(3, 9));
-        assert_eq!(b[3], hit(3, 2), "an equal-distance hit of a later image stays out");
+        assert_eq!(
+            b[3],
+            hit(3, 2),
+            "an equal-distance hit of a later image stays out"
+        );
     }
 }

@@ -102,8 +102,7 @@ impl CellRecord {
     /// (u16), starts and parts (u32).
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.leaves.len() / 32;
-        let mut out =
-            Vec::with_capacity(12 + n * 34 + 4 * (self.starts.len() + self.parts.len()));
+        let mut out = Vec::with_capacity(12 + n * 34 + 4 * (self.starts.len() + self.parts.len()));
         out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(&(self.starts.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.parts.len() as u32).to_le_bytes());
@@ -150,7 +149,10 @@ impl CellRecord {
         let monotonic = rec.starts.windows(2).all(|w| w[0] <= w[1])
             && rec.parts.windows(2).all(|w| w[0] < w[1])
             && rec.parts[0] == 0
-            && rec.parts.last().is_some_and(|&p| (p as usize) < n_leaves.max(1));
+            && rec
+                .parts
+                .last()
+                .is_some_and(|&p| (p as usize) < n_leaves.max(1));
         monotonic.then_some(rec)
     }
 }

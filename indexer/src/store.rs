@@ -322,7 +322,6 @@ impl Store {
     pub fn set_checkpoint(&self, wtxn: &mut RwTxn, cp: &Checkpoint) -> Result<()> {
         self.put_json(wtxn, keys::CHECKPOINT, cp)
     }
-
 }
 
 /// The build's working environment: each image's descriptors (strongest first) and
@@ -412,7 +411,6 @@ mod tests {
         assert_eq!(keypoint_at(&blob, 2), None);
         assert_eq!(descriptors_blob(&[[1; 32], [2; 32]]).len(), 64);
     }
-
 
     #[test]
     fn checkpoint_json_is_tagged() {

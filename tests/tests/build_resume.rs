@@ -240,7 +240,10 @@ fn kills_in_every_index_step_resume_to_the_same_lists_and_answers() {
             "the build finished before the kill in {s}"
         );
     }
-    let o = build_cmd(&dataset, &out, None).args(parts).output().unwrap();
+    let o = build_cmd(&dataset, &out, None)
+        .args(parts)
+        .output()
+        .unwrap();
     assert!(o.status.success());
     let summary = json_of(&o);
     assert_eq!(summary["resumed"], true, "{summary}");
@@ -258,7 +261,14 @@ fn kills_in_every_index_step_resume_to_the_same_lists_and_answers() {
         .map(|a| a["matches"][0]["path"].as_str().unwrap_or("").to_string())
         .collect();
     for (q, got) in queries.iter().zip(&top1) {
-        let want = q.file_name().unwrap().to_str().unwrap().split("__").next().unwrap();
+        let want = q
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .split("__")
+            .next()
+            .unwrap();
         assert!(got.contains(want), "{got} for {want}");
     }
 }

@@ -300,7 +300,11 @@ pub(super) fn run(
                         work.descs.put(&mut work_txn, &next_id, &d)?;
                         work.kps.put(&mut work_txn, &next_id, &k)?;
                         match &f.global {
-                            Some(g) => store.globals.put(&mut wtxn, &next_id, &global::to_bytes(g))?,
+                            Some(g) => {
+                                store
+                                    .globals
+                                    .put(&mut wtxn, &next_id, &global::to_bytes(g))?
+                            }
                             None => {
                                 store.globals.delete(&mut wtxn, &next_id)?;
                             }

@@ -36,13 +36,14 @@ impl Index {
         };
         let mut best: Vec<(f32, u32)> = Vec::new();
         for o in global::orientations(g) {
-            for (id, _) in reader
-                .nns(LAYOUT_CANDIDATES.max(n))
-                .by_vector(&rtxn, &o)?
-            {
+            for (id, _) in reader.nns(LAYOUT_CANDIDATES.max(n)).by_vector(&rtxn, &o)? {
                 // arroy's cosine distance is scaled differently: recompute ours from the
                 // stored vector.
-                let Some(v) = self.store.globals.get(&rtxn, &id)?.and_then(global::from_bytes)
+                let Some(v) = self
+                    .store
+                    .globals
+                    .get(&rtxn, &id)?
+                    .and_then(global::from_bytes)
                 else {
                     continue;
                 };

@@ -67,12 +67,7 @@ impl Index {
             max_distance: params.max_distance,
             ratio: params.ratio,
         };
-        let mut tallies = rank::tally(
-            &hits,
-            &votes,
-            |i| self.kept(i) as u32,
-            self.lists.entries(),
-        );
+        let mut tallies = rank::tally(&hits, &votes, |i| self.kept(i) as u32, self.lists.entries());
         let lookup_ms = t.elapsed().as_secs_f64() * 1000.0;
 
         let t = Instant::now();
@@ -102,7 +97,12 @@ impl Index {
                     .collect();
                 let c: Vec<(f32, f32)> = pairs
                     .iter()
-                    .map(|(_, [x, y])| (*x as f32 / KEYPOINT_SUBPIXELS, *y as f32 / KEYPOINT_SUBPIXELS))
+                    .map(|(_, [x, y])| {
+                        (
+                            *x as f32 / KEYPOINT_SUBPIXELS,
+                            *y as f32 / KEYPOINT_SUBPIXELS,
+                        )
+                    })
                     .collect();
                 let inliers = verify::inliers(&q, &c)?;
                 (Some(inliers), verify::is_verified(inliers, pairs.len()))
@@ -112,7 +112,10 @@ impl Index {
             // Unverified candidates: the score, boosted by what geometric support they have
             // beyond the 4 pairs any homography fits (too little to verify, but not nothing).
             let support = inliers.unwrap_or(0).saturating_sub(verify::MIN_SAMPLE);
-            soft.push((tally.image, tally.score as f64 * (1.0 + support as f64 / 4.0)));
+            soft.push((
+                tally.image,
+                tally.score as f64 * (1.0 + support as f64 / 4.0),
+            ));
             matches.push(Match {
                 id: tally.image,
                 path: rec.path,
@@ -152,12 +155,7 @@ impl Index {
                             Some(i) => matches.remove(i),
                             None => Match {
                                 id,
-                                path: self
-                                    .store
-                                    .images
-                                    .get(&rtxn, &id)?
-                                    .unwrap_or_default()
-                                    .path,
+                                path: self.store.images.get(&rtxn, &id)?.unwrap_or_default().path,
                                 score: 0,
                                 inliers: None,
                                 verified: false,
