@@ -229,9 +229,11 @@ fn train_top(
     work.buckets.clear(&mut work_txn)?;
     work_txn.commit()?;
     let mut wtxn = store.env.write_txn()?;
-    store
-        .meta
-        .put(&mut wtxn, store::keys::VOCAB_TOP, &vocab::centroids_to_bytes(&top))?;
+    store.meta.put(
+        &mut wtxn,
+        store::keys::VOCAB_TOP,
+        &vocab::centroids_to_bytes(&top),
+    )?;
     store.put_json(&mut wtxn, store::keys::VOCAB_SHAPE, &shape)?;
     store.lists.clear(&mut wtxn)?;
     store.cells.clear(&mut wtxn)?;
@@ -242,7 +244,11 @@ fn train_top(
     };
     store.set_checkpoint(&mut wtxn, &cp)?;
     wtxn.commit()?;
-    tracing::info!(cells = shape.cells, leaf_len = shape.leaf_len, "vocabulary top level trained");
+    tracing::info!(
+        cells = shape.cells,
+        leaf_len = shape.leaf_len,
+        "vocabulary top level trained"
+    );
     Ok(cp)
 }
 
@@ -446,7 +452,7 @@ fn lists(
         let (leaves, prices) = if n == 0 {
             (vec![top[c as usize]], vec![0])
         } else {
-            let sample = sample_codes(&chunks, n, k * vocab::SAMPLES_PER_CENTROID);
+            let sample = sample_codes(&chunks, n, k * vocab::LEAF_SAMPLES_PER_CENTROID);
             let leaves = vocab::train(
                 &sample,
                 k as usize,
