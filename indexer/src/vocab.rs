@@ -10,16 +10,20 @@
 //! leaf count follows the descriptors it really holds, the uneven way real ORB descriptors
 //! fill space (a few dense regions, a long sparse tail) gives lists of even length.
 
-use crate::hamming::{distance_words, Words};
+use crate::hamming::{distances_into, Words};
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
 /// k-majority iterations for the top level.
 pub const TOP_ITERATIONS: u32 = 8;
 /// k-majority iterations for the leaves of one cell.
-pub const LEAF_ITERATIONS: u32 = 5;
-/// Training samples per centroid (both levels).
+pub const LEAF_ITERATIONS: u32 = 4;
+/// Training samples per centroid of the top level.
 pub const SAMPLES_PER_CENTROID: u64 = 40;
+/// Training samples per leaf. Training a cell's leaves costs (iterations + 1) × samples ×
+/// leaves distance computations: with 24 samples and 4 iterations that is 0.75 comparisons
+/// per leaf per descriptor of the cell, less than routing every descriptor to its leaf.
+pub const LEAF_SAMPLES_PER_CENTROID: u64 = 24;
 /// Descriptors per inverted list the vocabulary is sized for.
 pub const DEFAULT_LEAF_LEN: u32 = 160;
 /// Fewest and most top-level cells.
@@ -145,37 +149,65 @@ pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Wor
     centroids
 }
 
-/// (distance, index) of the centroid nearest to `q` (ties: lowest index).
+thread_local! {
+    /// Distances of one descriptor to a set of centroids, reused across calls.
+    static DISTANCES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// (distance, index) of the smallest `distance + price` (ties: lowest index).
 #[inline]
-pub fn nearest(centroids: &[Words], q: &Words) -> (u32, u32) {
+fn argmin(distances: &[u32], prices: Option<&[u16]>) -> (u32, u32) {
     let mut best = (u32::MAX, 0u32);
-    for (i, c) in centroids.iter().enumerate() {
-        let d = distance_words(q, c);
-        if d < best.0 {
-            best = (d, i as u32);
+    match prices {
+        None => {
+            for (i, &d) in distances.iter().enumerate() {
+                if d < best.0 {
+                    best = (d, i as u32);
+                }
+            }
+        }
+        Some(p) => {
+            for (i, (&d, &p)) in distances.iter().zip(p).enumerate() {
+                let d = d + p as u32;
+                if d < best.0 {
+                    best = (d, i as u32);
+                }
+            }
         }
     }
     best
+}
+
+/// (distance, index) of the centroid nearest to `q` (ties: lowest index).
+#[inline]
+pub fn nearest(centroids: &[Words], q: &Words) -> (u32, u32) {
+    DISTANCES.with(|d| {
+        let mut d = d.borrow_mut();
+        distances_into(q, centroids, &mut d);
+        argmin(&d, None)
+    })
 }
 
 /// (distance + price, index) of the centroid nearest to `q` once each centroid's price is
 /// added to its distance (ties: lowest index).
 #[inline]
 pub fn nearest_priced(centroids: &[Words], prices: &[u16], q: &Words) -> (u32, u32) {
-    let mut best = (u32::MAX, 0u32);
-    for (i, (c, p)) in centroids.iter().zip(prices).enumerate() {
-        let d = distance_words(q, c) + *p as u32;
-        if d < best.0 {
-            best = (d, i as u32);
-        }
-    }
-    best
+    DISTANCES.with(|d| {
+        let mut d = d.borrow_mut();
+        distances_into(q, centroids, &mut d);
+        argmin(&d, Some(prices))
+    })
 }
 
 /// Largest list, as a multiple of the mean, that [`balance`] accepts.
 pub const BALANCE_FACTOR: f64 = 2.5;
-/// Most price rounds [`balance`] runs.
+/// Most exact price rounds [`balance`] runs.
 pub const BALANCE_ROUNDS: u32 = 40;
+
+/// Leaves each sample may move to while [`balance`] raises prices: its nearest ones.
+pub const BALANCE_CANDIDATES: usize = 8;
+/// Rounds among the candidates between two exact rounds of [`balance`].
+pub const BALANCE_FAST_ROUNDS: u32 = 16;
 
 /// Prices (extra Hamming distance) that keep any centroid from taking more than
 /// `max_factor` × its share of `samples`.
@@ -185,43 +217,86 @@ pub const BALANCE_ROUNDS: u32 = 40;
 /// (a "hub" — nearest-neighbour hubness in high dimensions), and its list would hold the
 /// whole region. Raising an over-full centroid's price moves the boundary of its catchment
 /// inwards until its share is reasonable; queries route with the same prices, so they look
-/// where the descriptors were put. Where lists are already even (most real data) this is a
-/// single assignment pass that changes nothing.
+/// where the descriptors were put. Each sample's [`BALANCE_CANDIDATES`] nearest centroids
+/// at the current prices are found in one exact pass; the rounds after it reassign among
+/// those (a raised price moves a sample to a near neighbour, not across the cell), so a
+/// round costs a few comparisons per sample, not one per centroid; when they look balanced
+/// an exact pass checks it. Where lists are already even (most real data) nothing changes.
 pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: u32) -> Vec<u16> {
     let k = centroids.len();
     let mut prices = vec![0u16; k];
     if k <= 1 || samples.is_empty() {
         return prices;
     }
+    let m = BALANCE_CANDIDATES.min(k);
     let cap = ((samples.len() as f64 / k as f64) * max_factor)
         .ceil()
         .max(1.0);
-    for _ in 0..rounds {
-        let assign: Vec<u32> = if samples.len() * k >= 1 << 16 {
-            samples
-                .par_iter()
-                .map(|s| nearest_priced(centroids, &prices, s).1)
-                .collect()
-        } else {
-            samples
-                .iter()
-                .map(|s| nearest_priced(centroids, &prices, s).1)
-                .collect()
-        };
-        let mut sizes = vec![0u32; k];
-        for c in assign {
-            sizes[c as usize] += 1;
-        }
+    // Raises the price of every centroid holding more than the cap; false when none does.
+    let raise = |prices: &mut [u16], sizes: &[u32]| {
         let mut over = false;
-        for (p, &n) in prices.iter_mut().zip(&sizes) {
+        for (p, &n) in prices.iter_mut().zip(sizes) {
             if n as f64 > cap {
                 over = true;
                 let step = (2.0 * (n as f64 / cap).log2()).ceil().max(1.0) as u16;
                 *p = p.saturating_add(step);
             }
         }
-        if !over {
+        over
+    };
+    let mut round = 0;
+    while round < rounds {
+        // Exact step: each sample's m nearest centroids at today's prices (raw distance,
+        // index); the first is its exact priced assignment.
+        let prices_now = prices.clone();
+        let candidates_of = |s: &Words| {
+            DISTANCES.with(|d| {
+                let mut d = d.borrow_mut();
+                distances_into(s, centroids, &mut d);
+                let mut all: Vec<(u32, u32, u32)> = d
+                    .iter()
+                    .zip(&prices_now)
+                    .enumerate()
+                    .map(|(i, (&d, &p))| (d + p as u32, i as u32, d))
+                    .collect();
+                if m < all.len() {
+                    all.select_nth_unstable(m - 1);
+                    all.truncate(m);
+                }
+                all.sort_unstable();
+                all.into_iter().map(|(_, i, d)| (d, i)).collect::<Vec<_>>()
+            })
+        };
+        let candidates: Vec<Vec<(u32, u32)>> = if samples.len() * k >= 1 << 16 {
+            samples.par_iter().map(candidates_of).collect()
+        } else {
+            samples.iter().map(candidates_of).collect()
+        };
+        let mut sizes = vec![0u32; k];
+        for c in &candidates {
+            sizes[c[0].1 as usize] += 1;
+        }
+        if !raise(&mut prices, &sizes) {
             break;
+        }
+        round += 1;
+        // Fast rounds: reassign among the candidates until they look balanced, then check
+        // exactly again.
+        for _ in 0..BALANCE_FAST_ROUNDS {
+            sizes.iter_mut().for_each(|n| *n = 0);
+            for cands in &candidates {
+                let mut best = (u32::MAX, 0u32);
+                for &(d, c) in cands {
+                    let d = d + prices[c as usize] as u32;
+                    if d < best.0 {
+                        best = (d, c);
+                    }
+                }
+                sizes[best.1 as usize] += 1;
+            }
+            if !raise(&mut prices, &sizes) {
+                break;
+            }
         }
     }
     prices
@@ -237,12 +312,11 @@ fn nearest_n_into(
     out: &mut Vec<(u32, u32)>,
 ) {
     let start = out.len();
-    out.extend(
-        centroids
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (distance_words(q, c), offset + i as u32)),
-    );
+    DISTANCES.with(|d| {
+        let mut d = d.borrow_mut();
+        distances_into(q, centroids, &mut d);
+        out.extend(d.iter().enumerate().map(|(i, &d)| (d, offset + i as u32)));
+    });
     let slice = &mut out[start..];
     let n = n.min(slice.len());
     if n == 0 {
@@ -272,6 +346,7 @@ pub struct Vocabulary {
 pub struct ProbeScratch {
     cells: Vec<(u32, u32)>,
     leaves: Vec<(u32, u32)>,
+    distances: Vec<u32>,
 }
 
 impl Vocabulary {
@@ -347,12 +422,14 @@ impl Vocabulary {
             let r = self.cell_leaves(c);
             let start = scratch.leaves.len();
             let (a, b) = (r.start as usize, r.end as usize);
+            distances_into(q, &self.leaves[a..b], &mut scratch.distances);
             scratch.leaves.extend(
-                self.leaves[a..b]
+                scratch
+                    .distances
                     .iter()
                     .zip(&self.prices[a..b])
                     .enumerate()
-                    .map(|(i, (l, p))| (distance_words(q, l) + *p as u32, r.start + i as u32)),
+                    .map(|(i, (d, p))| (d + *p as u32, r.start + i as u32)),
             );
             // Keep at most nprobe from each cell before the final selection.
             let n = nprobe.min(scratch.leaves.len() - start);

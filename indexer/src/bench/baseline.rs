@@ -99,7 +99,17 @@ pub fn script_path() -> std::path::PathBuf {
     SCRIPT.into()
 }
 
-/// Runs the baseline and parses its report.
+/// The old system's Annoy settings for a feature count, as it ran them: 50 trees (search_k
+/// 100) at 1000 features, 15 trees (search_k 50) at its 150-feature fallback.
+pub fn settings(nfeatures: u32) -> (u32, u32) {
+    if nfeatures >= 1000 {
+        (50, 100)
+    } else {
+        (15, 50)
+    }
+}
+
+/// Runs the old system's script over a catalogue and queries and reads its report.
 pub fn run(
     python: &str,
     catalogue: &Path,

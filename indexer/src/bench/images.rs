@@ -239,7 +239,9 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
         rows.push(row);
     }
     for nf in &b.baseline_features {
-        let r: BaselineReport = baseline::run(&b.python, &b.catalogue, &queries_dir, *nf, 15, 50)?;
+        let (trees, search_k) = baseline::settings(*nf);
+        let r: BaselineReport =
+            baseline::run(&b.python, &b.catalogue, &queries_dir, *nf, trees, search_k)?;
         rows.push(r.into_row(*nf));
     }
     Ok(rows)

@@ -174,10 +174,10 @@ pub fn run_synthetic(
 /// Where padding descriptors come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PadKind {
-    /// The catalogue's own extracted descriptors, each moved by [`REAL_PAD_FLIPS`] random
-    /// bits: the padding fills the vocabulary's cells as unevenly as real ORB does.
+    /// The catalogue's own extracted descriptors, each moved by 40 to 56 random bits: the
+    /// padding fills the vocabulary's cells as unevenly as real ORB does.
     Real,
-    /// Clustered random descriptors ([`Generator`]): evenly spread, kinder to the lists.
+    /// Clustered random descriptors: evenly spread, kinder to the lists.
     Synthetic,
 }
 
@@ -205,33 +205,27 @@ impl Padding {
     }
 }
 
-/// The descriptors of real-derived padding image `i`: a catalogue image's (the first with
-/// descriptors from a pseudo-random start), each moved by a few dozen random bits.
+/// The descriptors of real-derived padding image `i`: [`PER_IMAGE`] descriptors taken from
+/// catalogue images in turn (from a pseudo-random start), each moved by a few dozen random
+/// bits.
 fn real_pad_image(work: &WorkStore, real_images: u32, i: u32) -> Result<Vec<Descriptor>> {
     use rand::{RngExt, SeedableRng};
+    let mut out: Vec<Descriptor> = Vec::with_capacity(PER_IMAGE as usize);
     if real_images == 0 {
-        return Ok(Vec::new());
+        return Ok(out);
     }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7 ^ (i as u64) << 20);
     let rtxn = work.env.read_txn()?;
     let start = (i as u64).wrapping_mul(0x9E37_79B9) % real_images as u64;
-    let mut blob = None;
     for step in 0..real_images as u64 {
         let src = ((start + step) % real_images as u64) as u32;
-        if let Some(b) = work.descs.get(&rtxn, &src)? {
-            if !b.is_empty() {
-                blob = Some(b);
-                break;
+        let Some(blob) = work.descs.get(&rtxn, &src)? else {
+            continue;
+        };
+        for c in blob.chunks_exact(DESCRIPTOR_BYTES) {
+            if out.len() == PER_IMAGE as usize {
+                return Ok(out);
             }
-        }
-    }
-    let Some(blob) = blob else {
-        return Ok(Vec::new());
-    };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7 ^ (i as u64) << 20);
-    Ok(blob
-        .chunks_exact(DESCRIPTOR_BYTES)
-        .take(PER_IMAGE as usize)
-        .map(|c| {
             let mut d: Descriptor = [0; DESCRIPTOR_BYTES];
             d.copy_from_slice(c);
             let flips = rng.random_range(REAL_PAD_FLIPS);
@@ -245,9 +239,10 @@ fn real_pad_image(work: &WorkStore, real_images: u32, i: u32) -> Result<Vec<Desc
                     flipped += 1;
                 }
             }
-            d
-        })
-        .collect())
+            out.push(d);
+        }
+    }
+    Ok(out)
 }
 
 impl ExtraImages for Padding {

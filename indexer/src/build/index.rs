@@ -452,7 +452,7 @@ fn lists(
         let (leaves, prices) = if n == 0 {
             (vec![top[c as usize]], vec![0])
         } else {
-            let sample = sample_codes(&chunks, n, k * vocab::SAMPLES_PER_CENTROID);
+            let sample = sample_codes(&chunks, n, k * vocab::LEAF_SAMPLES_PER_CENTROID);
             let leaves = vocab::train(
                 &sample,
                 k as usize,
