@@ -1352,12 +1352,19 @@ fn adopt(f: &Fixture) -> Vec<String> {
     let cs = container_status(&pods[0]);
     assert_eq!(cs["restartCount"], 0, "{cs}");
     assert_eq!(cs["containerID"], container_id.as_str(), "{cs}");
-    let old_gone = f
-        .cluster
-        .kubectl_output(&["get", "pod", &old_op, "-n", OPERATOR_NS]);
-    assert!(
-        !old_gone.status.success(),
-        "the old operator pod is still there"
+    // The old pod goes once the kubelet has reclaimed its resources (its housekeeping, seconds
+    // after the container stopped: on a loaded machine later than the build's end).
+    wait_for(
+        "the old operator pod to be gone",
+        Duration::from_secs(60),
+        || {
+            (!f.cluster
+                .kubectl_output(&["get", "pod", &old_op, "-n", OPERATOR_NS])
+                .status
+                .success())
+            .then_some(())
+        },
+        || format!("the old operator pod {old_op} is still there"),
     );
     let log = f
         .cluster
