@@ -112,6 +112,10 @@ impl ListIndex {
             .get(rtxn, store::keys::VOCAB_TOP)?
             .and_then(vocab::centroids_from_bytes)
             .ok_or_else(|| bad("no vocabulary"))?;
+        let top_prices = match store.meta.get(rtxn, store::keys::VOCAB_TOP_PRICES)? {
+            Some(b) => vocab::prices_from_bytes(b).ok_or_else(|| bad("top prices"))?,
+            None => Vec::new(),
+        };
         let shape: VocabShape = store
             .get_json(rtxn, store::keys::VOCAB_SHAPE)?
             .ok_or_else(|| bad("no vocabulary shape"))?;
@@ -135,7 +139,7 @@ impl ListIndex {
             });
         }
         Ok(ListIndex {
-            vocab: Vocabulary::new(top, cell_leaves),
+            vocab: Vocabulary::new(top, top_prices, cell_leaves),
             layout,
             shape,
             entries,

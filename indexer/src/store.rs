@@ -212,6 +212,8 @@ pub mod keys {
     pub const CHECKPOINT: &str = "checkpoint";
     /// The vocabulary's top-level centroids, 32 bytes each.
     pub const VOCAB_TOP: &str = "vocab_top";
+    /// The top level's balancing prices, u16 little-endian per cell.
+    pub const VOCAB_TOP_PRICES: &str = "vocab_top_prices";
     /// The vocabulary's [`crate::vocab::VocabShape`] as JSON.
     pub const VOCAB_SHAPE: &str = "vocab_shape";
     /// The dataset listing's fingerprint, set when the image table is written.

@@ -152,6 +152,8 @@ pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Wor
 thread_local! {
     /// Distances of one descriptor to a set of centroids, reused across calls.
     static DISTANCES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// (distance + price, index, distance) of one sample to every centroid, for [`balance`].
+    static PRICED: std::cell::RefCell<Vec<(u32, u32, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// (distance, index) of the smallest `distance + price` (ties: lowest index).
@@ -249,29 +251,43 @@ pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: 
         // Exact step: each sample's m nearest centroids at today's prices (raw distance,
         // index); the first is its exact priced assignment.
         let prices_now = prices.clone();
-        let candidates_of = |s: &Words| {
-            DISTANCES.with(|d| {
-                let mut d = d.borrow_mut();
-                distances_into(s, centroids, &mut d);
-                let mut all: Vec<(u32, u32, u32)> = d
-                    .iter()
-                    .zip(&prices_now)
-                    .enumerate()
-                    .map(|(i, (&d, &p))| (d + p as u32, i as u32, d))
-                    .collect();
+        // Flat: m (raw distance, index) pairs per sample, one allocation for the cell.
+        let fill = |s: &Words, out: &mut [(u32, u32)]| {
+            PRICED.with(|all| {
+                let mut all = all.borrow_mut();
+                DISTANCES.with(|d| {
+                    let mut d = d.borrow_mut();
+                    distances_into(s, centroids, &mut d);
+                    all.clear();
+                    all.extend(
+                        d.iter()
+                            .zip(&prices_now)
+                            .enumerate()
+                            .map(|(i, (&d, &p))| (d + p as u32, i as u32, d)),
+                    );
+                });
                 if m < all.len() {
                     all.select_nth_unstable(m - 1);
                     all.truncate(m);
                 }
                 all.sort_unstable();
-                all.into_iter().map(|(_, i, d)| (d, i)).collect::<Vec<_>>()
+                for (o, &(_, i, d)) in out.iter_mut().zip(all.iter()) {
+                    *o = (d, i);
+                }
             })
         };
-        let candidates: Vec<Vec<(u32, u32)>> = if samples.len() * k >= 1 << 16 {
-            samples.par_iter().map(candidates_of).collect()
+        let mut candidates = vec![(0u32, 0u32); samples.len() * m];
+        if samples.len() * k >= 1 << 16 {
+            candidates
+                .par_chunks_mut(m)
+                .zip(samples.par_iter())
+                .for_each(|(out, s)| fill(s, out));
         } else {
-            samples.iter().map(candidates_of).collect()
-        };
+            for (out, s) in candidates.chunks_mut(m).zip(samples) {
+                fill(s, out);
+            }
+        }
+        let candidates: Vec<&[(u32, u32)]> = candidates.chunks(m).collect();
         let mut sizes = vec![0u32; k];
         for c in &candidates {
             sizes[c[0].1 as usize] += 1;
@@ -284,7 +300,7 @@ pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: 
         // exactly again.
         for _ in 0..BALANCE_FAST_ROUNDS {
             sizes.iter_mut().for_each(|n| *n = 0);
-            for cands in &candidates {
+            for &cands in &candidates {
                 let mut best = (u32::MAX, 0u32);
                 for &(d, c) in cands {
                     let d = d + prices[c as usize] as u32;
@@ -302,38 +318,12 @@ pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: 
     prices
 }
 
-/// The `n` smallest (distance, index) pairs of `centroids` to `q`, nearest first, appended
-/// to `out` with `offset` added to the indices.
-fn nearest_n_into(
-    centroids: &[Words],
-    q: &Words,
-    n: usize,
-    offset: u32,
-    out: &mut Vec<(u32, u32)>,
-) {
-    let start = out.len();
-    DISTANCES.with(|d| {
-        let mut d = d.borrow_mut();
-        distances_into(q, centroids, &mut d);
-        out.extend(d.iter().enumerate().map(|(i, &d)| (d, offset + i as u32)));
-    });
-    let slice = &mut out[start..];
-    let n = n.min(slice.len());
-    if n == 0 {
-        out.truncate(start);
-        return;
-    }
-    if n < slice.len() {
-        slice.select_nth_unstable(n - 1);
-        out.truncate(start + n);
-    }
-    out[start..].sort_unstable();
-}
-
 /// The trained vocabulary: top centroids, and the leaves of every cell.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Vocabulary {
     top: Vec<Words>,
+    /// Each cell's price ([`balance`] at the top level).
+    top_prices: Vec<u16>,
     /// Cell `c`'s leaves are `first_leaf[c]..first_leaf[c + 1]`.
     first_leaf: Vec<u32>,
     leaves: Vec<Words>,
@@ -352,7 +342,11 @@ pub struct ProbeScratch {
 impl Vocabulary {
     /// Assembles a vocabulary from its top centroids and each cell's leaves and their
     /// prices (in cell order).
-    pub fn new(top: Vec<Words>, cell_leaves: Vec<(Vec<Words>, Vec<u16>)>) -> Vocabulary {
+    pub fn new(
+        top: Vec<Words>,
+        top_prices: Vec<u16>,
+        cell_leaves: Vec<(Vec<Words>, Vec<u16>)>,
+    ) -> Vocabulary {
         let mut first_leaf = Vec::with_capacity(top.len() + 1);
         let mut leaves = Vec::new();
         let mut prices = Vec::new();
@@ -365,8 +359,14 @@ impl Vocabulary {
         while first_leaf.len() < top.len() + 1 {
             first_leaf.push(leaves.len() as u32);
         }
+        let top_prices = top_prices
+            .into_iter()
+            .chain(std::iter::repeat(0))
+            .take(top.len())
+            .collect();
         Vocabulary {
             top,
+            top_prices,
             first_leaf,
             leaves,
             prices,
@@ -396,7 +396,7 @@ impl Vocabulary {
 
     /// The cell nearest to a descriptor.
     pub fn nearest_cell(&self, q: &Words) -> u32 {
-        nearest(&self.top, q).1
+        nearest_priced(&self.top, &self.top_prices, q).1
     }
 
     /// The leaf a descriptor of cell `c` is stored in.
@@ -416,7 +416,21 @@ impl Vocabulary {
         scratch: &'s mut ProbeScratch,
     ) -> &'s [(u32, u32)] {
         scratch.cells.clear();
-        nearest_n_into(&self.top, q, cells.max(1), 0, &mut scratch.cells);
+        distances_into(q, &self.top, &mut scratch.distances);
+        scratch.cells.extend(
+            scratch
+                .distances
+                .iter()
+                .zip(&self.top_prices)
+                .enumerate()
+                .map(|(i, (d, p))| (d + *p as u32, i as u32)),
+        );
+        let n = cells.max(1).min(scratch.cells.len());
+        if n > 0 && n < scratch.cells.len() {
+            scratch.cells.select_nth_unstable(n - 1);
+            scratch.cells.truncate(n);
+        }
+        scratch.cells.sort_unstable();
         scratch.leaves.clear();
         for &(_, c) in &scratch.cells {
             let r = self.cell_leaves(c);
@@ -460,7 +474,7 @@ impl Vocabulary {
 
     /// Bytes the vocabulary takes in memory.
     pub fn memory_bytes(&self) -> u64 {
-        (self.top.len() * 32 + self.first_leaf.len() * 4 + self.leaves.len() * 34) as u64
+        (self.top.len() * 34 + self.first_leaf.len() * 4 + self.leaves.len() * 34) as u64
     }
 }
 
@@ -469,6 +483,24 @@ pub fn centroids_to_bytes(c: &[Words]) -> Vec<u8> {
     c.iter()
         .flat_map(|w| w.iter().flat_map(|x| x.to_le_bytes()))
         .collect()
+}
+
+/// Encodes prices as u16 little-endian each.
+pub fn prices_to_bytes(p: &[u16]) -> Vec<u8> {
+    p.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Decodes prices written by [`prices_to_bytes`] (`None` on an odd length).
+pub fn prices_from_bytes(bytes: &[u8]) -> Option<Vec<u16>> {
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+    )
 }
 
 /// Decodes centroids written by [`centroids_to_bytes`] (`None` when the length is not a
@@ -556,6 +588,11 @@ mod tests {
 
     #[test]
     fn centroids_round_trip() {
+        assert_eq!(
+            prices_from_bytes(&prices_to_bytes(&[0, 7, 65535])),
+            Some(vec![0, 7, 65535])
+        );
+        assert_eq!(prices_from_bytes(&[0; 3]), None);
         let c = clustered(2, 3, 0.1, 0, 9);
         assert_eq!(centroids_from_bytes(&centroids_to_bytes(&c)), Some(c));
         assert_eq!(centroids_from_bytes(&[0; 31]), None);
@@ -563,9 +600,10 @@ mod tests {
 
     fn two_level(data: &[Words], shape: VocabShape) -> Vocabulary {
         let top = train(data, shape.cells as usize, TOP_ITERATIONS, 1);
+        let top_prices = balance(data, &top, BALANCE_FACTOR, BALANCE_ROUNDS);
         let mut members: Vec<Vec<Words>> = vec![Vec::new(); top.len()];
         for d in data {
-            members[nearest(&top, d).1 as usize].push(*d);
+            members[nearest_priced(&top, &top_prices, d).1 as usize].push(*d);
         }
         let leaves = members
             .iter()
@@ -581,7 +619,7 @@ mod tests {
                 (l, p)
             })
             .collect();
-        Vocabulary::new(top, leaves)
+        Vocabulary::new(top, top_prices, leaves)
     }
 
     /// Like real ORB descriptors: dense regions made of smaller groups (a corner type, seen

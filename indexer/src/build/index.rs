@@ -105,6 +105,7 @@ fn bad(store: &Store, reason: &str) -> IndexError {
 
 /// The fail point at the end of each batch of the partition, lists and global steps (the
 /// resume tests hold a step there with `FAILPOINTS=index-step-batch=sleep(200)`).
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 pub const STEP_BATCH_FAIL_POINT: &str = "index-step-batch";
 
 /// Runs (or resumes) the index phases. `release` hands LMDB's clean pages back to the
@@ -219,6 +220,9 @@ fn train_top(
         vocab::TOP_ITERATIONS,
         TRAIN_SEED,
     );
+    // Real ORB crowds some cells as it crowds some leaves: prices keep every cell near the
+    // mean, which bounds each cell's work in the lists step and each query's leaf scan.
+    let top_prices = vocab::balance(&samples, &top, vocab::BALANCE_FACTOR, vocab::BALANCE_ROUNDS);
     drop(samples);
     let shape = VocabShape {
         cells: top.len() as u32,
@@ -233,6 +237,11 @@ fn train_top(
         &mut wtxn,
         store::keys::VOCAB_TOP,
         &vocab::centroids_to_bytes(&top),
+    )?;
+    store.meta.put(
+        &mut wtxn,
+        store::keys::VOCAB_TOP_PRICES,
+        &vocab::prices_to_bytes(&top_prices),
     )?;
     store.put_json(&mut wtxn, store::keys::VOCAB_SHAPE, &shape)?;
     store.lists.clear(&mut wtxn)?;
@@ -252,13 +261,18 @@ fn train_top(
     Ok(cp)
 }
 
-fn read_top(store: &Store) -> Result<Vec<Words>> {
+fn read_top(store: &Store) -> Result<(Vec<Words>, Vec<u16>)> {
     let rtxn = store.env.read_txn()?;
     let bytes = store
         .meta
         .get(&rtxn, store::keys::VOCAB_TOP)?
         .ok_or_else(|| bad(store, "no vocabulary"))?;
-    vocab::centroids_from_bytes(bytes).ok_or_else(|| bad(store, "vocabulary"))
+    let top = vocab::centroids_from_bytes(bytes).ok_or_else(|| bad(store, "vocabulary"))?;
+    let prices = match store.meta.get(&rtxn, store::keys::VOCAB_TOP_PRICES)? {
+        Some(b) => vocab::prices_from_bytes(b).ok_or_else(|| bad(store, "top prices"))?,
+        None => vec![0; top.len()],
+    };
+    Ok((top, prices))
 }
 
 /// Routes every kept descriptor to its cell, appending entries to per-cell buckets in the
@@ -276,7 +290,7 @@ fn partition(
     ctx: &BuildContext,
     label: &str,
 ) -> Result<Checkpoint> {
-    let top = read_top(store)?;
+    let (top, top_prices) = read_top(store)?;
     ctx.progress.start_step(IndexStep::Partition, total);
     ctx.progress.set_step_done(offsets[next as usize]);
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); top.len()];
@@ -308,7 +322,7 @@ fn partition(
         }
         let cells: Vec<u32> = batch
             .par_iter()
-            .map(|(_, d, _)| vocab::nearest(&top, &words_of(d)).1)
+            .map(|(_, d, _)| vocab::nearest_priced(&top, &top_prices, &words_of(d)).1)
             .collect();
         for ((id, d, kp), c) in batch.iter().zip(cells) {
             let mut code = [0u8; DESCRIPTOR_BYTES];
@@ -417,7 +431,7 @@ fn lists(
     label: &str,
     release: &dyn Fn(),
 ) -> Result<Checkpoint> {
-    let top = read_top(store)?;
+    let (top, _) = read_top(store)?;
     let cells = top.len() as u32;
     ctx.progress.start_step(IndexStep::Lists, total);
     let done_before: u64 = {
@@ -452,7 +466,11 @@ fn lists(
         let (leaves, prices) = if n == 0 {
             (vec![top[c as usize]], vec![0])
         } else {
-            let sample = sample_codes(&chunks, n, k * vocab::LEAF_SAMPLES_PER_CENTROID);
+            let sample = sample_codes(
+                &chunks,
+                n,
+                (k * vocab::LEAF_SAMPLES_PER_CENTROID).min(plan.train_samples),
+            );
             let leaves = vocab::train(
                 &sample,
                 k as usize,

@@ -18,7 +18,9 @@ pub const LAYOUT_MATCH: f32 = 0.12;
 pub const LAYOUT_MARGIN: f32 = 0.04;
 
 /// What found a match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MatchedBy {
     /// Local features: votes, and inliers when verified.

@@ -42,6 +42,13 @@ pub struct MatchOut {
     /// Whether RANSAC found a consistent geometry (only when verified).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
+    /// What found it: `features` (votes, and inliers when verified) or `layout` (an image
+    /// with few or no local features, found by its global layout descriptor).
+    #[serde(default)]
+    pub matched_by: crate::search::MatchedBy,
+    /// Cosine distance between the query's layout and this image's (when layout found it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout_distance: Option<f32>,
 }
 
 /// Time spent per step of one query, in milliseconds.

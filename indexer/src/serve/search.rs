@@ -246,6 +246,8 @@ fn respond(
             score: m.score,
             inliers: if q.verify { m.inliers } else { None },
             verified: q.verify.then_some(m.verified),
+            matched_by: m.matched_by,
+            layout_distance: m.layout_distance,
         })
         .collect();
     let mut warnings = Vec::new();
