@@ -53,8 +53,13 @@ APISERVER_PID_FILE="$STATE/kube-apiserver.pid"
 KCM_PID_FILE="$STATE/kube-controller-manager.pid"
 
 # True if PID runs (not a zombie: those have an empty cmdline).
+# Alive: signalable and not a zombie. (Not "has a cmdline": while a process execs a large
+# binary its cmdline reads empty for a moment, which under load looked like an exit.)
 pid_alive() {
-    [ -n "$1" ] && [ -n "$({ tr -d '\0' <"/proc/$1/cmdline"; } 2>/dev/null)" ]
+    [ -n "$1" ] && kill -0 "$1" 2>/dev/null || return 1
+    local state
+    state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+    [ -n "$state" ] && [ "$state" != Z ]
 }
 
 # Refuse to start over a running cluster.
