@@ -11,6 +11,6 @@ scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --locked -p indexer -p operator
 state="${STATE_DIR:-$here/.imageindex-demo}"
-exec target/release/operator local -f samples/imageindex.yaml \
+exec "${CARGO_TARGET_DIR:-target}/release/operator" local -f samples/imageindex.yaml \
     --state-dir "$state" --status-out "$state/status.json" \
     --serve "${ADDR:-127.0.0.1:8080}"
