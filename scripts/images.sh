@@ -237,6 +237,8 @@ KEPT="$CACHE/archives/$KEY"
 if [ "${IMAGEINDEX_IMAGES_REBUILD:-0}" != 1 ] && [ -s "$KEPT/images.env" ]; then
     log "inputs unchanged ($KEY): the archives built before, from $KEPT"
     for name in "${IMAGES[@]}"; do
+        # Already the same file (a hard link from the last run): mv would refuse it.
+        [ "$OUT/$name.tar" -ef "$KEPT/$name.tar" ] && continue
         # A hard link when on the same filesystem (the archives are never modified).
         ln -f "$KEPT/$name.tar" "$OUT/$name.tar.tmp" 2>/dev/null || cp "$KEPT/$name.tar" "$OUT/$name.tar.tmp"
         mv "$OUT/$name.tar.tmp" "$OUT/$name.tar"
