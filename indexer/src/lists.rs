@@ -107,15 +107,7 @@ impl ListIndex {
             path: store.env.path().to_path_buf(),
             reason: reason.to_string(),
         };
-        let top = store
-            .meta
-            .get(rtxn, store::keys::VOCAB_TOP)?
-            .and_then(vocab::centroids_from_bytes)
-            .ok_or_else(|| bad("no vocabulary"))?;
-        let top_prices = match store.meta.get(rtxn, store::keys::VOCAB_TOP_PRICES)? {
-            Some(b) => vocab::prices_from_bytes(b).ok_or_else(|| bad("top prices"))?,
-            None => Vec::new(),
-        };
+        let (top, top_prices) = store.vocab_top(rtxn)?;
         let shape: VocabShape = store
             .get_json(rtxn, store::keys::VOCAB_SHAPE)?
             .ok_or_else(|| bad("no vocabulary shape"))?;

@@ -312,6 +312,25 @@ impl Store {
         }
     }
 
+    /// Reads the vocabulary's top level: its centroids and their prices (0 where none were
+    /// stored).
+    pub fn vocab_top(&self, rtxn: &RoTxn) -> Result<(Vec<crate::hamming::Words>, Vec<u16>)> {
+        let bad = |reason: &str| IndexError::BadIndex {
+            path: self.env.path().to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let top = self
+            .meta
+            .get(rtxn, keys::VOCAB_TOP)?
+            .ok_or_else(|| bad("no vocabulary"))?;
+        let top = crate::vocab::centroids_from_bytes(top).ok_or_else(|| bad("vocabulary"))?;
+        let prices = match self.meta.get(rtxn, keys::VOCAB_TOP_PRICES)? {
+            Some(b) => crate::vocab::prices_from_bytes(b).ok_or_else(|| bad("top prices"))?,
+            None => vec![0; top.len()],
+        };
+        Ok((top, prices))
+    }
+
     /// Writes a JSON metadata value.
     pub fn put_json<T: Serialize>(&self, wtxn: &mut RwTxn, key: &str, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec(value)

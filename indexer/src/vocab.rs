@@ -152,8 +152,8 @@ pub fn train(samples: &[Words], k: usize, iterations: u32, seed: u64) -> Vec<Wor
 thread_local! {
     /// Distances of one descriptor to a set of centroids, reused across calls.
     static DISTANCES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// (distance + price, index, distance) of one sample to every centroid, for [`balance`].
-    static PRICED: std::cell::RefCell<Vec<(u32, u32, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// (distance + price, index) of one sample's nearest centroids, for [`balance`].
+    static PRICED: std::cell::RefCell<Vec<(u32, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// (distance, index) of the smallest `distance + price` (ties: lowest index).
@@ -199,6 +199,39 @@ pub fn nearest_priced(centroids: &[Words], prices: &[u16], q: &Words) -> (u32, u
         distances_into(q, centroids, &mut d);
         argmin(&d, Some(prices))
     })
+}
+
+/// Appends (distance + price, `offset` + index) of the `n` centroids nearest to `q` once
+/// each one's price is added, nearest first (ties: lowest index); `distances` is scratch.
+fn push_nearest_priced(
+    q: &Words,
+    centroids: &[Words],
+    prices: &[u16],
+    n: usize,
+    offset: u32,
+    distances: &mut Vec<u32>,
+    out: &mut Vec<(u32, u32)>,
+) {
+    let start = out.len();
+    distances_into(q, centroids, distances);
+    out.extend(
+        distances
+            .iter()
+            .zip(prices)
+            .enumerate()
+            .map(|(i, (d, p))| (d + *p as u32, offset + i as u32)),
+    );
+    keep_nearest(out, start, n);
+}
+
+/// Keeps the `n` smallest pairs of `pairs[start..]` (all when `n` is 0), sorted.
+fn keep_nearest(pairs: &mut Vec<(u32, u32)>, start: usize, n: usize) {
+    let len = pairs.len() - start;
+    if n > 0 && n < len {
+        pairs[start..].select_nth_unstable(n - 1);
+        pairs.truncate(start + n);
+    }
+    pairs[start..].sort_unstable();
 }
 
 /// Largest list, as a multiple of the mean, that [`balance`] accepts.
@@ -254,26 +287,14 @@ pub fn balance(samples: &[Words], centroids: &[Words], max_factor: f64, rounds: 
         // Flat: m (raw distance, index) pairs per sample, one allocation for the cell.
         let fill = |s: &Words, out: &mut [(u32, u32)]| {
             PRICED.with(|all| {
-                let mut all = all.borrow_mut();
                 DISTANCES.with(|d| {
-                    let mut d = d.borrow_mut();
-                    distances_into(s, centroids, &mut d);
+                    let (mut all, mut d) = (all.borrow_mut(), d.borrow_mut());
                     all.clear();
-                    all.extend(
-                        d.iter()
-                            .zip(&prices_now)
-                            .enumerate()
-                            .map(|(i, (&d, &p))| (d + p as u32, i as u32, d)),
-                    );
-                });
-                if m < all.len() {
-                    all.select_nth_unstable(m - 1);
-                    all.truncate(m);
-                }
-                all.sort_unstable();
-                for (o, &(_, i, d)) in out.iter_mut().zip(all.iter()) {
-                    *o = (d, i);
-                }
+                    push_nearest_priced(s, centroids, &prices_now, m, 0, &mut d, &mut all);
+                    for (o, &(priced, i)) in out.iter_mut().zip(all.iter()) {
+                        *o = (priced - prices_now[i as usize] as u32, i);
+                    }
+                })
             })
         };
         let mut candidates = vec![(0u32, 0u32); samples.len() * m];
@@ -416,48 +437,31 @@ impl Vocabulary {
         scratch: &'s mut ProbeScratch,
     ) -> &'s [(u32, u32)] {
         scratch.cells.clear();
-        distances_into(q, &self.top, &mut scratch.distances);
-        scratch.cells.extend(
-            scratch
-                .distances
-                .iter()
-                .zip(&self.top_prices)
-                .enumerate()
-                .map(|(i, (d, p))| (d + *p as u32, i as u32)),
+        push_nearest_priced(
+            q,
+            &self.top,
+            &self.top_prices,
+            cells.max(1),
+            0,
+            &mut scratch.distances,
+            &mut scratch.cells,
         );
-        let n = cells.max(1).min(scratch.cells.len());
-        if n > 0 && n < scratch.cells.len() {
-            scratch.cells.select_nth_unstable(n - 1);
-            scratch.cells.truncate(n);
-        }
-        scratch.cells.sort_unstable();
         scratch.leaves.clear();
         for &(_, c) in &scratch.cells {
             let r = self.cell_leaves(c);
-            let start = scratch.leaves.len();
             let (a, b) = (r.start as usize, r.end as usize);
-            distances_into(q, &self.leaves[a..b], &mut scratch.distances);
-            scratch.leaves.extend(
-                scratch
-                    .distances
-                    .iter()
-                    .zip(&self.prices[a..b])
-                    .enumerate()
-                    .map(|(i, (d, p))| (d + *p as u32, r.start + i as u32)),
+            // At most nprobe from each cell before the final selection.
+            push_nearest_priced(
+                q,
+                &self.leaves[a..b],
+                &self.prices[a..b],
+                nprobe,
+                r.start,
+                &mut scratch.distances,
+                &mut scratch.leaves,
             );
-            // Keep at most nprobe from each cell before the final selection.
-            let n = nprobe.min(scratch.leaves.len() - start);
-            if n > 0 && n < scratch.leaves.len() - start {
-                scratch.leaves[start..].select_nth_unstable(n - 1);
-                scratch.leaves.truncate(start + n);
-            }
         }
-        let n = nprobe.min(scratch.leaves.len());
-        if n > 0 && n < scratch.leaves.len() {
-            scratch.leaves.select_nth_unstable(n - 1);
-            scratch.leaves.truncate(n);
-        }
-        scratch.leaves.sort_unstable();
+        keep_nearest(&mut scratch.leaves, 0, nprobe);
         &scratch.leaves
     }
 

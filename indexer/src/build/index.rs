@@ -261,20 +261,6 @@ fn train_top(
     Ok(cp)
 }
 
-fn read_top(store: &Store) -> Result<(Vec<Words>, Vec<u16>)> {
-    let rtxn = store.env.read_txn()?;
-    let bytes = store
-        .meta
-        .get(&rtxn, store::keys::VOCAB_TOP)?
-        .ok_or_else(|| bad(store, "no vocabulary"))?;
-    let top = vocab::centroids_from_bytes(bytes).ok_or_else(|| bad(store, "vocabulary"))?;
-    let prices = match store.meta.get(&rtxn, store::keys::VOCAB_TOP_PRICES)? {
-        Some(b) => vocab::prices_from_bytes(b).ok_or_else(|| bad(store, "top prices"))?,
-        None => vec![0; top.len()],
-    };
-    Ok((top, prices))
-}
-
 /// Routes every kept descriptor to its cell, appending entries to per-cell buckets in the
 /// working environment in bounded flushes (key: cell << 32 | flush number).
 #[allow(clippy::too_many_arguments)]
@@ -290,7 +276,7 @@ fn partition(
     ctx: &BuildContext,
     label: &str,
 ) -> Result<Checkpoint> {
-    let (top, top_prices) = read_top(store)?;
+    let (top, top_prices) = store.vocab_top(&*store.env.read_txn()?)?;
     ctx.progress.start_step(IndexStep::Partition, total);
     ctx.progress.set_step_done(offsets[next as usize]);
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); top.len()];
@@ -431,7 +417,7 @@ fn lists(
     label: &str,
     release: &dyn Fn(),
 ) -> Result<Checkpoint> {
-    let (top, _) = read_top(store)?;
+    let (top, _) = store.vocab_top(&*store.env.read_txn()?)?;
     let cells = top.len() as u32;
     ctx.progress.start_step(IndexStep::Lists, total);
     let done_before: u64 = {
