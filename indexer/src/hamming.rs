@@ -1,4 +1,4 @@
-//! Hamming distance between 256-bit ORB descriptors, and their arroy form.
+//! Hamming distance between 256-bit ORB descriptors.
 
 use crate::features::Descriptor;
 
@@ -112,18 +112,6 @@ mod avx512 {
     }
 }
 
-/// The descriptor as arroy's vector: a set bit is +1, a clear bit −1, so arroy's
-/// `BinaryQuantizedManhattan` distance is twice the Hamming distance.
-pub fn to_arroy_vector(d: &Descriptor, out: &mut [f32; 256]) {
-    for (i, v) in out.iter_mut().enumerate() {
-        *v = if d[i / 8] >> (i % 8) & 1 == 1 {
-            1.0
-        } else {
-            -1.0
-        };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,15 +142,5 @@ mod tests {
         assert_eq!(distance(&a, &b), 11);
         assert_eq!(distance_words(&words(&a), &words(&b)), 11);
         assert_eq!(distance(&[0xFF; 32], &a), 256);
-    }
-
-    #[test]
-    fn arroy_vector_maps_bits_to_plus_minus_one() {
-        let mut d = [0u8; 32];
-        d[0] = 0b0000_0101;
-        let mut v = [0f32; 256];
-        to_arroy_vector(&d, &mut v);
-        assert_eq!(&v[..4], &[1.0, -1.0, 1.0, -1.0]);
-        assert!(v[8..].iter().all(|x| *x == -1.0));
     }
 }

@@ -464,22 +464,6 @@ impl Vocabulary {
         keep_nearest(&mut scratch.leaves, 0, nprobe);
         &scratch.leaves
     }
-
-    /// The top centroids.
-    pub fn top(&self) -> &[Words] {
-        &self.top
-    }
-
-    /// The leaf centroids of cell `c`.
-    pub fn leaves_of(&self, c: u32) -> &[Words] {
-        let r = self.cell_leaves(c);
-        &self.leaves[r.start as usize..r.end as usize]
-    }
-
-    /// Bytes the vocabulary takes in memory.
-    pub fn memory_bytes(&self) -> u64 {
-        (self.top.len() * 34 + self.first_leaf.len() * 4 + self.leaves.len() * 34) as u64
-    }
 }
 
 /// Encodes centroids as 32 little-endian bytes each.
