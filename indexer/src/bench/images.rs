@@ -202,10 +202,10 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
     let queries = query_files(&queries_dir)?;
     let mut rows = Vec::new();
     for preset in &b.presets {
-        let kind = match b.pad_kind {
-            super::synthetic_index::PadKind::Real => "real",
-            super::synthetic_index::PadKind::Synthetic => "synthetic",
-        };
+        // The flag's own spelling, for the directory name and the build's --pad-kind.
+        let kind = clap::ValueEnum::to_possible_value(&b.pad_kind)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
         let out = b.work.join(format!("idx-{preset}-pad{}{kind}", b.pad));
         let built: ChildBuild = if b.reuse && Index::open(&out).is_ok() {
             ChildBuild::default()
@@ -221,7 +221,7 @@ pub fn run(b: &ImagesBench) -> anyhow::Result<Vec<EngineRow>> {
                 "--pad".into(),
                 b.pad.to_string(),
                 "--pad-kind".into(),
-                kind.into(),
+                kind.clone(),
             ];
             child::run_build(&args, b.memory_limit, &out)?
         };
