@@ -43,6 +43,19 @@ pub struct Listing {
     pub fingerprint: String,
 }
 
+impl Listing {
+    /// Keeps only the images (and the problems) of `shard`, and marks the fingerprint with
+    /// it, so that a shard's build never resumes another shard's checkpoint.
+    pub fn keep_shard(&mut self, shard: crate::shard::Shard) {
+        self.files.retain(|f| shard.holds(&f.path));
+        self.skipped.retain(|s| shard.holds(&s.path));
+        self.fingerprint = format!(
+            "{}#shard-{}-of-{}",
+            self.fingerprint, shard.index, shard.count
+        );
+    }
+}
+
 fn is_image_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     match lower.rsplit_once('.') {

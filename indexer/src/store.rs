@@ -98,6 +98,9 @@ pub struct BuildMeta {
     pub preset: Preset,
     /// The dataset directory as given to `indexer build`.
     pub dataset: String,
+    /// The shard of the dataset this index holds (absent: the whole dataset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::Shard>,
     /// Dataset fingerprint (sorted path, size, mtime).
     pub fingerprint: String,
     /// Image files in the dataset.

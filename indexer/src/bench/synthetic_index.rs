@@ -143,6 +143,7 @@ pub fn run_synthetic(
         generation,
         preset: *preset,
         dataset: "synthetic".into(),
+        shard: None,
         fingerprint: source.fingerprint.clone(),
         images_total: source.images as u64,
         images_indexed: source.images as u64,

@@ -41,6 +41,8 @@ pub struct BuildOptions {
     /// Bytes of one in-memory part of a cell's lists instead of the plan's (tests: cells
     /// split into many parts from a small catalogue).
     pub list_part_bytes: Option<u64>,
+    /// Build only this shard's images (absent: the whole dataset).
+    pub shard: Option<crate::shard::Shard>,
 }
 
 /// The preset asked for: auto, or a label of the ladder (`full`, `xlarge-nf50`, …).
@@ -147,6 +149,9 @@ fn run_inner(
     let _lock = dir.lock()?;
     ctx.progress.set_phase(BuildPhase::Scan);
     let mut listing = dataset::list(&opts.dataset)?;
+    if let Some(shard) = opts.shard {
+        listing.keep_shard(shard);
+    }
     if let Some(extra) = extra {
         listing.fingerprint.push_str(&extra.fingerprint_suffix());
     }
@@ -233,6 +238,7 @@ fn run_inner(
         generation,
         preset,
         dataset: opts.dataset.display().to_string(),
+        shard: opts.shard,
         fingerprint: listing.fingerprint.clone(),
         images_total: listing.files.len() as u64 + listing.skipped.len() as u64,
         images_indexed,

@@ -39,6 +39,10 @@ pub struct BuildArgs {
     /// Print the build summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Build one shard of the dataset: `I/N` (0-based I of N shards; images go to shards by
+    /// a stable hash of their path).
+    #[arg(long)]
+    shard: Option<indexer::shard::Shard>,
     /// Benchmarks: add this many descriptors after the dataset's.
     #[cfg(feature = "bench")]
     #[arg(long, hide = true, default_value_t = 0)]
@@ -95,6 +99,7 @@ impl BuildArgs {
             strict_memory: self.strict_memory,
             sample: 512,
             list_part_bytes: self.list_part_bytes,
+            shard: self.shard,
         };
         let ctx = BuildContext {
             progress: progress.clone(),

@@ -27,13 +27,19 @@ pub struct ScanArgs {
     /// Image headers to read for dimensions.
     #[arg(long, default_value_t = 512)]
     sample: usize,
+    /// Scan one shard of the dataset: `I/N` (the images `indexer build --shard I/N` builds).
+    #[arg(long)]
+    shard: Option<indexer::shard::Shard>,
 }
 
 impl ScanArgs {
     /// Lists the dataset, samples headers and prints (or writes) the report.
     pub fn run(self) -> anyhow::Result<()> {
         let threads = self.threads.unwrap_or_else(super::default_threads);
-        let listing = dataset::list(&self.dir)?;
+        let mut listing = dataset::list(&self.dir)?;
+        if let Some(shard) = self.shard {
+            listing.keep_shard(shard);
+        }
         let (shape, sampled) = dataset::shape(&self.dir, &listing, self.sample);
         let report = ScanReport::new(
             shape,

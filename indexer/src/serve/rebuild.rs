@@ -253,6 +253,8 @@ fn begin(app: &Arc<App>, req: &RebuildRequest) -> Result<RebuildStatus, ApiError
         strict_memory: false,
         sample: 512,
         list_part_bytes: None,
+        // A shard's service rebuilds its own shard.
+        shard: app.index.get().and_then(|l| l.index.meta.shard),
     };
     let ctx = BuildContext {
         progress: progress.clone(),
