@@ -18,7 +18,7 @@ pub mod ranking;
 
 pub use index::Index;
 pub use query::{search_bytes, search_file, Answer, QueryError, Timings};
-pub use ranking::{Match, MatchedBy};
+pub use ranking::{Match, MatchedBy, NearLayout};
 
 use crate::lists::Probe;
 use crate::store::BuildMeta;

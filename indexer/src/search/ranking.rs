@@ -31,30 +31,169 @@ pub enum MatchedBy {
 }
 
 /// One catalogue image found by a query.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Match {
-    /// Catalogue image id.
+    /// Catalogue image id (within its shard, when the index is sharded).
     pub id: u32,
     /// Its path relative to the dataset root.
     pub path: String,
     /// Votes: query descriptors whose best unambiguous match is in this image.
     pub score: u32,
     /// RANSAC inliers (when verified).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inliers: Option<u32>,
     /// Whether verification found enough inliers ([`verify::is_verified`]).
     pub verified: bool,
     /// What found it.
+    #[serde(default)]
     pub matched_by: MatchedBy,
     /// Cosine distance between the query's layout and this image's (when that found it).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout_distance: Option<f32>,
+    /// The rank key of an unverified candidate: its idf-weighted score boosted by the
+    /// geometric support it has beyond the 4 pairs any homography fits.
+    #[serde(default)]
+    pub soft: f64,
+    /// The shard holding the image (sharded indexes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+}
+
+/// A catalogue image whose global layout is near the query's: distance, id, path (and its
+/// shard, when sharded).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct NearLayout {
+    /// Cosine distance between the layouts.
+    pub distance: f32,
+    /// Catalogue image id.
+    pub id: u32,
+    /// Its path.
+    pub path: String,
+    /// Its shard (sharded indexes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+}
+
+/// Sorts candidates into answer order: verified first (by inliers, then votes), then the
+/// unverified by their soft score; ties by shard, then id. Pure, so a router ranks the
+/// union of its shards' candidates exactly as one index ranks its own.
+pub fn order(matches: &mut [Match]) {
+    matches.sort_by(|a, b| {
+        b.verified
+            .cmp(&a.verified)
+            .then_with(|| {
+                if a.verified {
+                    b.inliers.cmp(&a.inliers).then(b.score.cmp(&a.score))
+                } else {
+                    b.soft.total_cmp(&a.soft)
+                }
+            })
+            .then(a.shard.cmp(&b.shard))
+            .then(a.id.cmp(&b.id))
+    });
+}
+
+/// Whether the leading match is verified (the answer needs no fallback).
+pub fn leads_verified(matches: &[Match]) -> bool {
+    matches.first().is_some_and(|m| m.verified)
+}
+
+/// When the leading match is not verified, puts first the catalogue image whose layout is
+/// clearly the query's: `near` holds the nearest layouts (closest first, at least the two
+/// closest of the whole catalogue); the closest must be within [`LAYOUT_MATCH`] and
+/// [`LAYOUT_MARGIN`] closer than the next. Pure (see [`order`]).
+pub fn layout_first(matches: &mut Vec<Match>, near: &[NearLayout]) {
+    if leads_verified(matches) {
+        return;
+    }
+    let Some(best) = near.first() else {
+        return;
+    };
+    let clear = near
+        .get(1)
+        .is_none_or(|n| n.distance - best.distance >= LAYOUT_MARGIN);
+    if best.distance > LAYOUT_MATCH || !clear {
+        return;
+    }
+    let existing = matches
+        .iter()
+        .position(|m| m.id == best.id && m.shard == best.shard);
+    let mut m = match existing {
+        Some(i) => matches.remove(i),
+        None => Match {
+            id: best.id,
+            path: best.path.clone(),
+            score: 0,
+            inliers: None,
+            verified: false,
+            matched_by: MatchedBy::Layout,
+            layout_distance: None,
+            soft: 0.0,
+            shard: best.shard,
+        },
+    };
+    m.matched_by = MatchedBy::Layout;
+    m.layout_distance = Some(best.distance);
+    matches.insert(0, m);
+}
+
+/// Merges the nearest layouts of several shards: the closest `n`, closest first.
+pub fn merge_layouts(mut near: Vec<NearLayout>, n: usize) -> Vec<NearLayout> {
+    near.sort_by(|a, b| {
+        a.distance
+            .total_cmp(&b.distance)
+            .then(a.shard.cmp(&b.shard))
+            .then(a.id.cmp(&b.id))
+    });
+    near.truncate(n);
+    near
 }
 
 impl Index {
     /// Searches with already-extracted query features. Returns matches and the lookup and
     /// verification times.
     pub fn search_features(
+        &self,
+        f: &Features,
+        params: &SearchParams,
+    ) -> Result<(Vec<Match>, f64, f64)> {
+        let (mut matches, lookup_ms, verify_ms) = self.candidates(f, params)?;
+        order(&mut matches);
+        if params.global && !leads_verified(&matches) {
+            if let Some(g) = &f.global {
+                let near = self.near_layouts(g, 2)?;
+                layout_first(&mut matches, &near);
+            }
+        }
+        matches.truncate(params.k);
+        Ok((matches, lookup_ms, verify_ms))
+    }
+
+    /// The `n` catalogue images whose layouts are nearest to the global descriptor `g`.
+    pub fn near_layouts(
+        &self,
+        g: &crate::global::GlobalDescriptor,
+        n: usize,
+    ) -> Result<Vec<NearLayout>> {
+        let near = self.nearest_layouts(g, n)?;
+        let rtxn = self.store.env.read_txn()?;
+        near.into_iter()
+            .map(|(distance, id)| {
+                let path = self.store.images.get(&rtxn, &id)?.unwrap_or_default().path;
+                Ok(NearLayout {
+                    distance,
+                    id,
+                    path,
+                    shard: None,
+                })
+            })
+            .collect()
+    }
+
+    /// The candidates of a query, unordered: the leading tallies by votes (as many as are
+    /// verified, or `k`), each verified when `params.verify`. Returns them with the lookup
+    /// and verification times.
+    pub fn candidates(
         &self,
         f: &Features,
         params: &SearchParams,
@@ -81,7 +220,6 @@ impl Index {
         tallies.truncate(keep);
         let rtxn = self.store.env.read_txn()?;
         let mut matches = Vec::with_capacity(tallies.len());
-        let mut soft = Vec::with_capacity(tallies.len());
         for tally in &tallies {
             let rec = self
                 .store
@@ -114,10 +252,6 @@ impl Index {
             // Unverified candidates: the score, boosted by what geometric support they have
             // beyond the 4 pairs any homography fits (too little to verify, but not nothing).
             let support = inliers.unwrap_or(0).saturating_sub(verify::MIN_SAMPLE);
-            soft.push((
-                tally.image,
-                tally.score as f64 * (1.0 + support as f64 / 4.0),
-            ));
             matches.push(Match {
                 id: tally.image,
                 path: rec.path,
@@ -126,53 +260,10 @@ impl Index {
                 inliers,
                 matched_by: MatchedBy::Features,
                 layout_distance: None,
+                soft: tally.score as f64 * (1.0 + support as f64 / 4.0),
+                shard: None,
             });
         }
-        let soft_of = |m: &Match| {
-            soft.iter()
-                .find(|(i, _)| *i == m.id)
-                .map_or(0.0, |(_, s)| *s)
-        };
-        matches.sort_by(|a, b| {
-            b.verified
-                .cmp(&a.verified)
-                .then_with(|| {
-                    if a.verified {
-                        b.inliers.cmp(&a.inliers).then(b.score.cmp(&a.score))
-                    } else {
-                        soft_of(b).total_cmp(&soft_of(a))
-                    }
-                })
-                .then(a.id.cmp(&b.id))
-        });
-        let verified = matches.first().is_some_and(|m| m.verified);
-        if params.global && !verified {
-            if let Some(g) = &f.global {
-                let near = self.nearest_layouts(g, 2)?;
-                if let Some(&(d, id)) = near.first() {
-                    let clear = near.get(1).is_none_or(|n| n.0 - d >= LAYOUT_MARGIN);
-                    if d <= LAYOUT_MATCH && clear {
-                        let existing = matches.iter().position(|m| m.id == id);
-                        let mut m = match existing {
-                            Some(i) => matches.remove(i),
-                            None => Match {
-                                id,
-                                path: self.store.images.get(&rtxn, &id)?.unwrap_or_default().path,
-                                score: 0,
-                                inliers: None,
-                                verified: false,
-                                matched_by: MatchedBy::Layout,
-                                layout_distance: None,
-                            },
-                        };
-                        m.matched_by = MatchedBy::Layout;
-                        m.layout_distance = Some(d);
-                        matches.insert(0, m);
-                    }
-                }
-            }
-        }
-        matches.truncate(params.k);
         Ok((matches, lookup_ms, t.elapsed().as_secs_f64() * 1000.0))
     }
 }

@@ -29,6 +29,9 @@ impl Drop for Loaded {
 pub struct ServedIndex {
     dir: IndexDir,
     current: RwLock<Option<Arc<Loaded>>>,
+    /// A shard's previous generation, kept open after a swap so that a router can go on
+    /// asking for it until every shard has published (no answer mixes generations).
+    previous: RwLock<Option<Arc<Loaded>>>,
     /// Serialises opening generations (the watcher and a finished rebuild may race).
     loading: Mutex<Option<u64>>,
 }
@@ -55,6 +58,7 @@ impl ServedIndex {
         ServedIndex {
             dir,
             current: RwLock::new(None),
+            previous: RwLock::new(None),
             loading: Mutex::new(None),
         }
     }
@@ -70,6 +74,30 @@ impl ServedIndex {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Generation `n` if it is the one serving now or (on a shard) the one before it.
+    pub fn get_generation(&self, n: u64) -> Option<Arc<Loaded>> {
+        let read = |l: &RwLock<Option<Arc<Loaded>>>| match l.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        [read(&self.current), read(&self.previous)]
+            .into_iter()
+            .flatten()
+            .find(|l| l.index.generation == n)
+    }
+
+    /// The generations this service can answer from: the current one, then (on a shard)
+    /// the one before it.
+    pub fn generations(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.generation().into_iter().collect();
+        let previous = match self.previous.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        all.extend(previous.map(|l| l.index.generation));
+        all
     }
 
     /// The generation number serving now.
@@ -119,8 +147,20 @@ impl ServedIndex {
             };
             w.replace(loaded)
         };
-        // The previous generation closes when the last request holding it drops it.
-        drop(previous);
+        // A shard keeps its previous generation for routers still pinned to it; otherwise
+        // the previous generation closes when the last request holding it drops it.
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.index.meta.shard.is_some())
+        {
+            let mut w = match self.previous.write() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *w = previous;
+        } else {
+            drop(previous);
+        }
         Ok(Refresh::Swapped { from, to: n })
     }
 }
