@@ -20,6 +20,7 @@ fn main() {
         Command::Search(a) => a.run(),
         Command::Info(a) => a.run(),
         Command::Serve(a) => a.run(),
+        Command::Route(a) => a.run(),
         Command::ExecLimited(a) => a.run(),
         #[cfg(feature = "bench")]
         Command::Bench(a) => a.run(),

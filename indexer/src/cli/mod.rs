@@ -8,6 +8,7 @@ mod build;
 mod exec_limited;
 mod info;
 mod output;
+mod route;
 mod scan;
 mod search;
 mod serve;
@@ -45,6 +46,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Serve an index over HTTP: search by image, catalogue, rebuild, metrics, OpenAPI docs.
     Serve(serve::ServeArgs),
+    /// Serve a sharded index: one search API in front of the shards' query services.
+    Route(route::RouteArgs),
     /// Benchmarks printed as tables (speed, memory, disk, recall; the old system beside ours).
     #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),

@@ -49,6 +49,38 @@ pub struct MatchOut {
     /// Cosine distance between the query's layout and this image's (when layout found it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout_distance: Option<f32>,
+    /// The shard holding the image (answers of a sharded index's router; `id` is the
+    /// image's id within that shard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+}
+
+/// Which shards answered a query (answers of a sharded index's router).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Coverage {
+    /// Shards asked.
+    pub asked: u32,
+    /// Shards that answered within the deadline.
+    pub answered: u32,
+    /// Per shard.
+    pub shards: Vec<ShardCoverage>,
+}
+
+/// One shard's part in an answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ShardCoverage {
+    /// The shard (0-based).
+    pub shard: u32,
+    /// Whether it answered in time.
+    pub answered: bool,
+    /// The generation that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Milliseconds the router waited for it.
+    pub ms: f64,
+    /// Why it did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Time spent per step of one query, in milliseconds.
@@ -115,6 +147,9 @@ pub struct SearchResponse {
     pub image: QueryImage,
     /// Notes about the answer; empty when there is nothing to say.
     pub warnings: Vec<Warning>,
+    /// Shards asked and answered (answers of a sharded index's router only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Coverage>,
 }
 
 /// Metadata of one catalogue image (`GET /v1/images/{id}`).
@@ -195,6 +230,13 @@ pub struct ServingInfo {
 pub struct IndexInfo {
     /// Generation number.
     pub generation: u64,
+    /// The generations this service answers from, current first (a shard keeps the one
+    /// before it for routers still pinned to it).
+    #[serde(default)]
+    pub generations: Vec<u64>,
+    /// The shard this index holds (`I/N`), absent for an unsharded index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     /// When this service loaded it (RFC 3339).
     pub loaded_at: String,
     /// Generation directory.

@@ -119,6 +119,12 @@ impl Tokens {
         found
     }
 
+    /// A token that may read (the first in the file): what a router presents to its
+    /// shards when they share its auth file.
+    pub fn reader(&self) -> Option<&str> {
+        self.entries.first().map(|(t, _)| t.as_str())
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.entries.len()

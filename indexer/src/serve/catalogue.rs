@@ -88,6 +88,8 @@ pub async fn index(State(app): State<Arc<App>>) -> Result<Json<IndexInfo>, ApiEr
     let l = &app.limits;
     Ok(Json(IndexInfo {
         generation: idx.generation,
+        generations: app.index.generations(),
+        shard: m.shard.map(|s| s.to_string()),
         loaded_at: rfc3339(loaded.loaded_at),
         path: idx.dir.display().to_string(),
         disk_bytes: idx.disk_bytes(),

@@ -85,6 +85,9 @@ pub enum ApiError {
     /// Every decode slot is taken and the wait queue is full (503 with `Retry-After`).
     #[error("{0}")]
     Busy(String),
+    /// No shard of a sharded index answered (503 with `Retry-After`).
+    #[error("{0}")]
+    NoShard(String),
     /// A fault of the service, not of the request (500).
     #[error("{0}")]
     Internal(String),
@@ -120,7 +123,9 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::NoIndex | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoIndex | ApiError::Busy(_) | ApiError::NoShard(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,6 +145,7 @@ impl ApiError {
             ApiError::UnsupportedMedia(_) => "not_an_image",
             ApiError::NoIndex => "no_index",
             ApiError::Busy(_) => "busy",
+            ApiError::NoShard(_) => "no_shard_answered",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -200,7 +206,7 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(body)).into_response();
         let headers = resp.headers_mut();
         match self {
-            ApiError::NoIndex | ApiError::Busy(_) => {
+            ApiError::NoIndex | ApiError::Busy(_) | ApiError::NoShard(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             }
             ApiError::Unauthorized(_) => {

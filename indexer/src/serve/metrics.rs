@@ -46,6 +46,11 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 impl ServeMetrics {
+    /// The registry (for metrics a caller adds, such as the router's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Registers every metric in a fresh registry.
     pub fn new(source: Arc<MemorySource>) -> Result<ServeMetrics, prometheus::Error> {
         let registry = Registry::new();

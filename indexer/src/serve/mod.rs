@@ -3,6 +3,8 @@
 //! - [`search`]: `POST /v1/search` — upload a photo, get the catalogue images it shows.
 //! - [`catalogue`]: `GET /v1/images/{id}`, `GET /v1/index`.
 //! - [`rebuild`]: `POST /v1/index/rebuild` — a background build, then a hot swap.
+//! - [`shard`]: `POST /v1/shard/search` — a router's query (features, not an image) to one
+//!   shard of a sharded index (see [`crate::route`]).
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`; [`openapi`]: `/openapi.json`, `/docs`.
 //! - [`state`] holds the served generation (swapped without dropping requests), [`watch`]
 //!   follows the directory's `current` pointer, [`limits`] and [`admission`] bound memory
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod rebuild;
 pub mod search;
+pub mod shard;
 pub mod state;
 pub mod watch;
 
@@ -150,6 +153,7 @@ pub fn router(app: Arc<App>, tokens: Option<Arc<Tokens>>) -> Router {
     };
     let read = Router::new()
         .route("/v1/search", post(search::search))
+        .route("/v1/shard/search", post(shard::search))
         .route("/v1/images/{id}", get(catalogue::image))
         .route("/v1/index", get(catalogue::index))
         .route("/v1/index/rebuild/{id}", get(rebuild::status))
@@ -233,7 +237,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     result.map_err(ServeError::Server)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -89,6 +89,95 @@ impl SearchQuery {
     }
 }
 
+/// An upload accepted for searching: its parameters, bytes and header, the decode slot it
+/// holds, and how long it waited for it.
+pub struct Upload {
+    /// Parsed query parameters.
+    pub q: SearchQuery,
+    /// The image bytes.
+    pub image: axum::body::Bytes,
+    /// Its header.
+    pub header: Header,
+    /// The decode slot (released when dropped).
+    pub slot: super::admission::Slot,
+    /// Milliseconds from arrival to holding the slot.
+    pub queue_ms: f64,
+}
+
+/// Everything `POST /v1/search` does before decoding, shared by the query service and the
+/// router: parameters, `ready` (the index or shards to answer from, else a 503), upload
+/// kind and declared length (refused at once, before the body is read), admission, the body
+/// within `--max-body`, the header check, the memory cost of decoding it under the
+/// `preset_of` that index, and a decode slot.
+pub async fn receive<T>(
+    plan: &limits::ServeLimits,
+    admission: &super::admission::Admission,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    request: Request,
+    ready: impl FnOnce() -> Result<T, ApiError>,
+    preset_of: impl Fn(&T) -> imageindex_crds::Preset,
+) -> Result<(Upload, T), ApiError> {
+    let started = Instant::now();
+    let max_body = plan.max_body;
+    // Everything that can refuse the request before its body is read; a refusal is answered
+    // at once (a 413 from the declared length before a byte of the body).
+    let checked = (|| {
+        let Query(pairs) =
+            query.map_err(|e| ApiError::bad_request("bad_parameter", e.body_text()))?;
+        let q = SearchQuery::parse(&pairs)?;
+        let loaded = ready()?;
+        let kind = body::upload_kind(request.headers())?;
+        let declared = body::declared_length(request.headers(), max_body)?;
+        Ok((q, loaded, kind, declared))
+    })();
+    let (q, loaded, kind, declared) = match checked {
+        Ok(c) => c,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
+    };
+    let ticket = match admission.enter() {
+        Ok(t) => t,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
+    };
+    let reserved = match ticket.reserve_body(declared.unwrap_or(max_body)).await {
+        Ok(r) => r,
+        Err(e) => return Err(body::refuse(request, e, max_body)),
+    };
+    let (parts, raw) = request.into_parts();
+    let bytes = body::read_limited(raw, max_body, declared).await?;
+    let image = match kind {
+        UploadKind::Raw => bytes,
+        UploadKind::Multipart => body::image_field(parts, bytes).await?,
+    };
+    let header = imageguard::header(&image).map_err(|r| ApiError::from_refusal(&r))?;
+    let preset = preset_of(&loaded);
+    let cost = limits::query_bytes(&preset, &header, image.len() as u64);
+    if cost > plan.slot_bytes {
+        return Err(ApiError::unprocessable(
+            "too_large_for_memory",
+            format!(
+                "a {}x{} {:?} image needs about {} MiB to search, above the {} MiB one query may use here",
+                header.width,
+                header.height,
+                header.format,
+                cost >> 20,
+                plan.slot_bytes >> 20
+            ),
+        ));
+    }
+    let slot = ticket.slot(reserved).await?;
+    let queue_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok((
+        Upload {
+            q,
+            image,
+            header,
+            slot,
+            queue_ms,
+        },
+        loaded,
+    ))
+}
+
 /// Search the catalogue with an image.
 #[utoipa::path(
     post,
@@ -122,54 +211,23 @@ pub async fn search(
     request: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let max_body = app.limits.max_body;
-    // Everything that can refuse the request before its body is read; a refusal is answered
-    // at once (a 413 from the declared length before a byte of the body).
-    let checked = (|| {
-        let Query(pairs) =
-            query.map_err(|e| ApiError::bad_request("bad_parameter", e.body_text()))?;
-        let q = SearchQuery::parse(&pairs)?;
-        let loaded = app.index.get().ok_or(ApiError::NoIndex)?;
-        let kind = body::upload_kind(request.headers())?;
-        let declared = body::declared_length(request.headers(), max_body)?;
-        Ok((q, loaded, kind, declared))
-    })();
-    let (q, loaded, kind, declared) = match checked {
-        Ok(c) => c,
-        Err(e) => return Err(body::refuse(request, e, max_body)),
-    };
-    let ticket = match app.admission.enter() {
-        Ok(t) => t,
-        Err(e) => return Err(body::refuse(request, e, max_body)),
-    };
-    let reserved = match ticket.reserve_body(declared.unwrap_or(max_body)).await {
-        Ok(r) => r,
-        Err(e) => return Err(body::refuse(request, e, max_body)),
-    };
-    let (parts, raw) = request.into_parts();
-    let bytes = body::read_limited(raw, max_body, declared).await?;
-    let image = match kind {
-        UploadKind::Raw => bytes,
-        UploadKind::Multipart => body::image_field(parts, bytes).await?,
-    };
-    let header = imageguard::header(&image).map_err(|r| ApiError::from_refusal(&r))?;
+    let (upload, loaded) = receive(
+        &app.limits,
+        &app.admission,
+        query,
+        request,
+        || app.index.get().ok_or(ApiError::NoIndex),
+        |l| l.index.meta.preset,
+    )
+    .await?;
+    let Upload {
+        q,
+        image,
+        header,
+        slot,
+        queue_ms,
+    } = upload;
     let preset = loaded.index.meta.preset;
-    let cost = limits::query_bytes(&preset, &header, image.len() as u64);
-    if cost > app.limits.slot_bytes {
-        return Err(ApiError::unprocessable(
-            "too_large_for_memory",
-            format!(
-                "a {}x{} {:?} image needs about {} MiB to search, above the {} MiB one query may use here",
-                header.width,
-                header.height,
-                header.format,
-                cost >> 20,
-                app.limits.slot_bytes >> 20
-            ),
-        ));
-    }
-    let slot = ticket.slot(reserved).await?;
-    let queue_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     // The same settings as `indexer search` on this index (the HTTP answer equals the CLI's).
     let params = SearchParams {
@@ -223,8 +281,9 @@ pub async fn search(
     Ok(Json(response))
 }
 
+/// The JSON answer to one search.
 #[allow(clippy::too_many_arguments)]
-fn respond(
+pub fn respond(
     generation: u64,
     q: &SearchQuery,
     answer: &Answer,
@@ -248,6 +307,7 @@ fn respond(
             verified: q.verify.then_some(m.verified),
             matched_by: m.matched_by,
             layout_distance: m.layout_distance,
+            shard: m.shard,
         })
         .collect();
     let mut warnings = Vec::new();
@@ -310,6 +370,7 @@ fn respond(
             bytes,
         },
         warnings,
+        coverage: None,
     }
 }
 
