@@ -10,6 +10,7 @@ pub mod baseline;
 pub mod child;
 pub mod images;
 pub mod load;
+pub mod shards;
 pub mod stats;
 pub mod synthetic;
 pub mod synthetic_index;

@@ -6,7 +6,7 @@ use super::output;
 use super::signals;
 use anyhow::Context;
 use imageindex_crds::quantity;
-use indexer::bench::{images, load, synthetic, synthetic_index};
+use indexer::bench::{images, load, shards, synthetic, synthetic_index};
 use indexer::build::BuildContext;
 use indexer::memory::MemorySource;
 use indexer::progress::BuildProgress;
@@ -34,6 +34,41 @@ enum BenchCommand {
     Load(LoadArgs),
     /// Synthetic ORB-like descriptors at the given sizes, built inside a real cgroup limit.
     Synthetic(SyntheticArgs),
+    /// The same catalogue unsharded and in N shards: parallel builds, per-shard memory,
+    /// latency through the router against the unsharded service, agreement of the answers.
+    Shards(ShardsArgs),
+}
+
+/// The flags of `indexer bench shards`.
+#[derive(clap::Args)]
+struct ShardsArgs {
+    /// Catalogue directory.
+    #[arg(long, default_value = "samples/catalogue")]
+    catalogue: PathBuf,
+    /// Query directory (`<catalogue stem>__<attack>.<ext>`; other names are distractors).
+    #[arg(long)]
+    queries: PathBuf,
+    /// Scratch directory.
+    #[arg(long, default_value = "/tmp/imageindex-bench-shards")]
+    work: PathBuf,
+    /// Shard counts, comma-separated; the first is the reference (use 1).
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    shards: Vec<u32>,
+    /// Preset of every shard.
+    #[arg(long, default_value = "full")]
+    preset: String,
+    /// Real cgroup memory limit of each shard's build.
+    #[arg(long, value_parser = quantity::parse_bytes)]
+    memory_limit: Option<u64>,
+    /// Extraction threads of each shard's build (default: cores / shards, at least 1).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// First port of the services started.
+    #[arg(long, default_value_t = 18300)]
+    base_port: u16,
+    /// Also print the rows as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The flags of `indexer bench images`.
@@ -180,7 +215,29 @@ impl BenchArgs {
             BenchCommand::Images(a) => a.run(),
             BenchCommand::Load(a) => a.run(),
             BenchCommand::Synthetic(a) => a.run(),
+            BenchCommand::Shards(a) => a.run(),
         }
+    }
+}
+
+impl ShardsArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let b = shards::ShardsBench {
+            catalogue: self.catalogue,
+            queries: self.queries,
+            work: self.work,
+            shards: self.shards,
+            preset: self.preset,
+            memory_limit: self.memory_limit,
+            threads: self.threads,
+            base_port: self.base_port,
+        };
+        let rows = shards::run(&b)?;
+        output::print(shards::ShardsTable(&rows))?;
+        if self.json {
+            output::print(serde_json::to_string_pretty(&rows)?)?;
+        }
+        Ok(())
     }
 }
 
