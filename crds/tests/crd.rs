@@ -29,7 +29,7 @@ fn crd_avoids_what_kube_apiserver_1_20_rejects() {
         !CHECKED_IN.contains("x-kubernetes-validations"),
         "CEL rules in the schema"
     );
-    for column in ["Phase", "Preset", "Progress", "Memory", "Age"] {
+    for column in ["Phase", "Preset", "Progress", "Memory", "Shards", "Age"] {
         assert!(
             CHECKED_IN.contains(&format!("name: {column}")),
             "printer column {column}"
