@@ -474,3 +474,139 @@ async fn a_shard_without_a_ready_replica_degrades_the_index_until_it_is_back() {
         ("False", "AllShardsServing")
     );
 }
+
+#[tokio::test]
+async fn a_rebuild_rolls_the_shards_only_once_every_shard_published() {
+    // Generation 1 is served; the rebuild's attempts are numbered from 2. Shards 0 and 1 have
+    // published generation 2, shard 2 still builds: nothing is applied to the serving objects.
+    let done = |s: u32, n: u32| {
+        let mut a = started(s, n, "full");
+        a.outcome = Some(AttemptOutcome::Succeeded);
+        a
+    };
+    let mut status = sharded(
+        IndexPhase::Building,
+        vec![
+            vec![done(0, 1), done(0, 2)],
+            vec![done(1, 1), done(1, 2)],
+            vec![done(2, 1), started(2, 2, "full")],
+        ],
+    );
+    status.scan = Some(summary(2));
+    for (shard, generation) in [(0, 2), (1, 2), (2, 1)] {
+        status.shards[shard].unit.index_generation = Some(generation);
+    }
+    let units: Vec<UnitStatus> = status.shards.iter().map(|s| s.unit.clone()).collect();
+    status.unit = aggregate::whole(&units);
+    assert_eq!(
+        status.unit.index_generation,
+        Some(1),
+        "the whole serves generation 1"
+    );
+    let spec = format!("{SHARDED}rebuild: r2\n");
+    let ii = ImageIndex::test_with_spec(&spec).with_status(status);
+    let succeeded = || build_ended("Succeeded", terminated(0, "Completed", ""), Value::Null);
+    let pods = vec![
+        shard_pod(&ii, 0, 2, "full", succeeded()),
+        shard_pod(&ii, 1, 2, "full", succeeded()),
+        shard_pod(&ii, 2, 2, "full", json!({"phase": "Pending"})),
+    ];
+    let (ctx, mut api) = Context::test();
+    let obj = ii.clone();
+    run(ctx, &ii, async move {
+        api.get_imageindex(&obj).await;
+        api.list_pods(pods).await;
+        api.list_shard_services(vec![]).await;
+        // No Deployment or Service is touched while shard 2 builds.
+        api.done().await;
+    })
+    .await;
+
+    // Shard 2 publishes too: every shard Deployment is rolled to generation 2 at once.
+    let mut status = ii.status.clone().unwrap();
+    let mut last = started(2, 2, "full");
+    last.outcome = Some(AttemptOutcome::Succeeded);
+    status.shards[2].unit.attempts[1] = last;
+    status.shards[2].unit.index_generation = Some(2);
+    let units: Vec<UnitStatus> = status.shards.iter().map(|s| s.unit.clone()).collect();
+    status.unit = aggregate::whole(&units);
+    let ii = ii.with_status(status);
+    let pods = vec![
+        shard_pod(&ii, 0, 2, "full", succeeded()),
+        shard_pod(&ii, 1, 2, "full", succeeded()),
+        shard_pod(&ii, 2, 2, "full", succeeded()),
+    ];
+    let (ctx, mut api) = Context::test();
+    let obj = ii.clone();
+    let (_, generations) = run(ctx, &ii, async move {
+        api.get_imageindex(&obj).await;
+        api.list_pods(pods).await;
+        api.list_shard_services(vec![
+            shard_service(0, "10.96.0.10"),
+            shard_service(1, "10.96.0.11"),
+            shard_service(2, "10.96.0.12"),
+        ])
+        .await;
+        let mut generations = Vec::new();
+        for shard in 0..3 {
+            let (d, _) = apply_served(&mut api, &format!("cats-shard-{shard}"), 1).await;
+            generations.push(
+                d["spec"]["template"]["metadata"]["annotations"]["imagematch.dev/generation"]
+                    .clone(),
+            );
+        }
+        apply_served(&mut api, "cats-query", 1).await;
+        api.apply_status(&obj).await;
+        api.events(&["Ready"]).await;
+        api.done().await;
+        generations
+    })
+    .await;
+    assert_eq!(generations, [json!("2"), json!("2"), json!("2")]);
+}
+
+#[tokio::test]
+async fn a_rebuild_of_a_sharded_index_scans_again_numbered_after_every_shard() {
+    let succeeded = |s: u32, n: u32| {
+        let mut a = started(s, n, "full");
+        a.outcome = Some(AttemptOutcome::Succeeded);
+        a
+    };
+    let mut status = sharded(
+        IndexPhase::Ready,
+        vec![
+            vec![succeeded(0, 1)],
+            vec![started(1, 1, "full"), succeeded(1, 2)],
+            vec![succeeded(2, 1)],
+        ],
+    );
+    status.shards[1].unit.attempts[0].outcome = Some(AttemptOutcome::OomKilled);
+    let spec = format!("{SHARDED}rebuild: r2\n");
+    let ii = ImageIndex::test_with_spec(&spec).with_status(status);
+    let (ctx, mut api) = Context::test();
+    let obj = ii.clone();
+    let (_, (pod, status)) = run(ctx, &ii, async move {
+        api.get_imageindex(&obj).await;
+        api.list_pods(vec![]).await;
+        api.list_shard_services(vec![]).await;
+        // No `cats-index` claim: a sharded index's claims are made per shard.
+        let pod = api.create_pod().await;
+        let status = api.apply_status(&obj).await;
+        api.events(&["ScanStarted"]).await;
+        api.done().await;
+        (pod, status)
+    })
+    .await;
+    assert_eq!(pod.metadata.name.as_deref(), Some("cats-scan-3"));
+    assert_eq!(status.unit.phase, Some(IndexPhase::Scanning));
+    assert!(status
+        .shards
+        .iter()
+        .all(|s| s.unit.phase == Some(IndexPhase::Scanning)));
+    assert_eq!(
+        status.unit.index_generation,
+        Some(1),
+        "generation 1 still serves"
+    );
+    assert_eq!(status.rebuild.as_deref(), Some("r2"));
+}
