@@ -370,8 +370,7 @@ impl StatusDraft {
         let message =
             format!("attempt {number} builds with preset {label} under {memory_limit} in {place}");
         self.set_condition(PROGRESSING, true, "Building", &message);
-        self.set_condition(
-            MEMORY_PRESSURE,
+        self.set_memory_pressure(
             false,
             "NoSamples",
             &format!("no memory samples of attempt {number} yet"),
@@ -418,13 +417,27 @@ impl StatusDraft {
         ));
         self.rollup();
         let pressure = pressure::classify_pressure(samples);
-        self.set_condition(
-            MEMORY_PRESSURE,
+        self.set_memory_pressure(
             pressure.level >= PressureLevel::Warning,
             pressure.reason,
             &pressure.message,
         );
         Some(pressure)
+    }
+
+    /// Sets `MemoryPressure` for the selected unit: a shard raises it, but clears only its
+    /// own (one shard's calm does not hide another's pressure).
+    fn set_memory_pressure(&mut self, on: bool, reason: &str, message: &str) {
+        if let (Some(shard), false) = (self.selected(), on) {
+            let other_shard = conditions::get(&self.status.conditions, MEMORY_PRESSURE)
+                .is_some_and(|c| {
+                    c.status == "True" && !c.message.starts_with(&format!("shard {shard}: "))
+                });
+            if other_shard {
+                return;
+            }
+        }
+        self.set_condition(MEMORY_PRESSURE, on, reason, message);
     }
 
     /// Raises attempt `number`'s recorded peaks with measurements taken outside the scrapes
@@ -1038,5 +1051,38 @@ mod tests {
             .unwrap()
             .message
             .clone()
+    }
+
+    #[test]
+    fn one_shards_calm_does_not_clear_anothers_memory_pressure() {
+        let mut d = draft();
+        d.set_shards(2);
+        for shard in 0..2 {
+            d.select(Some(shard));
+            let p = d
+                .choose_preset(PresetSelector::Small, 80 * MIB, None)
+                .unwrap();
+            start(&mut d, 1, &p);
+        }
+        let sample = |ws: u64| MemorySample {
+            at_ms: 0,
+            working_set: ws * MIB,
+            limit: 80 * MIB,
+        };
+        let m = ScrapedMetrics::default();
+        d.select(Some(0));
+        d.observe(1, &m, &[sample(75)]);
+        assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True");
+        d.select(Some(1));
+        d.observe(1, &m, &[sample(10)]);
+        assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True", "shard 0 still presses");
+        assert!(cond_message(&d, MEMORY_PRESSURE).starts_with("shard 0: "));
+        d.select(Some(0));
+        d.observe(1, &m, &[sample(10)]);
+        assert_eq!(
+            cond(&d, MEMORY_PRESSURE).0,
+            "False",
+            "shard 0 clears its own"
+        );
     }
 }
