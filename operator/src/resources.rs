@@ -607,6 +607,7 @@ impl Instance<'_> {
         let query = self.spec.query.clone().unwrap_or_default();
         let mut mounts = Vec::new();
         let mut volumes = Vec::new();
+        let with_index = index.is_some();
         if let Some(index) = index {
             mounts.push(VolumeMount {
                 name: "index".into(),
@@ -673,8 +674,9 @@ impl Instance<'_> {
                     match_labels: Some(labels.clone()),
                     ..LabelSelector::default()
                 },
-                // Old and new pods may not share a ReadWriteOnce volume across nodes.
-                strategy: Some(DeploymentStrategy {
+                // Old and new pods may not share a ReadWriteOnce volume across nodes; the
+                // router mounts no index and rolls as usual.
+                strategy: with_index.then(|| DeploymentStrategy {
                     type_: Some("Recreate".into()),
                     ..DeploymentStrategy::default()
                 }),
@@ -1157,6 +1159,7 @@ mod tests {
             .map(|v| v.name.as_str())
             .collect();
         assert_eq!(names, ["auth", "tmp"], "the router mounts no index");
+        assert_eq!(rs.strategy, None, "the router rolls as usual");
         assert_eq!(front.spec.unwrap().selector.as_ref(), Some(&query));
     }
 
