@@ -13,9 +13,10 @@
 //!    attempt stays ended) and publish the Events of the decisions taken.
 //!
 //! Everything the controller needs to pick up after a restart is in the status and in the
-//! labelled pods: pod names are deterministic (`<name>-scan-<n>`, `<name>-build-<attempt>`), an
-//! existing pod of the attempt being started is adopted, never duplicated, and two builds
-//! never run at once on one index volume.
+//! labelled pods: pod names are deterministic (`<name>-scan-<n>`, `<name>-build-<attempt>`, and
+//! with shards `<name>-s<i>-build-<attempt>`), an existing pod of the attempt being started is
+//! adopted, never duplicated, and two builds never run at once on one index volume (with
+//! shards: one per shard, each on its own claim or directory).
 
 pub mod apply;
 pub mod decide;
