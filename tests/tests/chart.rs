@@ -855,10 +855,7 @@ fn dashboard_selects_one_image_index_by_the_pod_monitors_labels() {
             Some(meta(imageindex_crds::labels::ATTEMPT))
         );
         // The panel "Memory per shard against its limit" selects by shard.
-        assert_eq!(
-            relabel("shard"),
-            Some(meta(imageindex_crds::labels::SHARD))
-        );
+        assert_eq!(relabel("shard"), Some(meta(imageindex_crds::labels::SHARD)));
     }
     let components = pm["spec"]["selector"]["matchExpressions"][0]["values"].clone();
     assert_eq!(
