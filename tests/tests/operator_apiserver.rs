@@ -591,6 +591,7 @@ fn the_crd_applies_and_kubectl_shows_its_columns() {
     );
     for example in [
         "instance-good.yaml",
+        "instance-sharded.yaml",
         "instance-invalid.yaml",
         "instance-too-small.yaml",
     ] {
