@@ -6,6 +6,10 @@
 //! and what follows it are `imageindex_crds`'s (`outcome::classify`, `ladder::next_action`,
 //! `rebuild::build_start`). Status that depends on an effect having happened is a [`Step`] of
 //! the plan, recorded once [`super::apply`] got that far.
+//!
+//! A sharded index (`status.shards`, from `spec.shards` once the scan is in) runs the same
+//! ladder per shard with the shard selected in the draft ([`StatusDraft::select`]); the whole
+//! gives up when a shard does, and is served once every shard has published.
 
 use super::observe::{Observed, Scrape};
 use super::plan::{Effect, Plan, Step};

@@ -1,6 +1,8 @@
 //! Observe: what the controller reads before it decides — the ImageIndex's scan and build
-//! pods, and a scrape of the running build's `/metrics` when one is due. Kubernetes and HTTP
-//! I/O only; which pod is scraped is [`decide::scrape_target`]'s call.
+//! pods, a scrape of the running build's `/metrics` when one is due (with shards: of each
+//! running shard build), and a sharded index's shard Services. Kubernetes and HTTP I/O only;
+//! which pods are scraped is [`decide::scrape_target`]'s and [`decide::shard_scrape_targets`]'s
+//! call.
 
 use super::{decide, Context};
 use crate::error::Error;
