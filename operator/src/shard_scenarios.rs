@@ -610,3 +610,45 @@ async fn a_rebuild_of_a_sharded_index_scans_again_numbered_after_every_shard() {
     );
     assert_eq!(status.rebuild.as_deref(), Some("r2"));
 }
+
+#[tokio::test]
+async fn a_shard_that_gives_up_stops_the_other_shards_and_fails_the_build() {
+    let spec = format!("{SHARDED}maxAttempts: 1\n");
+    let ii = ImageIndex::test_with_spec(&spec).with_status(sharded(
+        IndexPhase::Building,
+        (0..3).map(|s| vec![started(s, 1, "full")]).collect(),
+    ));
+    let pending = json!({"phase": "Pending"});
+    let oom = build_ended("Failed", terminated(137, "OOMKilled", ""), Value::Null);
+    let pods = vec![
+        shard_pod(&ii, 0, 1, "full", pending.clone()),
+        shard_pod(&ii, 1, 1, "full", oom),
+        shard_pod(&ii, 2, 1, "full", pending),
+    ];
+    let (ctx, mut api) = Context::test();
+    let obj = ii.clone();
+    let (_, (status, events)) = run(ctx, &ii, async move {
+        api.get_imageindex(&obj).await;
+        api.list_pods(pods).await;
+        api.list_shard_services(vec![]).await;
+        api.delete_pod("cats-s0-build-1").await;
+        api.delete_pod("cats-s2-build-1").await;
+        let status = api.apply_status(&obj).await;
+        let events = api
+            .events(&["OOMKilled", "MaxAttemptsReached", "ShardFailed"])
+            .await;
+        api.done().await;
+        (status, events)
+    })
+    .await;
+    assert_eq!(status.unit.phase, Some(IndexPhase::Failed));
+    assert!(status
+        .shards
+        .iter()
+        .all(|s| s.unit.phase == Some(IndexPhase::Failed)));
+    let (s, reason, message) = condition(&status, DEGRADED);
+    assert_eq!((s, reason), ("True", "ShardFailed"));
+    assert!(message.starts_with("shard 1 gave up"), "{message}");
+    assert!(events[1].1.starts_with("shard 1: "), "{}", events[1].1);
+    assert_eq!(condition(&status, READY).0, "False");
+}
