@@ -9,7 +9,7 @@ pub const NAME: &str = "app.kubernetes.io/name";
 pub const INSTANCE: &str = "app.kubernetes.io/instance";
 /// `app.kubernetes.io/managed-by`, always `imageindex-operator`.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// `app.kubernetes.io/component`: `scan`, `build` or `query`.
+/// `app.kubernetes.io/component`: `scan`, `build`, `query` or `shard`.
 pub const COMPONENT: &str = "app.kubernetes.io/component";
 /// `imagematch.dev/preset` on build pods: the preset label of the attempt.
 pub const PRESET: &str = "imagematch.dev/preset";
@@ -17,6 +17,9 @@ pub const PRESET: &str = "imagematch.dev/preset";
 pub const ATTEMPT: &str = "imagematch.dev/attempt";
 /// `imagematch.dev/rebuild` on scan and build pods: the rebuild token they work for.
 pub const REBUILD: &str = "imagematch.dev/rebuild";
+/// `imagematch.dev/shard` on a sharded index's build pods and shard query pods: the 0-based
+/// shard number.
+pub const SHARD: &str = "imagematch.dev/shard";
 /// Value of [`NAME`].
 pub const APP: &str = "imageindex";
 /// Value of [`MANAGED_BY`].
@@ -29,8 +32,10 @@ pub enum Component {
     Scan,
     /// A build pod.
     Build,
-    /// The query Deployment, its pods and Service.
+    /// The query Deployment, its pods and Service (with shards: the router).
     Query,
+    /// A sharded index's per-shard query Deployment, its pods and Service.
+    Shard,
 }
 
 impl Component {
@@ -40,6 +45,7 @@ impl Component {
             Component::Scan => "scan",
             Component::Build => "build",
             Component::Query => "query",
+            Component::Shard => "shard",
         }
     }
 }
@@ -59,6 +65,25 @@ pub fn build(instance: &str, preset_label: &str, attempt: u32) -> BTreeMap<Strin
     let mut labels = common(instance, Component::Build);
     labels.insert(PRESET.to_string(), preset_label.to_string());
     labels.insert(ATTEMPT.to_string(), attempt.to_string());
+    labels
+}
+
+/// The labels of shard `shard`'s build pod: [`build`]'s plus [`SHARD`].
+pub fn shard_build(
+    instance: &str,
+    preset_label: &str,
+    attempt: u32,
+    shard: u32,
+) -> BTreeMap<String, String> {
+    let mut labels = build(instance, preset_label, attempt);
+    labels.insert(SHARD.to_string(), shard.to_string());
+    labels
+}
+
+/// The labels of shard `shard`'s query Deployment, pods and Service.
+pub fn shard_query(instance: &str, shard: u32) -> BTreeMap<String, String> {
+    let mut labels = common(instance, Component::Shard);
+    labels.insert(SHARD.to_string(), shard.to_string());
     labels
 }
 
@@ -84,5 +109,15 @@ mod tests {
             instance_selector("cats"),
             "app.kubernetes.io/name=imageindex,app.kubernetes.io/instance=cats"
         );
+    }
+
+    #[test]
+    fn shard_objects_carry_their_shard() {
+        let b = shard_build("cats", "full", 2, 1);
+        assert_eq!((b[COMPONENT].as_str(), b[SHARD].as_str()), ("build", "1"));
+        assert_eq!(b[ATTEMPT], "2");
+        let q = shard_query("cats", 0);
+        assert_eq!((q[COMPONENT].as_str(), q[SHARD].as_str()), ("shard", "0"));
+        assert_eq!(q[INSTANCE], "cats");
     }
 }

@@ -7,6 +7,7 @@
 //! ([`crate::first_preset`], [`crate::pressure`], [`crate::outcome`], [`crate::ladder`]) what
 //! follows, and the runtimes carry that out (pods or processes).
 
+use crate::aggregate;
 use crate::attempts;
 use crate::conditions::{self, DEGRADED, MEMORY_PRESSURE, PRESET_FITS, PROGRESSING, READY};
 use crate::first_preset::{self, PresetFit};
@@ -17,8 +18,10 @@ use crate::preset::{Preset, PresetSelector};
 use crate::pressure::{self, MemorySample, Pressure, PressureLevel};
 use crate::quantity::format_mebibytes_ceil;
 use crate::rebuild;
+use crate::shards;
 use crate::types::{
     Attempt, AttemptOutcome, ImageIndexStatus, IndexPhase, MemoryStatus, Progress, ScanSummary,
+    ShardStatus, UnitStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::time::Duration;
@@ -39,10 +42,17 @@ pub struct Note {
     pub action: &'static str,
     /// What happened, in words.
     pub message: String,
+    /// The shard the decision was about (`None`: the whole index).
+    pub shard: Option<u32>,
 }
 
 /// The status being decided, stamped with the generation it describes and the time of the
 /// step, plus the notes of the decisions taken so far.
+///
+/// The steps work on one build unit: `status.unit` itself (unsharded), or the shard chosen
+/// with [`Self::select`] (`status.shards[i]`), whose notes and condition messages then start
+/// with `shard i: `. With shards, `status.unit` is their [`aggregate::whole`], recomputed after
+/// every step, and steps of the whole build (begin, scan, give up, ready) move every shard.
 #[derive(Clone, Debug)]
 pub struct StatusDraft {
     /// The status as decided so far.
@@ -52,6 +62,8 @@ pub struct StatusDraft {
     /// The time of this step (conditions' `lastTransitionTime`, attempt start and end).
     pub now: Time,
     notes: Vec<Note>,
+    /// Index into `status.shards` of the selected shard (`None`: the whole).
+    selected: Option<usize>,
 }
 
 impl StatusDraft {
@@ -62,6 +74,122 @@ impl StatusDraft {
             generation,
             now,
             notes: Vec::new(),
+            selected: None,
+        }
+    }
+
+    /// Whether the status holds shards (`status.shards` not empty).
+    pub fn sharded(&self) -> bool {
+        !self.status.shards.is_empty()
+    }
+
+    /// The scan is done and the build goes on as `n` shards: `status.shards` holds shards
+    /// `0..n`, each in phase Building until its own ladder says otherwise (`n` ≤ 1: no shards,
+    /// unsharded). Shards already recorded are kept (with their attempts and generations) when
+    /// their numbers still match; otherwise they start afresh.
+    pub fn set_shards(&mut self, n: u32) {
+        self.selected = None;
+        let same = self.status.shards.len() == n as usize
+            && self
+                .status
+                .shards
+                .iter()
+                .zip(0..)
+                .all(|(s, i)| s.shard == i);
+        if n <= 1 {
+            self.status.shards.clear();
+            self.status.shards_ready = None;
+        } else {
+            if !same {
+                self.status.shards = (0..n)
+                    .map(|shard| ShardStatus {
+                        shard,
+                        unit: UnitStatus::default(),
+                    })
+                    .collect();
+            }
+            for s in &mut self.status.shards {
+                s.unit.phase = Some(IndexPhase::Building);
+            }
+        }
+        self.rollup();
+    }
+
+    /// Selects the unit the next steps work on: shard `shard` (`None`, or a shard not in
+    /// status: the whole). Returns whether that shard is recorded.
+    pub fn select(&mut self, shard: Option<u32>) -> bool {
+        self.selected = shard.and_then(|n| self.status.shards.iter().position(|s| s.shard == n));
+        shard.is_none() || self.selected.is_some()
+    }
+
+    /// The selected shard's number (`None`: the whole is selected).
+    pub fn selected(&self) -> Option<u32> {
+        self.selected
+            .and_then(|i| self.status.shards.get(i))
+            .map(|s| s.shard)
+    }
+
+    /// The selected unit.
+    pub fn unit(&self) -> &UnitStatus {
+        match self.selected.filter(|i| *i < self.status.shards.len()) {
+            Some(i) => &self.status.shards[i].unit,
+            None => &self.status.unit,
+        }
+    }
+
+    fn unit_mut(&mut self) -> &mut UnitStatus {
+        match self.selected.filter(|i| *i < self.status.shards.len()) {
+            Some(i) => &mut self.status.shards[i].unit,
+            None => &mut self.status.unit,
+        }
+    }
+
+    /// Applies `f` to the selected unit, or with the whole selected, to every unit.
+    fn each_unit(&mut self, f: impl Fn(&mut UnitStatus)) {
+        if self.selected().is_some() {
+            f(self.unit_mut());
+        } else {
+            f(&mut self.status.unit);
+            self.status.shards.iter_mut().for_each(|s| f(&mut s.unit));
+        }
+        self.rollup();
+    }
+
+    fn set_phase(&mut self, phase: IndexPhase) {
+        self.each_unit(|u| u.phase = Some(phase));
+    }
+
+    /// With shards: the whole (`status.unit`, `status.shardsReady`) from the shards.
+    fn rollup(&mut self) {
+        if self.status.shards.is_empty() {
+            return;
+        }
+        let units: Vec<UnitStatus> = self.status.shards.iter().map(|s| s.unit.clone()).collect();
+        self.status.unit = aggregate::whole(&units);
+        let ready = units
+            .iter()
+            .filter(|u| u.phase == Some(IndexPhase::Ready))
+            .count();
+        self.status.shards_ready = Some(format!("{ready}/{}", units.len()));
+    }
+
+    /// The scan as the selected unit sees it: with shards, one shard's share
+    /// ([`shards::shard_scan`]).
+    pub fn unit_scan(&self) -> Option<ScanSummary> {
+        let scan = self.status.scan.as_ref()?;
+        let n = self.status.shards.len() as u32;
+        Some(if n > 1 {
+            shards::shard_scan(scan, n)
+        } else {
+            scan.clone()
+        })
+    }
+
+    /// `message` as the selected unit says it (`shard i: ` first when a shard is selected).
+    fn say(&self, message: &str) -> String {
+        match self.selected() {
+            Some(shard) => format!("shard {shard}: {message}"),
+            None => message.to_string(),
         }
     }
 
@@ -73,12 +201,13 @@ impl StatusDraft {
         reason: &str,
         message: &str,
     ) -> bool {
+        let message = self.say(message);
         conditions::set(
             &mut self.status.conditions,
             type_,
             status,
             reason,
-            message,
+            &message,
             self.generation,
             &self.now,
         )
@@ -86,11 +215,14 @@ impl StatusDraft {
 
     /// Records a decision for the user.
     pub fn note(&mut self, warning: bool, reason: &str, action: &'static str, message: String) {
+        let message = self.say(&message);
+        let shard = self.selected();
         self.notes.push(Note {
             warning,
             reason: reason.to_string(),
             action,
             message,
+            shard,
         });
     }
 
@@ -114,7 +246,7 @@ impl StatusDraft {
             self.status.unit.phase,
             None | Some(IndexPhase::Pending) | Some(IndexPhase::Failed)
         ) {
-            self.status.unit.phase = Some(IndexPhase::Failed);
+            self.set_phase(IndexPhase::Failed);
             self.set_condition(
                 PROGRESSING,
                 false,
@@ -142,10 +274,12 @@ impl StatusDraft {
         if self.status.unit.phase == Some(IndexPhase::Pending) {
             return;
         }
-        self.status.unit.phase = Some(IndexPhase::Pending);
         self.status.rebuild = rebuild;
-        self.status.unit.memory = None;
-        self.status.unit.progress = None;
+        self.each_unit(|u| {
+            u.phase = Some(IndexPhase::Pending);
+            u.memory = None;
+            u.progress = None;
+        });
         self.set_condition(PROGRESSING, true, "Starting", "starting a build");
         self.set_condition(DEGRADED, false, "NewBuild", "a new build started");
         self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
@@ -156,7 +290,7 @@ impl StatusDraft {
 
     /// The scan started (`message` says where it runs).
     pub fn scanning(&mut self, message: String) {
-        self.status.unit.phase = Some(IndexPhase::Scanning);
+        self.set_phase(IndexPhase::Scanning);
         self.set_condition(PROGRESSING, true, "Scanning", &message);
         self.note(false, "ScanStarted", "Scan", message);
     }
@@ -187,7 +321,7 @@ impl StatusDraft {
         limit: u64,
         disk_limit: Option<u64>,
     ) -> Option<Preset> {
-        let Some(shape) = self.status.scan.as_ref().map(ScanSummary::shape) else {
+        let Some(shape) = self.unit_scan().as_ref().map(ScanSummary::shape) else {
             self.give_up("ScanReportMissing", "no scan result in status".into());
             return None;
         };
@@ -226,16 +360,17 @@ impl StatusDraft {
             self.note(false, reason, "StartAttempt", message);
         }
         let (number, label) = (started.number, started.preset.clone());
-        self.status.unit.attempts.push(started);
-        self.status.unit.preset = Some(label.clone());
-        self.status.unit.phase = Some(IndexPhase::Building);
-        self.status.unit.memory = None;
-        self.status.unit.progress = None;
+        self.unit_mut().attempts.push(started);
+        let unit = self.unit_mut();
+        unit.preset = Some(label.clone());
+        unit.phase = Some(IndexPhase::Building);
+        unit.memory = None;
+        unit.progress = None;
+        self.rollup();
         let message =
             format!("attempt {number} builds with preset {label} under {memory_limit} in {place}");
         self.set_condition(PROGRESSING, true, "Building", &message);
-        self.set_condition(
-            MEMORY_PRESSURE,
+        self.set_memory_pressure(
             false,
             "NoSamples",
             &format!("no memory samples of attempt {number} yet"),
@@ -253,19 +388,19 @@ impl StatusDraft {
         m: &ScrapedMetrics,
         samples: &[MemorySample],
     ) -> Option<Pressure> {
-        let images = self.status.scan.as_ref().map_or(0, |s| s.images);
+        let images = self.unit_scan().map_or(0, |s| s.images);
         let &MemorySample {
             working_set, limit, ..
         } = samples.last()?;
         let attempt = self
-            .status
-            .unit
+            .unit_mut()
             .attempts
             .iter_mut()
             .find(|a| a.number == number)?;
         attempts::raise_peaks(attempt, m.peak_rss.max(m.rss), Some(working_set));
         let peak = attempt.peak_working_set.unwrap_or(working_set);
-        self.status.unit.memory = Some(MemoryStatus::new(
+        let unit = self.unit_mut();
+        unit.memory = Some(MemoryStatus::new(
             m.rss.unwrap_or(0),
             working_set,
             m.available
@@ -273,16 +408,16 @@ impl StatusDraft {
             limit,
             peak,
         ));
-        self.status.unit.progress = Some(Progress::new(
+        unit.progress = Some(Progress::new(
             m.images_processed.unwrap_or(0),
             m.images_total.unwrap_or(images),
             m.images_failed.unwrap_or(0),
             m.descriptors.unwrap_or(0),
             m.phase.clone(),
         ));
+        self.rollup();
         let pressure = pressure::classify_pressure(samples);
-        self.set_condition(
-            MEMORY_PRESSURE,
+        self.set_memory_pressure(
             pressure.level >= PressureLevel::Warning,
             pressure.reason,
             &pressure.message,
@@ -290,18 +425,33 @@ impl StatusDraft {
         Some(pressure)
     }
 
+    /// Sets `MemoryPressure` for the selected unit: a shard raises it, but clears only its
+    /// own (one shard's calm does not hide another's pressure).
+    fn set_memory_pressure(&mut self, on: bool, reason: &str, message: &str) {
+        if let (Some(shard), false) = (self.selected(), on) {
+            let other_shard = conditions::get(&self.status.conditions, MEMORY_PRESSURE)
+                .is_some_and(|c| {
+                    c.status == "True" && !c.message.starts_with(&format!("shard {shard}: "))
+                });
+            if other_shard {
+                return;
+            }
+        }
+        self.set_condition(MEMORY_PRESSURE, on, reason, message);
+    }
+
     /// Raises attempt `number`'s recorded peaks with measurements taken outside the scrapes
     /// (the build's own summary, the cgroup's charge).
     pub fn raise_peaks(&mut self, number: u32, rss: Option<u64>, working_set: Option<u64>) {
         if let Some(a) = self
-            .status
-            .unit
+            .unit_mut()
             .attempts
             .iter_mut()
             .find(|a| a.number == number)
         {
             attempts::raise_peaks(a, rss, working_set);
         }
+        self.rollup();
     }
 
     /// Records how attempt `number` ended (at `end`, default now) and notes it; the build
@@ -317,8 +467,7 @@ impl StatusDraft {
     ) -> bool {
         let end = end.unwrap_or_else(|| self.now.clone());
         let Some(attempt) = self
-            .status
-            .unit
+            .unit_mut()
             .attempts
             .iter_mut()
             .find(|a| a.number == number)
@@ -339,8 +488,8 @@ impl StatusDraft {
         let text = format!("attempt {number} with preset {preset} under {memory_limit} (peak working set {peak}): {message}");
         let (warning, reason) = match outcome {
             AttemptOutcome::Succeeded => {
-                self.status.unit.index_generation =
-                    Some(self.status.unit.index_generation.unwrap_or(0) + 1);
+                let unit = self.unit_mut();
+                unit.index_generation = Some(unit.index_generation.unwrap_or(0) + 1);
                 (false, "BuildSucceeded")
             }
             AttemptOutcome::OomKilled => (true, "OOMKilled"),
@@ -349,6 +498,7 @@ impl StatusDraft {
             AttemptOutcome::Killed => (true, "BuildKilled"),
             AttemptOutcome::Interrupted => (false, "BuildInterrupted"),
         };
+        self.rollup();
         self.note(warning, reason, "Build", text);
         true
     }
@@ -357,7 +507,7 @@ impl StatusDraft {
     /// [`outcome::classify`]; its last memory sample is its last scrape, which status keeps
     /// (`memory`, cleared when an attempt starts).
     pub fn outcome_of(&self, end: &AttemptEnd) -> AttemptOutcome {
-        let last = self.status.unit.memory.as_ref().map(|m| MemorySample {
+        let last = self.unit().memory.as_ref().map(|m| MemorySample {
             at_ms: 0,
             working_set: m.working_set,
             limit: m.limit,
@@ -385,12 +535,7 @@ impl StatusDraft {
     /// without success the decision is applied here already: a give-up gives up, a downgrade
     /// or retry is in `Degraded` (a resume after an interruption is not).
     pub fn next(&mut self, limits: Limits) -> UnitAction {
-        let action = ladder::next_action(
-            &self.status.unit,
-            self.status.scan.as_ref(),
-            limits,
-            &self.now,
-        );
+        let action = ladder::next_action(self.unit(), self.unit_scan().as_ref(), limits, &self.now);
         match &action {
             UnitAction::GiveUp { reason, message } => self.give_up(reason, message.clone()),
             UnitAction::Start(next) if next.after != AttemptOutcome::Interrupted => {
@@ -420,9 +565,9 @@ impl StatusDraft {
         self.set_condition(DEGRADED, true, reason, &message);
         self.set_condition(PROGRESSING, false, BUILD_FAILED, &message);
         if self.served() {
-            self.status.unit.phase = Some(IndexPhase::Ready);
+            self.set_phase(IndexPhase::Ready);
         } else {
-            self.status.unit.phase = Some(IndexPhase::Failed);
+            self.set_phase(IndexPhase::Failed);
             self.set_condition(READY, false, BUILD_FAILED, &message);
         }
         self.note(true, reason, "GiveUp", message);
@@ -436,16 +581,15 @@ impl StatusDraft {
     /// The runtime itself was stopped (local mode: a signal) `message`: phase Pending, no build
     /// running; the recorded build resumes on the next run.
     pub fn interrupted(&mut self, message: String) {
-        self.status.unit.phase = Some(IndexPhase::Pending);
+        self.set_phase(IndexPhase::Pending);
         self.set_condition(PROGRESSING, false, "Interrupted", &message);
         self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
         self.note(false, "Interrupted", "Stop", message);
     }
 
-    /// The presets the current build started and ended with.
-    fn first_and_last_preset(&self) -> (String, String) {
-        let current =
-            attempts::of_current_build(&self.status.unit.attempts, self.status.scan.as_ref());
+    /// The presets the current build of `unit` started and ended with.
+    fn first_and_last_preset_of(&self, unit: &UnitStatus) -> (String, String) {
+        let current = attempts::of_current_build(&unit.attempts, self.status.scan.as_ref());
         let first = current
             .first()
             .map(|a| a.preset.clone())
@@ -454,8 +598,71 @@ impl StatusDraft {
         (first, last)
     }
 
+    /// The presets the current build started and ended with (the selected unit's).
+    fn first_and_last_preset(&self) -> (String, String) {
+        self.first_and_last_preset_of(self.unit())
+    }
+
+    /// With shards and the whole selected: each shard's (number, first, last preset).
+    fn shard_presets(&self) -> Option<Vec<(u32, String, String)>> {
+        if self.selected().is_some() || !self.sharded() {
+            return None;
+        }
+        Some(
+            self.status
+                .shards
+                .iter()
+                .map(|s| {
+                    let (first, last) = self.first_and_last_preset_of(&s.unit);
+                    (s.shard, first, last)
+                })
+                .collect(),
+        )
+    }
+
+    /// `preset X`, or with shards of different presets `presets X (shard 0), Y (shard 1)`.
+    fn published_presets(&self) -> String {
+        match self.shard_presets() {
+            Some(shards) if shards.iter().any(|(_, _, last)| *last != shards[0].2) => {
+                let each: Vec<String> = shards
+                    .iter()
+                    .map(|(n, _, last)| format!("{last} (shard {n})"))
+                    .collect();
+                format!("presets {}", each.join(", "))
+            }
+            Some(shards) => format!(
+                "preset {}",
+                shards.first().map(|s| s.2.as_str()).unwrap_or_default()
+            ),
+            None => format!("preset {}", self.first_and_last_preset().1),
+        }
+    }
+
     /// The build published an index: `Degraded` says whether it had to downgrade.
     pub fn published(&mut self) {
+        if let Some(shards) = self.shard_presets() {
+            let downgraded: Vec<String> = shards
+                .iter()
+                .filter(|(_, first, last)| first != last)
+                .map(|(n, first, last)| format!("shard {n} from {first} to {last}"))
+                .collect();
+            let with = self.published_presets();
+            if downgraded.is_empty() {
+                self.set_condition(
+                    DEGRADED,
+                    false,
+                    "Published",
+                    &format!("published with {with}"),
+                );
+            } else {
+                let message = format!(
+                    "published with {with} after downgrading {}",
+                    downgraded.join(", ")
+                );
+                self.set_condition(DEGRADED, true, "Downgraded", &message);
+            }
+            return;
+        }
         let (first, last) = self.first_and_last_preset();
         if first == last {
             self.set_condition(
@@ -472,14 +679,14 @@ impl StatusDraft {
 
     /// The published index is available (`reason`, `message` say how): phase Ready.
     pub fn ready(&mut self, reason: &str, message: String, action: &'static str) {
-        let (_, last) = self.first_and_last_preset();
-        self.status.unit.phase = Some(IndexPhase::Ready);
+        let with = self.published_presets();
+        self.set_phase(IndexPhase::Ready);
         self.set_condition(READY, true, reason, &message);
         self.set_condition(
             PROGRESSING,
             false,
             "Published",
-            &format!("published with preset {last}"),
+            &format!("published with {with}"),
         );
         self.set_condition(MEMORY_PRESSURE, false, "NoBuild", "no build is running");
         self.note(false, "Ready", action, message);
@@ -739,6 +946,143 @@ mod tests {
         assert_eq!(
             cond(&d, MEMORY_PRESSURE),
             ("False".into(), "NoBuild".into())
+        );
+    }
+
+    #[test]
+    fn shards_step_alone_and_the_whole_follows() {
+        let mut d = draft();
+        d.set_shards(3);
+        assert_eq!(d.status.shards.len(), 3);
+        assert_eq!(d.status.shards_ready.as_deref(), Some("0/3"));
+        let mut presets = Vec::new();
+        for shard in 0..3 {
+            assert!(d.select(Some(shard)));
+            let p = d
+                .choose_preset(PresetSelector::Full, 80 * MIB, None)
+                .unwrap();
+            start(&mut d, 1, &p);
+            presets.push(p);
+        }
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Building));
+        assert!(
+            d.status.unit.attempts.is_empty(),
+            "attempts stay with shards"
+        );
+        d.take_notes();
+        // Shard 1 is OOM-killed: only it downgrades.
+        d.select(Some(1));
+        d.end_attempt(
+            1,
+            AttemptOutcome::OomKilled,
+            Some(137),
+            "killed".into(),
+            None,
+            "80Mi",
+        );
+        let UnitAction::Start(next) = d.next(limits(80 * MIB)) else {
+            panic!("no next attempt")
+        };
+        assert_eq!((next.preset.label().as_str(), next.number), ("medium", 2));
+        start(&mut d, 2, &next.preset);
+        let notes = d.take_notes();
+        assert!(
+            notes.iter().all(|n| n.message.starts_with("shard 1: ")),
+            "{notes:?}"
+        );
+        assert!(cond_message(&d, DEGRADED).starts_with("shard 1: "));
+        assert_eq!(d.status.shards[0].unit.attempts.len(), 1);
+        assert_eq!(d.status.shards[1].unit.attempts.len(), 2);
+        assert_eq!(d.status.shards[2].unit.attempts.len(), 1);
+        // Every shard succeeds; the whole publishes once all have.
+        for (shard, number) in [(0, 1), (1, 2), (2, 1)] {
+            d.select(Some(shard));
+            d.end_attempt(
+                number,
+                AttemptOutcome::Succeeded,
+                Some(0),
+                "ok".into(),
+                None,
+                "80Mi",
+            );
+            assert_eq!(d.next(limits(80 * MIB)), UnitAction::Publish);
+        }
+        assert_eq!(d.status.unit.index_generation, Some(1));
+        d.select(None);
+        d.published();
+        d.ready("IndexServed", "served".into(), "Publish");
+        assert_eq!(d.status.unit.phase, Some(IndexPhase::Ready));
+        assert!(d
+            .status
+            .shards
+            .iter()
+            .all(|s| s.unit.phase == Some(IndexPhase::Ready)));
+        assert_eq!(d.status.shards_ready.as_deref(), Some("3/3"));
+        assert_eq!(cond(&d, DEGRADED), ("True".into(), "Downgraded".into()));
+        let m = cond_message(&d, DEGRADED);
+        assert!(m.contains("shard 1 from full to medium"), "{m}");
+        assert!(m.contains("medium (shard 1)"), "{m}");
+        let json = serde_json::to_value(&d.status).unwrap();
+        assert_eq!(json["shards"][1]["shard"], 1);
+        assert_eq!(json["shards"][1]["preset"], "medium");
+        assert_eq!(json["shardsReady"], "3/3");
+    }
+
+    #[test]
+    fn a_shard_sees_its_share_of_the_scan() {
+        let mut d = draft();
+        assert_eq!(d.unit_scan().unwrap().images, 31);
+        d.set_shards(2);
+        d.select(Some(0));
+        assert_eq!(
+            d.unit_scan().unwrap().images,
+            18,
+            "31 * 1.1 / 2, rounded up"
+        );
+        assert!(!d.select(Some(7)), "no shard 7");
+        assert_eq!(d.selected(), None);
+        d.set_shards(1);
+        assert!(!d.sharded());
+        assert_eq!(d.status.shards_ready, None);
+    }
+
+    fn cond_message(d: &StatusDraft, type_: &str) -> String {
+        conditions::get(&d.status.conditions, type_)
+            .unwrap()
+            .message
+            .clone()
+    }
+
+    #[test]
+    fn one_shards_calm_does_not_clear_anothers_memory_pressure() {
+        let mut d = draft();
+        d.set_shards(2);
+        for shard in 0..2 {
+            d.select(Some(shard));
+            let p = d
+                .choose_preset(PresetSelector::Small, 80 * MIB, None)
+                .unwrap();
+            start(&mut d, 1, &p);
+        }
+        let sample = |ws: u64| MemorySample {
+            at_ms: 0,
+            working_set: ws * MIB,
+            limit: 80 * MIB,
+        };
+        let m = ScrapedMetrics::default();
+        d.select(Some(0));
+        d.observe(1, &m, &[sample(75)]);
+        assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True");
+        d.select(Some(1));
+        d.observe(1, &m, &[sample(10)]);
+        assert_eq!(cond(&d, MEMORY_PRESSURE).0, "True", "shard 0 still presses");
+        assert!(cond_message(&d, MEMORY_PRESSURE).starts_with("shard 0: "));
+        d.select(Some(0));
+        d.observe(1, &m, &[sample(10)]);
+        assert_eq!(
+            cond(&d, MEMORY_PRESSURE).0,
+            "False",
+            "shard 0 clears its own"
         );
     }
 }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.memory.summary"
     ),
+    printcolumn(name = "Shards", type_ = "string", json_path = ".status.shardsReady"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -67,6 +68,13 @@ pub struct ImageIndexSpec {
     /// Change this token to build a new generation while the current one keeps serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<String>,
+    /// Shards the index is split into: a number (1..=64, default 1: one unsharded index) or
+    /// `auto` (enough that each shard fits one pod, from the scan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<crate::shards::ShardCount>,
+    /// Shard build pods running at once (default: all shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel_builds: Option<u32>,
 }
 
 /// Where a dataset lives: a directory inside a PersistentVolumeClaim (cluster) or a local
@@ -160,6 +168,23 @@ pub struct ImageIndexStatus {
     /// The build unit (phase, preset, attempts, progress, memory, index generation), beside
     /// what the whole index shares (conditions, the scan, the endpoint, the rebuild token). An
     /// unsharded index is one unit, kept in `status` itself.
+    #[serde(flatten)]
+    pub unit: UnitStatus,
+    /// Each shard's build unit when `spec.shards` > 1 (the fields above are then their whole).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// Shards Ready out of all, e.g. `2/3` (sharded indexes only), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards_ready: Option<String>,
+}
+
+/// One shard's build unit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// The shard's 0-based number (`--shard <shard>/<N>`, label `imagematch.dev/shard`).
+    pub shard: u32,
+    /// Its phase, preset, attempts, progress, memory and index generation.
     #[serde(flatten)]
     pub unit: UnitStatus,
 }

@@ -141,6 +141,16 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
                     "required: the local directory holding the images".into(),
                 );
             }
+            // Said plainly rather than silently building one index.
+            if !matches!(
+                spec.shards,
+                None | Some(crate::shards::ShardCount::Count(1))
+            ) {
+                err(
+                    "spec.shards",
+                    "local mode builds one unsharded index; sharding runs in a cluster".into(),
+                );
+            }
         }
     }
 
@@ -223,6 +233,21 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
         }
     }
 
+    if let Some(crate::shards::ShardCount::Count(n)) = spec.shards {
+        if !(1..=crate::shards::MAX_SHARDS).contains(&n) {
+            err(
+                "spec.shards",
+                format!(
+                    "{n} is outside 1..={} (or use auto)",
+                    crate::shards::MAX_SHARDS
+                ),
+            );
+        }
+    }
+    if spec.max_parallel_builds == Some(0) {
+        err("spec.maxParallelBuilds", "must be at least 1".into());
+    }
+
     if errors.is_empty() {
         Ok(ValidSpec {
             memory_limit,
@@ -294,6 +319,30 @@ mod tests {
             validate(&s, Mode::Local).unwrap_err()[0].field,
             "spec.memoryLimit"
         );
+    }
+
+    #[test]
+    fn shards_and_parallel_builds_are_bounded() {
+        let ok = spec(
+            "dataset: {claimName: photos}\nmemoryLimit: 1Gi\nshards: 3\nmaxParallelBuilds: 2\n",
+        );
+        assert!(validate(&ok, Mode::Cluster).is_ok());
+        let auto = spec("dataset: {claimName: photos}\nmemoryLimit: 1Gi\nshards: auto\n");
+        assert_eq!(auto.shards, Some(crate::shards::ShardCount::Auto));
+        assert!(validate(&auto, Mode::Cluster).is_ok());
+        let local = spec("dataset: {path: /data}\nmemoryLimit: 1Gi\nshards: 3\n");
+        assert_eq!(
+            validate(&local, Mode::Local).unwrap_err()[0].field,
+            "spec.shards"
+        );
+        for bad in ["shards: 0", "shards: 65", "maxParallelBuilds: 0"] {
+            let s = spec(&format!(
+                "dataset: {{claimName: photos}}\nmemoryLimit: 1Gi\n{bad}\n"
+            ));
+            let errs = validate(&s, Mode::Cluster).unwrap_err();
+            let want = bad.split(':').next().unwrap();
+            assert_eq!(errs[0].field, format!("spec.{want}"), "{bad}");
+        }
     }
 
     #[test]

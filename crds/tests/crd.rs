@@ -3,6 +3,7 @@
 
 use imageindex_crds::estimate::DatasetShape;
 use imageindex_crds::first_preset::{choose_preset, PresetFit};
+use imageindex_crds::shards::{self, ShardCount};
 use imageindex_crds::validate::{validate, Mode};
 use imageindex_crds::{ImageIndex, PresetSelector};
 use kube::CustomResourceExt;
@@ -29,7 +30,7 @@ fn crd_avoids_what_kube_apiserver_1_20_rejects() {
         !CHECKED_IN.contains("x-kubernetes-validations"),
         "CEL rules in the schema"
     );
-    for column in ["Phase", "Preset", "Progress", "Memory", "Age"] {
+    for column in ["Phase", "Preset", "Progress", "Memory", "Shards", "Age"] {
         assert!(
             CHECKED_IN.contains(&format!("name: {column}")),
             "printer column {column}"
@@ -107,4 +108,36 @@ fn too_small_example_is_valid_but_nothing_fits() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn sharded_example_is_valid_and_auto_shards_only_what_outgrows_a_pod() {
+    let ii = example("instance-sharded.yaml");
+    let v = validate(&ii.spec, Mode::Cluster).unwrap();
+    assert_eq!(ii.spec.shards, Some(ShardCount::Auto));
+    assert_eq!(ii.spec.max_parallel_builds, Some(2));
+    // The seed catalogue fits one pod; ten times it does not.
+    let (one, _) = shards::count(
+        ii.spec.shards,
+        &catalogue(),
+        v.memory_limit,
+        v.storage_bytes,
+    );
+    assert_eq!(one, 1);
+    let bigger = DatasetShape {
+        images: catalogue().images * 10,
+        ..catalogue()
+    };
+    let (n, why) = shards::count(ii.spec.shards, &bigger, v.memory_limit, v.storage_bytes);
+    assert!(n > 1, "{why:?}");
+    let number: ImageIndex = serde_yaml::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/yaml/instance-sharded.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+        .replace("shards: auto", "shards: 3"),
+    )
+    .unwrap();
+    assert_eq!(number.spec.shards, Some(ShardCount::Count(3)));
 }

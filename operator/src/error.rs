@@ -31,6 +31,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Listing a sharded index's shard Services failed.
+    #[error("listing the shard Services of ImageIndex {instance}: {source}")]
+    ListServices {
+        /// The ImageIndex.
+        instance: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Making the index claim failed.
     #[error("making index claim {claim}: {source}")]
     EnsureIndexClaim {
@@ -99,10 +108,11 @@ pub enum Error {
 impl Error {
     /// Every step name [`Error::step`] returns: the metrics start each at 0, so dashboards
     /// and alerts see the series before the first error.
-    pub const STEPS: [&'static str; 10] = [
+    pub const STEPS: [&'static str; 11] = [
         "read_object",
         "fetch",
         "list_pods",
+        "list_services",
         "ensure_index_claim",
         "create_scan_pod",
         "create_build_pod",
@@ -118,6 +128,7 @@ impl Error {
             Error::MissingField { .. } => "read_object",
             Error::Fetch { .. } => "fetch",
             Error::ListPods { .. } => "list_pods",
+            Error::ListServices { .. } => "list_services",
             Error::EnsureIndexClaim { .. } => "ensure_index_claim",
             Error::CreateScanPod { .. } => "create_scan_pod",
             Error::CreateBuildPod { .. } => "create_build_pod",
@@ -165,6 +176,10 @@ mod tests {
                 source: api(),
             },
             Error::ListPods {
+                instance: s(),
+                source: api(),
+            },
+            Error::ListServices {
                 instance: s(),
                 source: api(),
             },

@@ -325,6 +325,21 @@ impl ApiServerVerifier {
         call.respond(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"}, "items": pods}));
     }
 
+    /// List a sharded index's shard Services by label.
+    pub async fn list_shard_services(
+        &mut self,
+        services: Vec<k8s_openapi::api::core::v1::Service>,
+    ) {
+        let call = self
+            .expect(Method::GET, "/api/v1/namespaces/testns/services")
+            .await;
+        assert_eq!(
+            call.query.get("labelSelector").map(String::as_str),
+            Some("app.kubernetes.io/name=imageindex,app.kubernetes.io/instance=cats,app.kubernetes.io/component=shard")
+        );
+        call.respond(json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "5"}, "items": services}));
+    }
+
     /// POST a pod; returns it.
     pub async fn create_pod(&mut self) -> Pod {
         let call = self.expect(Method::POST, PODS_PATH).await;

@@ -31,6 +31,8 @@ mod fixtures;
 mod same_decisions;
 #[cfg(test)]
 mod scenarios;
+#[cfg(test)]
+mod shard_scenarios;
 
 pub use controller::{error_policy, reconcile, Context};
 pub use error::Error;

@@ -11,8 +11,9 @@
 //!   `create`, `delete` (stop a build on critical memory pressure, clear an earlier build's
 //!   pods).
 //! - `persistentvolumeclaims`: `get`, `create` (the index claim).
-//! - `services`: `create`, `patch` (server-side apply of the query Service; an apply that
-//!   creates the object is also authorized as `create`).
+//! - `services`: `create`, `patch` (server-side apply of the query Service and of a sharded
+//!   index's shard Services; an apply that creates the object is also authorized as
+//!   `create`), `list` (the router is given the shard Services' ClusterIPs).
 //! - `deployments`: `list`/`watch` (owned), `create`, `patch` (server-side apply of the query
 //!   Deployment, likewise).
 //! - `events.k8s.io/events`: `create`, `patch` (kube's `Recorder` uses the events.k8s.io/v1 API
@@ -57,7 +58,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "",
         resources: &["services"],
-        verbs: &["create", "patch"],
+        verbs: &["list", "create", "patch"],
     },
     Rule {
         api_group: "apps",

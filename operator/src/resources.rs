@@ -41,6 +41,12 @@ pub const DEFAULT_QUERY_CPU: &str = "1";
 pub const BUILD_GRACE_SECONDS: i64 = 60;
 /// Longest ImageIndex name: `<name>-query` must be a DNS label (63 characters) for its Service.
 pub const MAX_NAME_LEN: usize = 63 - "-query".len();
+/// Longest sharded ImageIndex name: `<name>-shard-<i>` (i < 64) must be a DNS label too.
+pub const MAX_SHARDED_NAME_LEN: usize = 63 - "-shard-63".len();
+/// How long the router waits for each shard before answering without it.
+pub const ROUTER_DEADLINE: &str = "2s";
+/// Annotation on shard query pods: the index generation they were rolled to.
+pub const GENERATION: &str = "imagematch.dev/generation";
 /// The termination-message file the scan writes its report to.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// The user and group scan, build and query pods run as: the indexer image's (`USER` in
@@ -116,6 +122,21 @@ pub struct Instance<'a> {
 
 /// Checks that an ImageIndex name leaves room for the names and labels derived from it.
 pub fn check_name(name: &str) -> Result<(), FieldError> {
+    check_name_for(name, false)
+}
+
+/// [`check_name`] for an index that may be `sharded` (`spec.shards` other than 1), whose
+/// names `<name>-shard-<i>` are longer.
+pub fn check_name_for(name: &str, sharded: bool) -> Result<(), FieldError> {
+    if sharded && name.len() > MAX_SHARDED_NAME_LEN {
+        return Err(FieldError {
+            field: "metadata.name".into(),
+            message: format!(
+                "{} characters is too long for a sharded index: the Services `<name>-shard-<i>` must be DNS labels, so at most {MAX_SHARDED_NAME_LEN}",
+                name.len()
+            ),
+        });
+    }
     if name.len() > MAX_NAME_LEN {
         return Err(FieldError {
             field: "metadata.name".into(),
@@ -141,6 +162,21 @@ pub fn build_pod_name(instance: &str, n: u32) -> String {
 /// The query Deployment and Service.
 pub fn query_name(instance: &str) -> String {
     format!("{instance}-query")
+}
+
+/// Shard `shard`'s build pod of attempt `n`.
+pub fn shard_build_pod_name(instance: &str, shard: u32, n: u32) -> String {
+    format!("{instance}-s{shard}-build-{n}")
+}
+
+/// Shard `shard`'s query Deployment and Service.
+pub fn shard_name(instance: &str, shard: u32) -> String {
+    format!("{instance}-shard-{shard}")
+}
+
+/// Shard `shard`'s index claim, when the operator makes it.
+pub fn shard_claim_name(instance: &str, shard: u32) -> String {
+    format!("{instance}-index-{shard}")
 }
 
 /// The index claim the operator makes (when `spec.storage.claimName` is not set).
@@ -251,23 +287,66 @@ impl Instance<'_> {
     }
 
     fn index_volume(&self) -> Volume {
+        self.index_volume_of(None)
+    }
+
+    /// The index volume of `shard` (`None`: the unsharded index).
+    fn index_volume_of(&self, shard: Option<u32>) -> Volume {
         Volume {
             name: "index".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: self.index_claim_name(),
+                claim_name: self.index_claim_name_of(shard),
                 read_only: None,
             }),
             ..Volume::default()
         }
     }
 
+    /// The claim shard `shard`'s index lives on (`None`: the unsharded index's): the
+    /// operator makes one claim per shard, `<name>-index-<i>` of `spec.storage.size` each, so
+    /// shards can land on different nodes; a user's `spec.storage.claimName` is shared by all
+    /// shards, each in its own directory `shard-<i>` ([`Self::index_dir`]).
+    pub fn index_claim_name_of(&self, shard: Option<u32>) -> String {
+        match shard {
+            Some(i) if self.makes_index_claim() => shard_claim_name(self.name, i),
+            _ => self.index_claim_name(),
+        }
+    }
+
+    /// The index directory of `shard` inside build and shard query pods: the mount itself,
+    /// or `shard-<i>` under it on a user's shared claim.
+    pub fn index_dir(&self, shard: Option<u32>) -> String {
+        match shard {
+            Some(i) if !self.makes_index_claim() => format!("{INDEX_MOUNT}/shard-{i}"),
+            _ => INDEX_MOUNT.to_string(),
+        }
+    }
+
+    /// The disk each of `n` shards may use: its own claim's size, or its share of a user's
+    /// claim (unknown when the user's claim declares no size).
+    pub fn shard_disk_limit(&self, n: u32) -> Option<u64> {
+        if self.makes_index_claim() {
+            self.disk_limit()
+        } else {
+            self.disk_limit().map(|d| d / u64::from(n.max(1)))
+        }
+    }
+
     /// The index claim the operator makes: `<name>-index`, `spec.storage.size` (default 10Gi).
     pub fn index_claim(&self) -> PersistentVolumeClaim {
+        self.index_claim_of(None)
+    }
+
+    /// The index claim the operator makes for `shard` (`None`: the unsharded index).
+    pub fn index_claim_of(&self, shard: Option<u32>) -> PersistentVolumeClaim {
         let storage = self.spec.storage.clone().unwrap_or_default();
         let mut labels = labels::common(self.name, Component::Build);
         labels.remove(labels::COMPONENT);
+        if let Some(i) = shard {
+            labels.insert(labels::SHARD.to_string(), i.to_string());
+        }
         PersistentVolumeClaim {
-            metadata: self.meta(self.index_claim_name(), labels),
+            metadata: self.meta(self.index_claim_name_of(shard), labels),
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(
                     storage
@@ -344,12 +423,20 @@ impl Instance<'_> {
 
     /// The build pod of attempt `attempt` with `preset`.
     pub fn build_pod(&self, attempt: u32, preset: &Preset) -> Pod {
+        self.build_pod_of(None, attempt, preset)
+    }
+
+    /// The build pod of `unit` (`None`: the unsharded index; `(i, n)`: shard `i` of `n`) for
+    /// attempt `attempt` with `preset`: a shard's runs the same command plus `--shard i/N`,
+    /// writes to its own index directory and carries its shard label.
+    pub fn build_pod_of(&self, unit: Option<(u32, u32)>, attempt: u32, preset: &Preset) -> Pod {
         let port = self.settings.build_metrics_port;
-        let args = vec![
+        let shard = unit.map(|(i, _)| i);
+        let mut args = vec![
             "build".to_string(),
             dataset_dir(&self.spec.dataset.path),
             "--out".into(),
-            INDEX_MOUNT.into(),
+            self.index_dir(shard),
             "--preset".into(),
             preset.label(),
             "--memory-limit".into(),
@@ -361,11 +448,22 @@ impl Instance<'_> {
             "--log-format".into(),
             "json".into(),
         ];
-        Pod {
-            metadata: self.meta(
+        let (name, labels) = match unit {
+            None => (
                 build_pod_name(self.name, attempt),
-                self.with_rebuild(labels::build(self.name, &preset.label(), attempt)),
+                labels::build(self.name, &preset.label(), attempt),
             ),
+            Some((i, n)) => {
+                args.push("--shard".into());
+                args.push(format!("{i}/{n}"));
+                (
+                    shard_build_pod_name(self.name, i, attempt),
+                    labels::shard_build(self.name, &preset.label(), attempt, i),
+                )
+            }
+        };
+        Pod {
+            metadata: self.meta(name, self.with_rebuild(labels)),
             spec: Some(PodSpec {
                 restart_policy: Some("Never".into()),
                 termination_grace_period_seconds: Some(BUILD_GRACE_SECONDS),
@@ -403,7 +501,7 @@ impl Instance<'_> {
                 security_context: Some(pod_security()),
                 volumes: Some(vec![
                     self.dataset_volume(),
-                    self.index_volume(),
+                    self.index_volume_of(shard),
                     tmp_volume(),
                 ]),
                 ..PodSpec::default()
@@ -416,22 +514,109 @@ impl Instance<'_> {
     /// generation by itself. The index volume is mounted read-write because LMDB readers
     /// register in the environment's lock file.
     pub fn query_deployment(&self) -> Deployment {
-        let query = self.spec.query.clone().unwrap_or_default();
-        let labels = labels::common(self.name, Component::Query);
-        let mut args = vec![
+        let args = vec![
             "serve".to_string(),
             INDEX_MOUNT.into(),
             "--addr".into(),
             format!("$(POD_IP):{QUERY_PORT}"),
             "--watch".into(),
         ];
-        let mut mounts = vec![VolumeMount {
-            name: "index".into(),
-            mount_path: INDEX_MOUNT.into(),
-            ..VolumeMount::default()
-        }];
-        let mut volumes = vec![self.index_volume()];
-        if let Some(secret) = query.auth_secret_name.as_ref() {
+        self.server_deployment(
+            query_name(self.name),
+            labels::common(self.name, Component::Query),
+            args,
+            Some(self.index_volume()),
+            true,
+            None,
+        )
+    }
+
+    /// Shard `shard`'s query Deployment `<name>-shard-<i>` (component `shard`): `indexer
+    /// serve` on that shard's index, without `--watch` and without auth (only the router, in
+    /// the cluster, talks to it). Its pods are rolled to a new generation by the operator (the
+    /// template carries `imagematch.dev/generation`) once every shard has published, so the
+    /// router never merges answers of two generations.
+    ///
+    /// One Deployment per shard rather than a StatefulSet: each shard has its own claim,
+    /// preset and generation and is rolled alone, and a StatefulSet's pods share one template
+    /// and one rollout.
+    pub fn shard_deployment(&self, shard: u32, generation: u64) -> Deployment {
+        let args = vec![
+            "serve".to_string(),
+            self.index_dir(Some(shard)),
+            "--addr".into(),
+            format!("$(POD_IP):{QUERY_PORT}"),
+        ];
+        self.server_deployment(
+            shard_name(self.name, shard),
+            labels::shard_query(self.name, shard),
+            args,
+            Some(self.index_volume_of(Some(shard))),
+            false,
+            Some(generation),
+        )
+    }
+
+    /// Shard `shard`'s ClusterIP Service `<name>-shard-<i>`: the router reaches the shard
+    /// through its ClusterIP (kube-proxy, no cluster DNS), which follows pod restarts.
+    pub fn shard_service(&self, shard: u32) -> Service {
+        self.server_service(
+            shard_name(self.name, shard),
+            labels::shard_query(self.name, shard),
+        )
+    }
+
+    /// The router Deployment `<name>-query` (component `query`, behind the ImageIndex's
+    /// Service and `status.endpoint`, so clients do not change): `indexer route` over the
+    /// shards at `shard_ips` (their Services' ClusterIPs, in shard order), with the query
+    /// service's auth.
+    pub fn router_deployment(&self, shard_ips: &[String]) -> Deployment {
+        let mut args = vec![
+            "route".to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{QUERY_PORT}"),
+        ];
+        for ip in shard_ips {
+            args.push("--shard".into());
+            args.push(format!("http://{ip}:{QUERY_PORT}"));
+        }
+        args.push("--deadline".into());
+        args.push(ROUTER_DEADLINE.into());
+        self.server_deployment(
+            query_name(self.name),
+            labels::common(self.name, Component::Query),
+            args,
+            None,
+            true,
+            None,
+        )
+    }
+
+    /// A Deployment of `indexer` serving HTTP on the port named `http` with `args` (plus
+    /// `--auth-file` when `auth` and `spec.query.authSecretName` is set), mounting `index` when
+    /// given, its template stamped with `generation` when given.
+    fn server_deployment(
+        &self,
+        name: String,
+        labels: BTreeMap<String, String>,
+        mut args: Vec<String>,
+        index: Option<Volume>,
+        auth: bool,
+        generation: Option<u64>,
+    ) -> Deployment {
+        let query = self.spec.query.clone().unwrap_or_default();
+        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
+        let with_index = index.is_some();
+        if let Some(index) = index {
+            mounts.push(VolumeMount {
+                name: "index".into(),
+                mount_path: INDEX_MOUNT.into(),
+                ..VolumeMount::default()
+            });
+            volumes.push(index);
+        }
+        if let Some(secret) = query.auth_secret_name.as_ref().filter(|_| auth) {
             args.push("--auth-file".into());
             args.push(format!("{AUTH_MOUNT}/tokens"));
             mounts.push(VolumeMount {
@@ -479,22 +664,26 @@ impl Instance<'_> {
             period_seconds: Some(period),
             ..Probe::default()
         };
+        let annotations =
+            generation.map(|g| BTreeMap::from([(GENERATION.to_string(), g.to_string())]));
         Deployment {
-            metadata: self.meta(query_name(self.name), labels.clone()),
+            metadata: self.meta(name, labels.clone()),
             spec: Some(DeploymentSpec {
                 replicas: Some(self.valid.query_replicas),
                 selector: LabelSelector {
                     match_labels: Some(labels.clone()),
                     ..LabelSelector::default()
                 },
-                // Old and new pods may not share a ReadWriteOnce volume across nodes.
-                strategy: Some(DeploymentStrategy {
+                // Old and new pods may not share a ReadWriteOnce volume across nodes; the
+                // router mounts no index and rolls as usual.
+                strategy: with_index.then(|| DeploymentStrategy {
                     type_: Some("Recreate".into()),
                     ..DeploymentStrategy::default()
                 }),
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
                         labels: Some(labels),
+                        annotations,
                         ..ObjectMeta::default()
                     }),
                     spec: Some(PodSpec {
@@ -536,9 +725,16 @@ impl Instance<'_> {
     /// The query Service: port 8080 named `http` (explicit TCP, which server-side apply
     /// needs on older API servers), selecting the query pods.
     pub fn query_service(&self) -> Service {
-        let labels = labels::common(self.name, Component::Query);
+        self.server_service(
+            query_name(self.name),
+            labels::common(self.name, Component::Query),
+        )
+    }
+
+    /// A Service `name` on port 8080 (`http`) selecting the pods labelled `labels`.
+    fn server_service(&self, name: String, labels: BTreeMap<String, String>) -> Service {
         Service {
-            metadata: self.meta(query_name(self.name), labels.clone()),
+            metadata: self.meta(name, labels.clone()),
             spec: Some(ServiceSpec {
                 selector: Some(labels),
                 ports: Some(vec![ServicePort {
@@ -839,5 +1035,143 @@ mod tests {
         let e = check_name(&"a".repeat(MAX_NAME_LEN + 1)).unwrap_err();
         assert_eq!(e.field, "metadata.name");
         assert!(query_name(&"a".repeat(MAX_NAME_LEN)).len() <= 63);
+    }
+
+    const SHARDED: &str = "dataset: {claimName: photos, path: /catalogue}\nmemoryLimit: 512Mi\nshards: 3\nquery: {authSecretName: tokens}\n";
+
+    #[test]
+    fn shard_build_pods_run_their_shard_on_their_claim() {
+        let s = spec(SHARDED);
+        let preset = Preset::from_label("medium").unwrap();
+        let pod = with(&s, |i| i.build_pod_of(Some((1, 3)), 2, &preset));
+        assert_eq!(pod.metadata.name.as_deref(), Some("cats-s1-build-2"));
+        let l = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(l[labels::SHARD], "1");
+        assert_eq!(l[labels::COMPONENT], "build");
+        assert_eq!(
+            (l[labels::PRESET].as_str(), l[labels::ATTEMPT].as_str()),
+            ("medium", "2")
+        );
+        let args = container(&pod).args.as_ref().unwrap().join(" ");
+        assert!(
+            args.starts_with("build /dataset/catalogue --out /index --preset medium"),
+            "{args}"
+        );
+        assert!(args.ends_with("--shard 1/3"), "{args}");
+        let vols = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        let ix = vols[1].persistent_volume_claim.as_ref().unwrap();
+        assert_eq!(ix.claim_name, "cats-index-1");
+        let claim = with(&s, |i| i.index_claim_of(Some(1)));
+        assert_eq!(claim.metadata.name.as_deref(), Some("cats-index-1"));
+        assert_eq!(claim.metadata.labels.as_ref().unwrap()[labels::SHARD], "1");
+        // The unsharded pod is unchanged by the shard path.
+        let whole = with(&s, |i| i.build_pod(2, &preset));
+        assert_eq!(whole.metadata.name.as_deref(), Some("cats-build-2"));
+        assert!(!whole
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key(labels::SHARD));
+    }
+
+    #[test]
+    fn shards_share_a_users_claim_in_their_own_directories() {
+        let s = spec("dataset: {claimName: photos}\nmemoryLimit: 512Mi\nshards: 2\nstorage: {claimName: shared, size: 8Gi}\n");
+        let (pod, dep, disk) = with(&s, |i| {
+            (
+                i.build_pod_of(Some((0, 2)), 1, &PresetName::Small.preset()),
+                i.shard_deployment(0, 1),
+                i.shard_disk_limit(2),
+            )
+        });
+        let args = container(&pod).args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--out /index/shard-0"), "{args}");
+        let vols = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert_eq!(
+            vols[1].persistent_volume_claim.as_ref().unwrap().claim_name,
+            "shared"
+        );
+        let c = &dep.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "serve /index/shard-0 --addr $(POD_IP):8080"
+        );
+        assert_eq!(disk, Some(4 << 30));
+    }
+
+    #[test]
+    fn shard_query_objects_and_the_router() {
+        let s = spec(SHARDED);
+        let ips = ["10.0.0.7".to_string(), "10.0.0.3".into(), "10.0.0.9".into()];
+        let (dep, svc, router, front) = with(&s, |i| {
+            (
+                i.shard_deployment(2, 4),
+                i.shard_service(2),
+                i.router_deployment(&ips),
+                i.query_service(),
+            )
+        });
+        let want = labels::shard_query("cats", 2);
+        assert_eq!(dep.metadata.name.as_deref(), Some("cats-shard-2"));
+        assert_eq!(
+            dep.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        let ds = dep.spec.unwrap();
+        assert_eq!(ds.selector.match_labels.as_ref(), Some(&want));
+        let tmeta = ds.template.metadata.unwrap();
+        assert_eq!(tmeta.labels.as_ref(), Some(&want));
+        assert_eq!(tmeta.annotations.unwrap()[GENERATION], "4");
+        let pod = ds.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "serve /index --addr $(POD_IP):8080"
+        );
+        assert_eq!(c.ports.as_ref().unwrap()[0].name.as_deref(), Some("http"));
+        assert_eq!(
+            pod.volumes.as_ref().unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "cats-index-2"
+        );
+        assert_eq!(svc.metadata.name.as_deref(), Some("cats-shard-2"));
+        assert_eq!(svc.spec.unwrap().selector.as_ref(), Some(&want));
+        assert_eq!(router.metadata.name.as_deref(), Some("cats-query"));
+        let rs = router.spec.unwrap();
+        let query = labels::common("cats", Component::Query);
+        assert_eq!(rs.selector.match_labels.as_ref(), Some(&query));
+        let pod = rs.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "route --listen 0.0.0.0:8080 --shard http://10.0.0.7:8080 --shard http://10.0.0.3:8080 --shard http://10.0.0.9:8080 --deadline 2s --auth-file /etc/imageindex/tokens"
+        );
+        assert_eq!(c.ports.as_ref().unwrap()[0].name.as_deref(), Some("http"));
+        let names: Vec<&str> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(names, ["auth", "tmp"], "the router mounts no index");
+        assert_eq!(rs.strategy, None, "the router rolls as usual");
+        assert_eq!(front.spec.unwrap().selector.as_ref(), Some(&query));
+    }
+
+    #[test]
+    fn sharded_names_leave_room_for_the_shard_suffix() {
+        let name = "a".repeat(MAX_SHARDED_NAME_LEN);
+        assert!(check_name_for(&name, true).is_ok());
+        assert!(shard_name(&name, 63).len() <= 63);
+        let longer = "a".repeat(MAX_SHARDED_NAME_LEN + 1);
+        assert!(check_name_for(&longer, true).is_err());
+        assert!(check_name_for(&longer, false).is_ok());
+        assert_eq!(shard_build_pod_name("cats", 1, 2), "cats-s1-build-2");
+        assert_eq!(shard_claim_name("cats", 0), "cats-index-0");
     }
 }

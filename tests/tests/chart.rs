@@ -854,7 +854,31 @@ fn dashboard_selects_one_image_index_by_the_pod_monitors_labels() {
             relabel("attempt"),
             Some(meta(imageindex_crds::labels::ATTEMPT))
         );
+        // The panel "Memory per shard against its limit" selects by shard.
+        assert_eq!(relabel("shard"), Some(meta(imageindex_crds::labels::SHARD)));
     }
+    let components = pm["spec"]["selector"]["matchExpressions"][0]["values"].clone();
+    assert_eq!(
+        components,
+        serde_json::json!(["build", "query", "shard"]),
+        "build pods, the query pods (or router) and a sharded index's shard query pods"
+    );
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Memory per shard against its limit")
+        .expect("the memory per shard panel");
+    let exprs: Vec<&str> = panel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(
+        exprs.iter().all(|e| e.starts_with("max by (shard) (")),
+        "{exprs:?}"
+    );
     let selector = &pm["spec"]["selector"]["matchLabels"];
     assert_eq!(
         selector[imageindex_crds::labels::NAME],

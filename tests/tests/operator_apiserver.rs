@@ -288,8 +288,14 @@ impl Kubelet {
 
     /// Marks every query pod Running and Ready, as a kubelet whose readiness probe passes.
     async fn ready_query_pods(&self, instance: &str) -> usize {
+        self.ready_pods(instance, "query").await
+    }
+
+    /// Marks every pod of `component` (query, or shard for a sharded index's shard query
+    /// pods) Running and Ready.
+    async fn ready_pods(&self, instance: &str, component: &str) -> usize {
         let selector = format!(
-            "{},{}=query",
+            "{},{}={component}",
             labels::instance_selector(instance),
             labels::COMPONENT
         );
@@ -585,6 +591,7 @@ fn the_crd_applies_and_kubectl_shows_its_columns() {
     );
     for example in [
         "instance-good.yaml",
+        "instance-sharded.yaml",
         "instance-invalid.yaml",
         "instance-too-small.yaml",
     ] {
@@ -616,7 +623,7 @@ fn the_crd_applies_and_kubectl_shows_its_columns() {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "PRESET", "PROGRESS", "MEMORY", "AGE"],
+        ["NAME", "PHASE", "PRESET", "PROGRESS", "MEMORY", "SHARDS", "AGE"],
         "{columns}"
     );
     assert!(columns.contains("cats"), "{columns}");
@@ -983,5 +990,172 @@ async fn a_restarted_operator_adopts_the_running_build() {
         "{text}"
     );
     eprintln!("operator restart mid-build: {:.1?}", t.elapsed());
+    s.finish();
+}
+
+/// A sharded ImageIndex (`shards: 3`): three build pods at once, each with its shard label and
+/// `--shard i/3`; one OOM-killed shard restarts alone with a poorer preset; once all succeed,
+/// one query Deployment and Service per shard and the router `cats-query` over the shard
+/// Services' ClusterIPs, `status.shards` with three entries, Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_build_at_once_restart_alone_and_serve_through_the_router() {
+    let t = Instant::now();
+    let Some(s) = Scenario::start("shards").await else {
+        return;
+    };
+    let ns = s.ns;
+    s.scanned(json!({"shards": 3})).await;
+    let mut firsts = Vec::new();
+    for shard in 0..3u32 {
+        let pod = s.pod(&format!("cats-s{shard}-build-1")).await;
+        assert_eq!(pod.labels()[labels::SHARD], shard.to_string());
+        assert_eq!(pod.labels()[labels::COMPONENT], "build");
+        assert_eq!(pod.labels()[labels::ATTEMPT], "1");
+        let args = pod.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(args.ends_with(&format!("--shard {shard}/3")), "{args}");
+        firsts.push(pod);
+    }
+    // All three exist at once, none has ended.
+    let builds = s.kubelet.build_pods("cats").await;
+    assert_eq!(builds.len(), 3, "three build pods at once");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(s.admin.clone(), ns);
+    for shard in 0..3 {
+        let claim = claims
+            .get(&format!("cats-index-{shard}"))
+            .await
+            .expect("a claim per shard");
+        assert_eq!(claim.owner_references()[0].kind, "ImageIndex");
+    }
+    assert!(claims.get_opt("cats-index").await.unwrap().is_none());
+
+    // Shard 1 is OOM-killed: only it gets attempt 2, with a poorer preset.
+    s.kubelet
+        .exit(
+            "cats-s1-build-1",
+            "Failed",
+            terminated(137, "OOMKilled", ""),
+            json!({}),
+        )
+        .await;
+    let second = s.pod("cats-s1-build-2").await;
+    assert_eq!(second.labels()[labels::SHARD], "1");
+    assert!(preset_of(&second).nfeatures < preset_of(&firsts[1]).nfeatures);
+    let ii = s
+        .index_when(
+            "shard 1's attempt 2 recorded",
+            Duration::from_secs(30),
+            |ii| {
+                status_of(ii)
+                    .shards
+                    .get(1)
+                    .is_some_and(|sh| sh.unit.attempts.len() == 2)
+            },
+        )
+        .await;
+    let st = status_of(&ii);
+    assert_eq!(st.shards.len(), 3);
+    assert_eq!(
+        st.shards[1].unit.attempts[0].outcome,
+        Some(AttemptOutcome::OomKilled)
+    );
+    for other in [0, 2] {
+        assert_eq!(st.shards[other].unit.attempts.len(), 1, "shard {other}");
+        assert!(s
+            .kubelet
+            .get(&format!("cats-s{other}-build-2"))
+            .await
+            .is_none());
+    }
+
+    // Every shard succeeds: shard query objects, then the router; Ready once all serve.
+    for name in ["cats-s0-build-1", "cats-s1-build-2", "cats-s2-build-1"] {
+        s.kubelet
+            .exit(name, "Succeeded", terminated(0, "Completed", ""), json!({}))
+            .await;
+    }
+    s.wait_for(
+        "ready shard query pods and router pods",
+        Duration::from_secs(60),
+        || async {
+            let shards = s.kubelet.ready_pods("cats", "shard").await;
+            let routers = s.kubelet.ready_pods("cats", "query").await;
+            (shards >= 3 && routers >= 1).then_some(())
+        },
+    )
+    .await;
+    let ii = s
+        .index_when("phase Ready", Duration::from_secs(60), |ii| {
+            status_of(ii).unit.phase == Some(IndexPhase::Ready)
+        })
+        .await;
+    let st = status_of(&ii);
+    assert_eq!(st.shards.len(), 3);
+    assert_eq!(st.shards_ready.as_deref(), Some("3/3"));
+    assert_eq!(
+        st.endpoint.as_deref(),
+        Some("http://cats-query.shards.svc:8080")
+    );
+    assert_eq!(cond(&ii, READY).unwrap().0, "True");
+    let deployments: Api<Deployment> = Api::namespaced(s.admin.clone(), ns);
+    let services: Api<Service> = Api::namespaced(s.admin.clone(), ns);
+    let mut urls = Vec::new();
+    for shard in 0..3 {
+        let name = format!("cats-shard-{shard}");
+        let d = deployments.get(&name).await.unwrap();
+        assert_eq!(d.labels()[labels::COMPONENT], "shard");
+        assert_eq!(d.labels()[labels::SHARD], shard.to_string());
+        let svc = services.get(&name).await.unwrap();
+        let ip = svc.spec.unwrap().cluster_ip.unwrap();
+        urls.push(format!("--shard http://{ip}:8080"));
+    }
+    let router = deployments.get("cats-query").await.unwrap();
+    assert_eq!(router.labels()[labels::COMPONENT], "query");
+    let args = router.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert_eq!(
+        args,
+        format!(
+            "route --listen 0.0.0.0:8080 {} --deadline 2s",
+            urls.join(" ")
+        )
+    );
+    let events = s
+        .event_reasons("cats", &[("Warning", "OOMKilled"), ("Normal", "Ready")])
+        .await;
+    assert!(has(&events, "Warning", "OOMKilled"), "{events:?}");
+    let row = s.kubectl(&["get", "imgidx", "-n", ns]);
+    assert!(row.contains("3/3"), "{row}");
+    let ready_in = t.elapsed();
+
+    // Delete: every shard's pods, claims, Deployments and Services go with the router.
+    s.indexes
+        .delete("cats", &DeleteParams::default())
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.admin.clone(), ns);
+    let lp = ListParams::default();
+    s.wait_for(
+        "owned objects garbage-collected",
+        Duration::from_secs(90),
+        || async {
+            let left = pods.list(&lp).await.ok()?.items.len()
+                + deployments.list(&lp).await.ok()?.items.len()
+                + services.list(&lp).await.ok()?.items.len()
+                + claims.list(&lp).await.ok()?.items.len();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "three shards: built, one restarted alone, Ready in {ready_in:.1?}; all gone after delete at {:.1?}",
+        t.elapsed()
+    );
     s.finish();
 }

@@ -43,8 +43,32 @@ pub async fn apply(
                 let available = apply_query(ctx, ns, &deployment, &service).await?;
                 done = Done::Available(replicas == 0 || available);
             }
+            Effect::ApplyShards {
+                shards,
+                router,
+                replicas,
+            } => {
+                let mut unavailable = Vec::new();
+                for (i, (deployment, service)) in (0u32..).zip(&shards) {
+                    if !apply_query(ctx, ns, deployment, service).await? && replicas > 0 {
+                        unavailable.push(i);
+                    }
+                }
+                let (router_applied, router_available) = match router {
+                    Some(r) => (
+                        true,
+                        apply_query(ctx, ns, &r.0, &r.1).await? || replicas == 0,
+                    ),
+                    None => (false, false),
+                };
+                done = Done::Shards {
+                    router_applied,
+                    router_available,
+                    unavailable,
+                };
+            }
             Effect::Record(step) => {
-                if let Some(r) = plan::record(draft, step, done) {
+                if let Some(r) = plan::record(draft, step, done.clone()) {
                     requeue = r;
                 }
             }

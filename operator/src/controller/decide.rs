@@ -6,6 +6,10 @@
 //! and what follows it are `imageindex_crds`'s (`outcome::classify`, `ladder::next_action`,
 //! `rebuild::build_start`). Status that depends on an effect having happened is a [`Step`] of
 //! the plan, recorded once [`super::apply`] got that far.
+//!
+//! A sharded index (`status.shards`, from `spec.shards` once the scan is in) runs the same
+//! ladder per shard with the shard selected in the draft ([`StatusDraft::select`]); the whole
+//! gives up when a shard does, and is served once every shard has published.
 
 use super::observe::{Observed, Scrape};
 use super::plan::{Effect, Plan, Step};
@@ -19,10 +23,11 @@ use imageindex_crds::ladder::{Limits, UnitAction};
 use imageindex_crds::outcome::exit_code;
 use imageindex_crds::pressure::PressureLevel;
 use imageindex_crds::rebuild::{self, BuildStart, Seen};
+use imageindex_crds::shards::{self, ShardCount};
 use imageindex_crds::transitions::StatusDraft;
 use imageindex_crds::types::{Attempt, AttemptOutcome, IndexPhase, ScanSummary};
 use imageindex_crds::{ImageIndexSpec, ImageIndexStatus, Preset, ScanReport};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
 use std::time::Duration;
 
@@ -60,6 +65,41 @@ pub fn scrape_target(
     }
 }
 
+/// The running shard builds [`decide`] will read, by shard: each shard's running attempt
+/// while the phase is Building and its pod runs with an address.
+pub fn shard_scrape_targets(
+    inst: &Instance<'_>,
+    status: &ImageIndexStatus,
+    pods: &[Pod],
+) -> Vec<(u32, ScrapeTarget)> {
+    if status.unit.phase != Some(IndexPhase::Building) || status.scan.is_none() {
+        return Vec::new();
+    }
+    status
+        .shards
+        .iter()
+        .filter_map(|s| {
+            let current = attempts::of_current_build(&s.unit.attempts, status.scan.as_ref());
+            let running = current.last().filter(|a| a.outcome.is_none())?;
+            let name = running.pod.clone().unwrap_or_else(|| {
+                resources::shard_build_pod_name(inst.name, s.shard, running.number)
+            });
+            let pod = find(pods, &name)?;
+            match pods::observe(pod) {
+                PodState::Running { ip } => Some((
+                    s.shard,
+                    ScrapeTarget {
+                        attempt: running.number,
+                        ip,
+                        port: pods::metrics_port(pod).unwrap_or(inst.settings.build_metrics_port),
+                    },
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// What the controller sees of the build recorded in `status`: the spec (`generation`, the
 /// rebuild token) against it. The dataset and the index volume are seen by pods only, when a
 /// build runs; a running build and a served index are kept through other spec changes.
@@ -78,6 +118,7 @@ pub fn decide(inst: &Instance<'_>, draft: &mut StatusDraft, observed: &Observed)
         draft,
         pods: &observed.pods,
         scrape: observed.scrape.as_ref(),
+        observed,
         effects: Vec::new(),
     };
     let requeue = d.by_phase();
@@ -105,7 +146,33 @@ struct Decision<'a, 'i> {
     draft: &'a mut StatusDraft,
     pods: &'a [Pod],
     scrape: Option<&'a Scrape>,
+    observed: &'a Observed,
     effects: Vec<Effect>,
+}
+
+/// Where one shard's ladder stands in this reconcile.
+enum ShardStep {
+    /// Its attempt runs (or stops): look again after this long.
+    Running(Duration),
+    /// It waits (a back-off) this long before its next attempt.
+    Waiting(Duration),
+    /// It can start an attempt once a build slot is free.
+    Start(ShardStart),
+    /// Its build published.
+    Published,
+    /// Its ladder gave up (reason, message).
+    GaveUp(String, String),
+    /// No scan is recorded: the whole build starts over.
+    Rescan,
+}
+
+/// A shard attempt ready to start.
+struct ShardStart {
+    shard: u32,
+    number: u32,
+    /// `None`: the first attempt of the build, whose preset is chosen when it starts.
+    preset: Option<Preset>,
+    why: Option<(&'static str, String)>,
 }
 
 impl Decision<'_, '_> {
@@ -137,11 +204,18 @@ impl Decision<'_, '_> {
         match phase {
             None | Some(IndexPhase::Pending) => self.begin_build(),
             Some(IndexPhase::Scanning) => self.scanning(),
+            Some(IndexPhase::Building) if self.draft.sharded() => self.shards(),
             Some(IndexPhase::Building) => self.ladder(),
             Some(IndexPhase::Ready | IndexPhase::Failed) => {
                 match rebuild::build_start(status, &seen) {
                     BuildStart::Begin(_) => self.begin_build(),
-                    BuildStart::Continue if phase == Some(IndexPhase::Ready) => self.serving(),
+                    BuildStart::Continue if phase == Some(IndexPhase::Ready) => {
+                        if self.draft.sharded() {
+                            self.serving_shards()
+                        } else {
+                            self.serving()
+                        }
+                    }
                     BuildStart::Continue | BuildStart::StayFailed => REQUEUE_IDLE,
                 }
             }
@@ -163,11 +237,13 @@ impl Decision<'_, '_> {
             }
             return REQUEUE_SHORT;
         }
-        if self.inst.makes_index_claim() {
+        // A sharded index's claims are made per shard when its builds start (`auto` knows
+        // how many only after the scan).
+        if self.inst.makes_index_claim() && self.unsharded_spec() {
             self.effects
                 .push(Effect::EnsureIndexClaim(self.inst.index_claim()));
         }
-        let n = attempts::next_number(&self.draft.status.unit.attempts);
+        let n = self.next_number();
         let pod = self.inst.scan_pod(n);
         let message = format!("scan pod {} is counting the dataset", pod.name_any());
         self.effects.push(Effect::CreatePod {
@@ -180,7 +256,7 @@ impl Decision<'_, '_> {
 
     /// The scan pod: made again if it vanished, read once it ended.
     fn scanning(&mut self) -> Duration {
-        let n = attempts::next_number(&self.draft.status.unit.attempts);
+        let n = self.next_number();
         let name = resources::scan_pod_name(self.inst.name, n);
         let Some(pod) = find(self.pods, &name) else {
             // Deleted from outside: make it again.
@@ -228,8 +304,51 @@ impl Decision<'_, '_> {
         let mut summary = ScanSummary::from_report(&report);
         summary.pod = Some(name);
         summary.first_attempt = Some(n);
+        let shape = summary.shape();
         self.draft.scanned(summary);
+        let disk = if self.inst.makes_index_claim() {
+            self.inst.disk_limit()
+        } else {
+            None
+        };
+        let (shards, why) = shards::count(
+            self.inst.spec.shards,
+            &shape,
+            self.inst.valid.memory_limit,
+            disk,
+        );
+        if let Some(why) = why {
+            self.draft.note(false, "ShardsChosen", "Shard", why);
+        }
+        if shards > 1 || self.draft.sharded() {
+            self.draft.set_shards(shards);
+        }
+        if shards > 1 {
+            return self.shards();
+        }
+        if self.inst.makes_index_claim() && !self.unsharded_spec() {
+            self.effects
+                .push(Effect::EnsureIndexClaim(self.inst.index_claim()));
+        }
         self.choose_and_start(n)
+    }
+
+    /// Whether `spec.shards` asks for one unsharded index (absent or 1), known before the scan.
+    fn unsharded_spec(&self) -> bool {
+        matches!(self.inst.spec.shards, None | Some(ShardCount::Count(1)))
+    }
+
+    /// The number of the next build's first attempt (and its scan pod): one past every
+    /// attempt recorded, the whole's or any shard's.
+    fn next_number(&self) -> u32 {
+        let status = &self.draft.status;
+        status
+            .shards
+            .iter()
+            .map(|s| attempts::next_number(&s.unit.attempts))
+            .chain([attempts::next_number(&status.unit.attempts)])
+            .max()
+            .unwrap_or(1)
     }
 
     /// Chooses the first preset of a build and starts attempt `first` with it.
@@ -322,6 +441,7 @@ impl Decision<'_, '_> {
             memory_limit,
             found,
             why,
+            shard: None,
         });
         self.inst.settings.scrape_interval
     }
@@ -354,7 +474,7 @@ impl Decision<'_, '_> {
         match pods::observe(pod) {
             PodState::Pending => self.inst.settings.scrape_interval,
             PodState::Terminating => REQUEUE_SHORT,
-            PodState::Running { .. } => self.watch_memory(pod, number),
+            PodState::Running { .. } => self.watch_memory(pod, number, self.scrape, None),
             PodState::Terminated(t) => {
                 let message = format!("build pod {pod_name} {}", pods::describe(&t));
                 let outcome = self.draft.attempt_ended(
@@ -379,9 +499,15 @@ impl Decision<'_, '_> {
     }
 
     /// Puts the scrape of the running build into status and stops it on critical pressure.
-    fn watch_memory(&mut self, pod: &Pod, number: u32) -> Duration {
+    fn watch_memory(
+        &mut self,
+        pod: &Pod,
+        number: u32,
+        scrape: Option<&Scrape>,
+        shard: Option<u32>,
+    ) -> Duration {
         let interval = self.inst.settings.scrape_interval;
-        let (metrics, samples) = match self.scrape {
+        let (metrics, samples) = match scrape {
             Some(Scrape::Read { metrics, samples }) => (metrics, samples),
             Some(Scrape::NotDue(wait)) => return *wait,
             Some(Scrape::Failed) | None => return interval,
@@ -396,6 +522,7 @@ impl Decision<'_, '_> {
                 number,
                 message: format!("stopped build pod {}: {}", pod.name_any(), pressure.message),
                 memory_limit,
+                shard,
             });
             // The next attempt starts once this pod has stopped (it writes its checkpoint).
             return REQUEUE_SHORT;
@@ -439,10 +566,340 @@ impl Decision<'_, '_> {
         });
     }
 
+    /// A sharded build: each shard's ladder in turn (watch, restart alone, publish), new
+    /// attempts started while fewer than `spec.maxParallelBuilds` run; once every shard has
+    /// published, the shards' query Deployments and the router are rolled to it.
+    fn shards(&mut self) -> Duration {
+        let n = self.draft.status.shards.len() as u32;
+        let cap = shards::parallel_builds(self.inst.spec.max_parallel_builds, n);
+        let mut requeue = REQUEUE_IDLE;
+        let (mut running, mut published) = (0u32, 0u32);
+        let mut ready = Vec::new();
+        for shard in self
+            .draft
+            .status
+            .shards
+            .iter()
+            .map(|s| s.shard)
+            .collect::<Vec<_>>()
+        {
+            self.draft.select(Some(shard));
+            let step = self.shard_step(shard);
+            self.draft.select(None);
+            match step {
+                ShardStep::Running(wait) => {
+                    running += 1;
+                    requeue = requeue.min(wait);
+                }
+                ShardStep::Waiting(wait) => requeue = requeue.min(wait),
+                ShardStep::Start(start) => ready.push(start),
+                ShardStep::Published => published += 1,
+                ShardStep::GaveUp(reason, message) => {
+                    return self.shards_give_up(shard, &reason, &message)
+                }
+                ShardStep::Rescan => return self.begin_build(),
+            }
+        }
+        if published == n {
+            return self.publish_shards();
+        }
+        for start in ready {
+            if running >= cap {
+                requeue = requeue.min(REQUEUE_WATCH);
+                continue;
+            }
+            let shard = start.shard;
+            self.draft.select(Some(shard));
+            let started = self.start_shard_attempt(start, n);
+            self.draft.select(None);
+            match started {
+                Ok(wait) => {
+                    running += 1;
+                    requeue = requeue.min(wait);
+                }
+                Err((reason, message)) => return self.shards_give_up(shard, &reason, &message),
+            }
+        }
+        requeue
+    }
+
+    /// One shard's ladder (the shard selected in the draft); an attempt that ended in this
+    /// reconcile is followed by the ladder's next step at once.
+    fn shard_step(&mut self, shard: u32) -> ShardStep {
+        for _ in 0..2 {
+            match self.draft.next(self.limits()) {
+                UnitAction::Scan => return ShardStep::Rescan,
+                UnitAction::Choose { number } => {
+                    return ShardStep::Start(ShardStart {
+                        shard,
+                        number,
+                        preset: None,
+                        why: None,
+                    })
+                }
+                UnitAction::Watch { number } => {
+                    if let Some(step) = self.watch_shard(shard, number) {
+                        return step;
+                    }
+                }
+                UnitAction::Publish => return ShardStep::Published,
+                UnitAction::GiveUp { reason, message } => {
+                    return ShardStep::GaveUp(reason.to_string(), message)
+                }
+                UnitAction::Start(next) => {
+                    if let Some(wait) = next.wait {
+                        self.draft
+                            .waiting_to_retry(&next.message, next.number, wait);
+                        return ShardStep::Waiting(wait);
+                    }
+                    return ShardStep::Start(ShardStart {
+                        shard,
+                        number: next.number,
+                        preset: Some(next.preset),
+                        why: Some((next.reason, next.message)),
+                    });
+                }
+            }
+        }
+        ShardStep::Running(REQUEUE_SHORT)
+    }
+
+    /// Watches shard `shard`'s running attempt `number`; `None` once it ended (recorded).
+    fn watch_shard(&mut self, shard: u32, number: u32) -> Option<ShardStep> {
+        let running = self
+            .draft
+            .unit()
+            .attempts
+            .iter()
+            .find(|a| a.number == number)?;
+        let pod_name = running
+            .pod
+            .clone()
+            .unwrap_or_else(|| resources::shard_build_pod_name(self.inst.name, shard, number));
+        let memory_limit = self.memory_limit();
+        let Some(pod) = find(self.pods, &pod_name) else {
+            self.draft.end_attempt(
+                number,
+                AttemptOutcome::Interrupted,
+                None,
+                format!("build pod {pod_name} disappeared"),
+                None,
+                &memory_limit,
+            );
+            return None;
+        };
+        match pods::observe(pod) {
+            PodState::Pending => Some(ShardStep::Running(self.inst.settings.scrape_interval)),
+            PodState::Terminating => Some(ShardStep::Running(REQUEUE_SHORT)),
+            PodState::Running { .. } => {
+                let scrape = self.observed.shard_scrapes.get(&shard);
+                Some(ShardStep::Running(self.watch_memory(
+                    pod,
+                    number,
+                    scrape,
+                    Some(shard),
+                )))
+            }
+            PodState::Terminated(t) => {
+                let message = format!("build pod {pod_name} {}", pods::describe(&t));
+                self.draft.attempt_ended(
+                    number,
+                    &pods::attempt_end(&t),
+                    message,
+                    t.finished_at.clone(),
+                    &memory_limit,
+                );
+                if t.still_running {
+                    self.delete(pod);
+                    return Some(ShardStep::Running(REQUEUE_SHORT));
+                }
+                None
+            }
+        }
+    }
+
+    /// Starts (or adopts) a shard's attempt (the shard selected in the draft), choosing the
+    /// build's first preset for the shard's share of the dataset; `Err`: nothing fits.
+    fn start_shard_attempt(
+        &mut self,
+        start: ShardStart,
+        n: u32,
+    ) -> Result<Duration, (String, String)> {
+        let ShardStart {
+            shard,
+            number,
+            preset,
+            why,
+        } = start;
+        let name = resources::shard_build_pod_name(self.inst.name, shard, number);
+        let shard_label = shard.to_string();
+        // The shard's earlier pod (stopped under pressure) must be gone first.
+        let busy: Vec<Pod> = self
+            .pods
+            .iter()
+            .filter(|p| {
+                p.metadata.name.as_deref() != Some(name.as_str())
+                    && pods::label(p, labels::SHARD) == Some(shard_label.as_str())
+                    && pods::observe(p).is_active()
+            })
+            .cloned()
+            .collect();
+        if !busy.is_empty() {
+            for pod in busy
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                self.delete(pod);
+            }
+            return Ok(REQUEUE_SHORT);
+        }
+        let preset = match preset {
+            Some(p) => p,
+            None => {
+                let chosen = self.draft.choose_preset(
+                    self.inst.spec.preset,
+                    self.inst.valid.memory_limit,
+                    self.inst.shard_disk_limit(n),
+                );
+                match chosen {
+                    Some(p) => p,
+                    None => {
+                        return Err((
+                            "NothingFits".into(),
+                            "no preset fits the shard's share of the dataset".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        if self.inst.makes_index_claim() {
+            self.effects.push(Effect::EnsureIndexClaim(
+                self.inst.index_claim_of(Some(shard)),
+            ));
+        }
+        let (label, start_time, found) = match find(self.pods, &name) {
+            Some(pod) => (
+                pods::label(pod, labels::PRESET).map_or_else(|| preset.label(), str::to_string),
+                pod.metadata
+                    .creation_timestamp
+                    .clone()
+                    .unwrap_or_else(|| self.draft.now.clone()),
+                true,
+            ),
+            None => {
+                self.effects.push(Effect::CreatePod {
+                    pod: self.inst.build_pod_of(Some((shard, n)), number, &preset),
+                    component: Component::Build,
+                });
+                (preset.label(), self.draft.now.clone(), false)
+            }
+        };
+        let attempt = attempts::started(number, &label, &name, start_time);
+        let memory_limit = self.memory_limit();
+        self.record(Step::AttemptStarted {
+            attempt,
+            memory_limit,
+            found,
+            why,
+            shard: Some(shard),
+        });
+        Ok(self.inst.settings.scrape_interval)
+    }
+
+    /// A shard gave up: the whole build stops (its other build pods are stopped) and gives up,
+    /// still serving an earlier generation if there is one.
+    fn shards_give_up(&mut self, shard: u32, reason: &str, message: &str) -> Duration {
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| {
+                pods::label(p, labels::COMPONENT) == Some(Component::Build.as_str())
+                    && p.metadata.deletion_timestamp.is_none()
+                    && pods::observe(p).is_active()
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            self.delete(&pod);
+        }
+        self.give_up(
+            "ShardFailed",
+            format!("shard {shard} gave up ({reason}: {message}); the build stops"),
+        )
+    }
+
+    /// Every shard published: roll the shards' query Deployments and the router to it.
+    fn publish_shards(&mut self) -> Duration {
+        self.apply_shards();
+        self.record(Step::Published {
+            query: resources::query_name(self.inst.name),
+            endpoint: resources::endpoint(self.inst.name, self.inst.namespace),
+        });
+        REQUEUE_WATCH
+    }
+
+    /// A sharded index Ready and nothing to build: keep its serving objects, watch its shards.
+    fn serving_shards(&mut self) -> Duration {
+        if !self.draft.served() {
+            return self.give_up(
+                "NoIndex",
+                "phase was Ready but no index generation is recorded".into(),
+            );
+        }
+        self.apply_shards();
+        self.record(Step::Served {
+            query: resources::query_name(self.inst.name),
+            endpoint: resources::endpoint(self.inst.name, self.inst.namespace),
+        });
+        REQUEUE_WATCH
+    }
+
+    /// The shards' query Deployments (at the generation every shard has published) and
+    /// Services, and the router once every shard Service has a ClusterIP.
+    fn apply_shards(&mut self) {
+        let generation = self.draft.status.unit.index_generation.unwrap_or(0);
+        let numbers: Vec<u32> = self.draft.status.shards.iter().map(|s| s.shard).collect();
+        let objects = numbers
+            .iter()
+            .map(|i| {
+                (
+                    self.inst.shard_deployment(*i, generation),
+                    self.inst.shard_service(*i),
+                )
+            })
+            .collect();
+        let ips: Option<Vec<String>> = numbers
+            .iter()
+            .map(|i| {
+                cluster_ip(
+                    &self.observed.shard_services,
+                    &resources::shard_name(self.inst.name, *i),
+                )
+            })
+            .collect();
+        let router =
+            ips.map(|ips| Box::new((self.inst.router_deployment(&ips), self.inst.query_service())));
+        self.effects.push(Effect::ApplyShards {
+            shards: objects,
+            router,
+            replicas: self.inst.valid.query_replicas,
+        });
+    }
+
     /// Gives up on the current build: `Degraded` with the reason; phase Failed unless an
     /// earlier index is still served.
     fn give_up(&mut self, reason: &str, message: String) -> Duration {
         self.draft.give_up(reason, message);
         REQUEUE_IDLE
     }
+}
+
+/// The ClusterIP of the Service `name` among `services`, once it has one.
+fn cluster_ip(services: &[Service], name: &str) -> Option<String> {
+    services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.cluster_ip.clone())
+        .filter(|ip| !ip.is_empty() && ip != "None")
 }

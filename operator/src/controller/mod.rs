@@ -13,9 +13,10 @@
 //!    attempt stays ended) and publish the Events of the decisions taken.
 //!
 //! Everything the controller needs to pick up after a restart is in the status and in the
-//! labelled pods: pod names are deterministic (`<name>-scan-<n>`, `<name>-build-<attempt>`), an
-//! existing pod of the attempt being started is adopted, never duplicated, and two builds
-//! never run at once on one index volume.
+//! labelled pods: pod names are deterministic (`<name>-scan-<n>`, `<name>-build-<attempt>`, and
+//! with shards `<name>-s<i>-build-<attempt>`), an existing pod of the attempt being started is
+//! adopted, never duplicated, and two builds never run at once on one index volume (with
+//! shards: one per shard, each on its own claim or directory).
 
 pub mod apply;
 pub mod decide;
@@ -24,7 +25,7 @@ pub mod plan;
 pub mod status;
 
 use crate::error::Error;
-use crate::history::{BuildKey, MemoryHistory};
+use crate::history::MemoryHistory;
 use crate::metrics::Metrics;
 use crate::resources::{self, Instance};
 use crate::scrape;
@@ -178,7 +179,7 @@ pub async fn reconcile(obj: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action
             drive(&ctx, &inst, &mut draft).await
         }
     };
-    count_ended_attempts(&ctx, &ii, &before.unit.attempts, &draft);
+    count_ended_attempts(&ctx, &ii, &before, &draft);
     // Write what was decided even when a later step failed (an ended attempt stays ended).
     let written = status::write(&ctx, &ii, &before, &mut draft).await;
     status::publish_events(&ctx, &ii, &mut draft).await;
@@ -225,8 +226,12 @@ async fn fetch(ctx: &Context, obj: &ImageIndex) -> Result<Option<ImageIndex>, Er
 
 /// Validate: the name and the spec, or the message naming every invalid field.
 fn validate_spec(ii: &ImageIndex) -> Result<ValidSpec, String> {
+    let sharded = !matches!(
+        ii.spec.shards,
+        None | Some(imageindex_crds::shards::ShardCount::Count(1))
+    );
     match (
-        resources::check_name(&ii.name_any()),
+        resources::check_name_for(&ii.name_any(), sharded),
         validate::validate(&ii.spec, Mode::Cluster),
     ) {
         (Ok(()), Ok(valid)) => Ok(valid),
@@ -241,21 +246,37 @@ fn validate_spec(ii: &ImageIndex) -> Result<ValidSpec, String> {
     }
 }
 
-/// Counts the attempts this reconcile ended by outcome and drops their memory samples.
+/// Counts the attempts this reconcile ended by outcome (the whole's and each shard's) and
+/// drops their memory samples.
 fn count_ended_attempts(
     ctx: &Context,
     ii: &ImageIndex,
-    before: &[imageindex_crds::types::Attempt],
+    before: &imageindex_crds::ImageIndexStatus,
     draft: &StatusDraft,
 ) {
-    for (number, outcome) in attempts::ended_since(before, &draft.status.unit.attempts) {
-        ctx.metrics
-            .attempts
-            .with_label_values(&[outcome.as_str()])
-            .inc();
-        ctx.history.forget(&BuildKey {
-            uid: ii.uid().unwrap_or_default(),
-            attempt: number,
-        });
+    let uid = ii.uid().unwrap_or_default();
+    let no_attempts = Vec::new();
+    let shard_before = |shard: u32| {
+        before
+            .shards
+            .iter()
+            .find(|s| s.shard == shard)
+            .map_or(&no_attempts, |s| &s.unit.attempts)
+    };
+    let units = std::iter::once((None, &before.unit.attempts, &draft.status.unit.attempts)).chain(
+        draft
+            .status
+            .shards
+            .iter()
+            .map(|s| (Some(s.shard), shard_before(s.shard), &s.unit.attempts)),
+    );
+    for (shard, was, now) in units {
+        for (number, outcome) in attempts::ended_since(was, now) {
+            ctx.metrics
+                .attempts
+                .with_label_values(&[outcome.as_str()])
+                .inc();
+            ctx.history.forget(&observe::build_key(&uid, shard, number));
+        }
     }
 }

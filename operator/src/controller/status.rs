@@ -68,7 +68,13 @@ pub async fn publish_events(ctx: &Context, ii: &ImageIndex, draft: &mut StatusDr
         } else {
             EventType::Normal
         };
-        let ev = event(type_, &note.reason, note.action, note.message);
+        // The Events recorder folds Events of one reason and action into a series: each
+        // shard's decisions get their own action (`Build/shard-1`) to stay Events of their own.
+        let action = match note.shard {
+            Some(shard) => format!("{}/shard-{shard}", note.action),
+            None => note.action.to_string(),
+        };
+        let ev = event(type_, &note.reason, &action, note.message);
         if let Err(error) = ctx.recorder.publish(&ev, &reference).await {
             warn!(imageindex = %name, reason = %ev.reason, %error, "cannot publish event");
         }
