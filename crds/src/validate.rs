@@ -141,16 +141,6 @@ pub fn validate(spec: &ImageIndexSpec, mode: Mode) -> Result<ValidSpec, Vec<Fiel
                     "required: the local directory holding the images".into(),
                 );
             }
-            // Said plainly rather than silently building one index.
-            if !matches!(
-                spec.shards,
-                None | Some(crate::shards::ShardCount::Count(1))
-            ) {
-                err(
-                    "spec.shards",
-                    "local mode builds one unsharded index; sharding runs in a cluster".into(),
-                );
-            }
         }
     }
 
@@ -330,11 +320,6 @@ mod tests {
         let auto = spec("dataset: {claimName: photos}\nmemoryLimit: 1Gi\nshards: auto\n");
         assert_eq!(auto.shards, Some(crate::shards::ShardCount::Auto));
         assert!(validate(&auto, Mode::Cluster).is_ok());
-        let local = spec("dataset: {path: /data}\nmemoryLimit: 1Gi\nshards: 3\n");
-        assert_eq!(
-            validate(&local, Mode::Local).unwrap_err()[0].field,
-            "spec.shards"
-        );
         for bad in ["shards: 0", "shards: 65", "maxParallelBuilds: 0"] {
             let s = spec(&format!(
                 "dataset: {{claimName: photos}}\nmemoryLimit: 1Gi\n{bad}\n"
