@@ -71,6 +71,10 @@ struct LocalArgs {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Build and serve one shard (`I/N`) of the manifest's dataset (a sharded run starts one
+    /// such run per shard).
+    #[arg(long, hide = true)]
+    shard: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -195,6 +199,7 @@ async fn local(args: LocalArgs) -> i32 {
         scrape_interval: args.scrape_interval,
         stop_grace: args.stop_grace,
         cgroup_root: args.cgroup_root,
+        shard: args.shard,
     };
     match local::run(opts, live, tty).await {
         Ok(ending) => ending.exit_code(),

@@ -6,7 +6,8 @@ use super::*;
 use imageindex_crds::types::Progress;
 
 /// A free loopback port for a build's metrics.
-fn free_port() -> Result<u16, LocalError> {
+/// A free loopback TCP port.
+pub(super) fn free_port() -> Result<u16, LocalError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -70,6 +71,7 @@ impl Runner {
             threads: self.threads,
             metrics_port: free_port()?,
             cgroup: group_name.clone(),
+            shard: self.opts.shard.clone(),
         };
         let log = self.state.attempt_log(number);
         let summary_path = self.state.attempt_summary(number);

@@ -19,6 +19,7 @@ pub mod display;
 pub mod manifest;
 pub mod process;
 mod serve;
+pub mod sharded;
 pub mod state;
 
 use crate::history::{BuildKey, MemoryHistory};
@@ -35,7 +36,7 @@ use imageindex_crds::transitions::StatusDraft;
 use imageindex_crds::types::{AttemptOutcome, IndexPhase, ScanSummary};
 use imageindex_crds::validate;
 use imageindex_crds::{ImageIndex, ImageIndexStatus, Preset, ScanReport};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use manifest::{Manifest, ManifestError};
 use process::{BuildCommand, ExitInfo, ProcessError, Stop};
@@ -73,6 +74,8 @@ pub struct LocalOptions {
     pub stop_grace: Duration,
     /// Where the cgroup hierarchies are mounted.
     pub cgroup_root: PathBuf,
+    /// Scan, build and serve only this shard (`I/N`) of the dataset.
+    pub shard: Option<String>,
 }
 
 /// Why `operator local` could not do its job (as opposed to a build that failed).
@@ -344,6 +347,9 @@ impl Runner {
     /// what is published) or stays Failed: `rebuild::build_start` before the scan, and again
     /// with the dataset's fingerprint once the scan ran.
     async fn drive(&mut self) -> Result<Ending, LocalError> {
+        if let Some(count) = self.shard_count().await? {
+            return sharded::run(self, count).await;
+        }
         let before = self.record.status.clone().unwrap_or_default();
         let plan = match rebuild::build_start(&before, &state::seen(&self.record, None, None)) {
             BuildStart::Begin(reason) => self.new_build(reason, None).await?,
@@ -371,6 +377,37 @@ impl Runner {
         self.build(plan).await
     }
 
+    /// The shards of a sharded ImageIndex (`None`: unsharded, or this run is one shard of
+    /// one). `auto` decides from a scan of the whole dataset, as in the cluster.
+    async fn shard_count(&mut self) -> Result<Option<u32>, LocalError> {
+        use imageindex_crds::shards::{self, ShardCount};
+        if self.opts.shard.is_some() {
+            return Ok(None);
+        }
+        let spec = self.manifest.index.spec.shards;
+        let count = match spec {
+            None | Some(ShardCount::Count(0 | 1)) => return Ok(None),
+            Some(ShardCount::Count(n)) => n,
+            Some(ShardCount::Auto) => {
+                let report = match self.scan().await? {
+                    Ok(r) => r,
+                    Err(_) => return Ok(None),
+                };
+                let (n, why) = shards::count(
+                    spec,
+                    &report.shape,
+                    self.manifest.valid.memory_limit,
+                    self.manifest.valid.storage_bytes,
+                );
+                if let Some(why) = why {
+                    info!("{why}");
+                }
+                n
+            }
+        };
+        Ok((count > 1).then_some(count))
+    }
+
     /// The last build failed and neither the spec, the rebuild token nor the dataset changed:
     /// it would fail the same way, so nothing is built.
     fn stay_failed(&mut self) -> Result<Ending, LocalError> {
@@ -386,7 +423,7 @@ impl Runner {
         }
         let mut stops = self.stops.clone();
         let scanned = tokio::select! {
-            r = process::scan(&self.indexer, &self.manifest.dataset, self.manifest.valid.memory_limit, self.threads) => r,
+            r = process::scan(&self.indexer, &self.manifest.dataset, self.manifest.valid.memory_limit, self.threads, self.opts.shard.as_deref()) => r,
             _ = stops.changed() => return self.interrupted("during the scan").map(Err),
         };
         match scanned {

@@ -191,6 +191,7 @@ pub async fn scan(
     dataset: &Path,
     memory_limit: u64,
     threads: u32,
+    shard: Option<&str>,
 ) -> Result<ScanReport, ProcessError> {
     let mut cmd = Command::new(indexer);
     cmd.arg("scan")
@@ -198,9 +199,11 @@ pub async fn scan(
         .args(["--json", "--log-format", "json", "--memory-limit"])
         .arg(memory_limit.to_string())
         .arg("--threads")
-        .arg(threads.to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .arg(threads.to_string());
+    if let Some(shard) = shard {
+        cmd.args(["--shard", shard]);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     detach_from_terminal_signals(&mut cmd);
     let out = cmd.output().await.map_err(|source| ProcessError::Spawn {
         program: format!("{} scan", indexer.display()),
@@ -239,6 +242,8 @@ pub struct BuildCommand {
     pub metrics_port: u16,
     /// Name of the attempt's cgroup (under `imageindex/`).
     pub cgroup: String,
+    /// The shard to build (`I/N`), if the index is sharded.
+    pub shard: Option<String>,
 }
 
 impl BuildCommand {
@@ -270,6 +275,10 @@ impl BuildCommand {
         ] {
             args.push(flag.into());
             args.push(value.into());
+        }
+        if let Some(shard) = &self.shard {
+            args.push("--shard".into());
+            args.push(shard.into());
         }
         args.push("--json".into());
         args
@@ -332,6 +341,37 @@ impl BuildProcess {
     }
 }
 
+/// Starts `program args…` in its own process group (terminal signals are the parent's to
+/// forward), with stdout and stderr to `log`.
+pub fn spawn_logged(
+    program: &Path,
+    args: &[OsString],
+    log: &Path,
+) -> Result<BuildProcess, ProcessError> {
+    let out = create(log)?;
+    let err = out.try_clone().map_err(|source| ProcessError::File {
+        path: log.to_path_buf(),
+        source,
+    })?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    detach_from_terminal_signals(&mut cmd);
+    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        program: format!(
+            "{} {}",
+            program.display(),
+            // The command: the first argument that is not a flag or its value.
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .find(|a| !a.starts_with('-') && a != "json")
+                .unwrap_or_default()
+        ),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    Ok(BuildProcess { child, pid })
+}
+
 /// Starts `indexer serve INDEX --addr ADDR`, logging to `log`.
 pub fn serve(
     indexer: &Path,
@@ -340,29 +380,18 @@ pub fn serve(
     addr: std::net::SocketAddr,
     log: &Path,
 ) -> Result<BuildProcess, ProcessError> {
-    let out = create(log)?;
-    let err = out.try_clone().map_err(|source| ProcessError::File {
-        path: log.to_path_buf(),
-        source,
-    })?;
-    let mut cmd = Command::new(indexer);
-    cmd.args(["--log-format", "json", "serve"])
-        .arg(index)
-        .arg("--addr")
-        .arg(addr.to_string())
-        .arg("--dataset")
-        .arg(dataset)
-        .arg("--watch")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    detach_from_terminal_signals(&mut cmd);
-    let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
-        program: format!("{} serve", indexer.display()),
-        source,
-    })?;
-    let pid = child.id().unwrap_or(0);
-    Ok(BuildProcess { child, pid })
+    let args: Vec<OsString> = vec![
+        "--log-format".into(),
+        "json".into(),
+        "serve".into(),
+        index.into(),
+        "--addr".into(),
+        addr.to_string().into(),
+        "--dataset".into(),
+        dataset.into(),
+        "--watch".into(),
+    ];
+    spawn_logged(indexer, &args, log)
 }
 
 #[cfg(test)]
@@ -478,6 +507,7 @@ mod tests {
             memory_limit: 80 << 20,
             threads: 2,
             metrics_port: 9100,
+            shard: None,
             cgroup: "cats-build-2-77".into(),
         };
         let line: Vec<String> = cmd
