@@ -168,6 +168,12 @@ pub fn attacked_copies(image: &Path, dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The stem of the catalogue image an attacked copy (`<stem>__<attack>.jpg`) was made from.
+pub fn original_stem(query: &Path) -> String {
+    let stem = query.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    stem.split("__").next().unwrap_or(stem).to_string()
+}
+
 /// Writes `n` large textured photos (sample images upscaled to `width` px wide, with a little
 /// sensor-like noise so every copy is distinct) as JPEGs; returns their paths.
 pub fn make_photos(dir: &Path, n: usize, width: i32) -> Vec<PathBuf> {

@@ -442,3 +442,153 @@ fn sigterm_stops_cleanly_and_a_rerun_resumes() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// (e) `shards: 3`: one child run per shard, each in its own cgroup. The large photos all
+/// hash into shard 1, whose `full` attempt the kernel OOM-kills; only shard 1 restarts, with
+/// a poorer preset, while shards 0 and 2 publish with `full`; the router on `--serve` answers
+/// attacked copies as an unsharded index of the same images does, with coverage 3/3.
+#[test]
+fn three_shards_build_alone_and_one_oom_kill_is_recovered_alone() {
+    if skip_without_cgroups("three_shards_build_alone_and_one_oom_kill_is_recovered_alone") {
+        return;
+    }
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("sharded");
+    std::fs::create_dir_all(&ds).unwrap();
+    // One copy of each sample (copies of one image would split its votes in one index and
+    // not across shards, which is not what this compares).
+    for f in std::fs::read_dir(sample_catalogue()).unwrap().flatten() {
+        std::fs::copy(f.path(), ds.join(f.file_name())).unwrap();
+    }
+    // Six large photos, named so that the path hash puts every one into shard 1.
+    let (mut placed, mut k) = (0, 0);
+    while placed < 6 {
+        let name = format!("zz_photo_{k:04}.jpg");
+        k += 1;
+        if indexer::shard::shard_of(&name, 3) == 1 {
+            std::fs::copy(
+                photos().join(format!("photo_{placed:03}.jpg")),
+                ds.join(&name),
+            )
+            .unwrap();
+            placed += 1;
+        }
+    }
+    let m = manifest(tmp.path(), "e2e-shards", &ds, "full", "70Mi", "2");
+    let text = std::fs::read_to_string(&m).unwrap() + "  shards: 3\n";
+    std::fs::write(&m, text).unwrap();
+    let (state, status) = (tmp.path().join("state"), tmp.path().join("status.json"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut guard = StopOnDrop(Some(
+        local(&m, &state, &status, &["--serve", &addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let op = guard.0.as_mut().unwrap();
+    let s = wait_for(&status, op, Duration::from_secs(600), |s| {
+        s["phase"] == "Ready" && s["endpoint"].is_string()
+    });
+    let to_ready = t0.elapsed();
+    assert_eq!(s["shardsReady"], "3/3", "{s:#}");
+    let shards = s["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3, "{s:#}");
+    let mut starts = Vec::new();
+    for sh in shards {
+        let i = sh["shard"].as_u64().unwrap();
+        let attempts = sh["attempts"].as_array().unwrap();
+        starts.push(attempts[0]["startTime"].as_str().unwrap_or("").to_string());
+        if i == 1 {
+            assert_eq!(attempts.len(), 2, "shard 1: {sh:#}");
+            assert_eq!(
+                (&attempts[0]["preset"], &attempts[0]["outcome"]),
+                (&"full".into(), &"OOMKilled".into()),
+                "{sh:#}"
+            );
+            assert_eq!(attempts[0]["exitCode"], 137, "{sh:#}");
+            assert_ne!(attempts[1]["preset"], "full", "{sh:#}");
+            assert_eq!(attempts[1]["outcome"], "Succeeded", "{sh:#}");
+        } else {
+            assert_eq!(attempts.len(), 1, "shard {i} restarted: {sh:#}");
+            assert_eq!(
+                (&attempts[0]["preset"], &attempts[0]["outcome"]),
+                (&"full".into(), &"Succeeded".into()),
+                "{sh:#}"
+            );
+        }
+    }
+    let images = s["scan"]["images"].as_u64().unwrap();
+    assert_eq!(images, 25 + 6, "{s:#}");
+
+    // The router against an unsharded index of the same images (built without a limit).
+    let whole = tmp.path().join("whole");
+    let o = run(
+        "indexer",
+        &[
+            "build",
+            ds.to_str().unwrap(),
+            "--out",
+            whole.to_str().unwrap(),
+            "--preset",
+            "full",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let endpoint = s["endpoint"].as_str().unwrap().to_string();
+    let queries = tmp.path().join("queries");
+    let mut all = Vec::new();
+    for f in std::fs::read_dir(sample_catalogue())
+        .unwrap()
+        .flatten()
+        .take(10)
+    {
+        all.extend(attacked_copies(&f.path(), &queries));
+    }
+    let (mut same, mut found) = (0, 0);
+    for q in &all {
+        let routed: Value = serde_json::from_str(&post_image(&endpoint, "/v1/search", q)).unwrap();
+        assert_eq!(routed["coverage"]["answered"], 3, "{routed:#}");
+        let out = run(
+            "indexer",
+            &[
+                "search",
+                whole.to_str().unwrap(),
+                q.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        let local = json_of(&out);
+        let stem = original_stem(q);
+        let routed_top = routed["matches"][0]["path"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let local_top = local[0]["matches"][0]["path"]
+            .as_str()
+            .or_else(|| local["matches"][0]["path"].as_str())
+            .unwrap_or("")
+            .to_string();
+        same += usize::from(routed_top == local_top);
+        found += usize::from(routed_top.starts_with(&stem));
+    }
+    let n = all.len();
+    eprintln!(
+        "(e) shards: 3 Ready in {:.1}s (attempts started {starts:?}); router vs unsharded top-1: {same}/{n}; router finds the original: {found}/{n}",
+        to_ready.as_secs_f64()
+    );
+    assert!(same * 100 >= n * 90, "only {same}/{n} answers agree");
+    assert!(found * 100 >= n * 90, "only {found}/{n} found");
+
+    let op = guard.0.take().unwrap();
+    signal(&op, libc::SIGINT);
+    let out = op.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

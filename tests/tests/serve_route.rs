@@ -169,15 +169,7 @@ fn three_shards_answer_as_one_index() {
             .all(|m| m["shard"].is_u64()));
         total += 1;
         same += usize::from(top_path(&a) == top_path(&b));
-        let stem = q
-            .file_stem()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .split("__")
-            .next()
-            .unwrap()
-            .to_string();
+        let stem = original_stem(q);
         found += usize::from(top_path(&b).is_some_and(|p| p.starts_with(&stem)));
     }
     let agreement = same as f64 / total as f64;
