@@ -51,8 +51,13 @@ pub struct ShardsRow {
     pub queries: usize,
     /// Recall@1.
     pub recall1: f64,
-    /// Top answers equal to the unsharded index's (same path, or both empty).
+    /// Attack queries whose top answer equals the unsharded index's (same path, or both
+    /// empty).
     pub same_top1: f64,
+    /// Of those that differ, how many this layout answered right and the unsharded wrong.
+    pub better: usize,
+    /// … and how many the unsharded answered right and this layout wrong.
+    pub worse: usize,
     /// Client latency p50 / p95 (ms).
     pub p50_ms: f64,
     /// Client latency p95 (ms).
@@ -169,7 +174,7 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
         .timeout(Duration::from_secs(60))
         .build()?;
     let mut rows = Vec::new();
-    let mut reference: Option<Vec<Option<String>>> = None;
+    let mut reference: Option<(Vec<Option<String>>, Vec<Option<bool>>)> = None;
     let mut port = b.base_port;
     for &count in &b.shards {
         let (built, build_s) = build_all(b, count)?;
@@ -224,6 +229,7 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
             ..Default::default()
         };
         let (mut lat, mut overhead, mut tops) = (Vec::new(), Vec::new(), Vec::new());
+        let mut right = Vec::new();
         let (mut hits, mut n) = (0usize, 0usize);
         for q in &queries {
             let bytes = std::fs::read(q)?;
@@ -236,6 +242,7 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             if !resp.status().is_success() {
                 tops.push(None);
+                right.push(None);
                 continue;
             }
             let r: SearchResponse = resp.json()?;
@@ -249,9 +256,14 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
                 overhead.push(t.total_ms - slowest - t.queue_ms - t.decode_ms - t.extract_ms);
             }
             let top = r.matches.first().map(|m| m.path.clone());
-            if let Some(stem) = attacks::expected_stem(q) {
-                n += 1;
-                hits += usize::from(top.as_deref().is_some_and(|p| stem_of(p) == stem));
+            match attacks::expected_stem(q) {
+                Some(stem) => {
+                    n += 1;
+                    let hit = top.as_deref().is_some_and(|p| stem_of(p) == stem);
+                    hits += usize::from(hit);
+                    right.push(Some(hit));
+                }
+                None => right.push(None),
             }
             tops.push(top);
         }
@@ -261,14 +273,22 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
         row.p50_ms = percentile(&lat, 50.0);
         row.p95_ms = percentile(&lat, 95.0);
         row.router_overhead_ms = mean(&overhead);
-        row.same_top1 = match &reference {
-            None => 1.0,
-            Some(r) => {
-                r.iter().zip(&tops).filter(|(a, b)| a == b).count() as f64 / r.len().max(1) as f64
+        if let Some((ref_tops, ref_right)) = &reference {
+            let labelled: Vec<usize> = (0..tops.len()).filter(|&i| right[i].is_some()).collect();
+            let same = labelled.iter().filter(|&&i| ref_tops[i] == tops[i]).count();
+            row.same_top1 = same as f64 / labelled.len().max(1) as f64;
+            for &i in &labelled {
+                if ref_tops[i] != tops[i] {
+                    match (ref_right[i], right[i]) {
+                        (Some(false), Some(true)) => row.better += 1,
+                        (Some(true), Some(false)) => row.worse += 1,
+                        _ => {}
+                    }
+                }
             }
-        };
-        if reference.is_none() {
-            reference = Some(tops);
+        } else {
+            row.same_top1 = 1.0;
+            reference = Some((tops, right));
         }
         rows.push(row);
     }
@@ -282,34 +302,30 @@ impl std::fmt::Display for ShardsTable<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         writeln!(
             f,
-            "{:>6} {:>9} {:>22} {:>16} {:>8} {:>9} {:>8} {:>8} {:>10} {:>7}",
+            "{:>6} {:>9} {:>22} {:>16} {:>8} {:>15} {:>8} {:>8} {:>10} {:>7}",
             "shards",
             "build s",
             "peak WS per shard MiB",
             "images per shard",
             "recall@1",
-            "same top1",
+            "same top1 (+/-)",
             "p50 ms",
             "p95 ms",
             "router ms",
             "partial"
         )?;
         for r in self.0 {
-            let peaks: Vec<String> = r
-                .peak_working_set
-                .iter()
-                .map(|p| format!("{:.0}", mib(*p)))
-                .collect();
+            let peaks: Vec<String> = r.peak_working_set.iter().map(|p| mib(*p)).collect();
             let images: Vec<String> = r.images.iter().map(u64::to_string).collect();
             writeln!(
                 f,
-                "{:>6} {:>9.1} {:>22} {:>16} {:>8.3} {:>9.3} {:>8.1} {:>8.1} {:>10} {:>7}",
+                "{:>6} {:>9.1} {:>22} {:>16} {:>8.3} {:>15} {:>8.1} {:>8.1} {:>10} {:>7}",
                 r.shards,
                 r.build_s,
                 peaks.join("/"),
                 images.join("/"),
                 r.recall1,
-                r.same_top1,
+                format!("{:.3} (+{}/-{})", r.same_top1, r.better, r.worse),
                 r.p50_ms,
                 r.p95_ms,
                 if r.shards > 1 {
