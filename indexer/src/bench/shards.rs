@@ -69,6 +69,9 @@ pub struct ShardsRow {
     pub partial: usize,
 }
 
+/// A query's top answer (its path), if any.
+type Top = Option<String>;
+
 /// A process killed when dropped.
 struct Service(Child);
 
@@ -174,7 +177,7 @@ pub fn run(b: &ShardsBench) -> anyhow::Result<Vec<ShardsRow>> {
         .timeout(Duration::from_secs(60))
         .build()?;
     let mut rows = Vec::new();
-    let mut reference: Option<(Vec<Option<String>>, Vec<Option<bool>>)> = None;
+    let mut reference: Option<(Vec<Top>, Vec<Option<bool>>)> = None;
     let mut port = b.base_port;
     for &count in &b.shards {
         let (built, build_s) = build_all(b, count)?;
