@@ -35,7 +35,16 @@
 //!    without error;
 //! 5. adopt: the operator's pod is deleted mid-build (the build is slowed by a CPU limit); the
 //!    Deployment's replacement adopts the running build pod, which finishes;
-//! 6. delete: deleting the ImageIndex removes every object it owned (garbage collection) and
+//! 6. sharded: `shards: 3`, `preset: full` under 62Mi over small images and, in one shard
+//!    only, 4000 px photos: three build pods at once, Ready with `shardsReady` 3/3 (that
+//!    shard's OOM kill and lone retry with a poorer preset are asserted when they happen; on
+//!    this machine no limit gets them, see the KNOWN GAP in `sharded`); the router (the
+//!    Service's endpoint and ClusterIP) answers attacked copies as an unsharded index built
+//!    on the host does (agreement and recall@1 >= 0.98, coverage 3/3); a shard's query pod
+//!    deleted: answers within the router's deadline with coverage 2/3 and a `partial`
+//!    warning, Degraded/ShardUnavailable, then 3/3 and AllShardsServing; deleting it removes
+//!    every object it owned;
+//! 7. delete: deleting the ImageIndex removes every object it owned (garbage collection) and
 //!    every container, cgroup and volume directory of its pods.
 //!
 //! Then the cluster is torn down and nothing may be left on the machine (processes, mounts,
@@ -94,6 +103,33 @@ const OOM_CPU: &str = "100m";
 /// Small photos that come first in scenario 2's dataset (the first attempt builds them before
 /// the first large photo gets it killed).
 const SMALL_PHOTOS: usize = 10;
+/// Scenario 6's shard that holds the large photos (`indexer::shard::shard_of` of their
+/// names), and how many (of the fixture's 4000 px photos) it holds.
+const LARGE_SHARD: u32 = 2;
+const SHARDED_LARGE: usize = 3;
+/// Which of the fixture's photos (`photo_<i>.jpg`) those are: the landscape ones (4000 x
+/// 2660..3156). The operator sizes every shard by the whole dataset's largest image (the
+/// scan's shape), and for the square and portrait photos (4000 x 4000, 4000 x 4800) even the
+/// poorest preset's floor is above the limit, so no shard would start at all.
+const SHARDED_LARGE_PHOTOS: [usize; SHARDED_LARGE] = [0, 1, 2];
+/// Scenario 6's build CPU: three build pods must fit the node at once beside the other
+/// scenarios' query pods (the shard query pods and the router take QUERY_CPU each, once the
+/// builds are done), and live long enough to overlap.
+const SHARD_BUILD_CPU: &str = "50m";
+/// Scenario 6's memory limit: the smallest the operator accepts for a shard of the 4000 x
+/// 4000 photos (its floor for the poorest preset); `full` peaked at 56 MiB there, so it is not
+/// OOM-killed (see the KNOWN GAP in `sharded`).
+const SHARD_LIMIT: &str = "62Mi";
+/// Catalogue images whose attacked copies query scenario 6's router: none of the sources of
+/// the large photos (a query of those has two near-equal answers in two shards, the copy and
+/// its 4000 px upscale, and which ranks first is a coin toss: measured 24/25 agreement with
+/// the astronaut's crop going either way).
+const SHARDED_QUERIES: &[&str] = &[
+    "greek_coins.jpg",
+    "rocket_launch_pad.jpg",
+    "coffee_cup_product_on_white.jpg",
+    "hubble_deep_field_top.jpg",
+];
 
 struct Fixture {
     cluster: TestCluster,
@@ -1385,7 +1421,480 @@ fn adopt(f: &Fixture) -> Vec<String> {
     )]
 }
 
-/// Scenario 6: deleting the ImageIndex removes every object it owned, and the kubelet every
+/// Scenario 6: a sharded ImageIndex (`shards: 3`, `preset: full`) through the chart's
+/// operator: three build pods at once, the shard holding the large photos OOM-killed by the
+/// kernel and retried alone with a poorer preset, the router answering as an unsharded index,
+/// a shard's query pod lost and replaced (coverage 2/3, Degraded/ShardUnavailable, then 3/3
+/// and AllShardsServing), and everything owned gone with the ImageIndex.
+fn sharded(f: &Fixture) -> Vec<String> {
+    use indexer::shard::shard_of;
+    let (ns, name) = ("e2e-sharded", "sharded");
+    // The dataset: SHARDED_LARGE 4000 px photos named so that they all land in shard
+    // LARGE_SHARD, and a copy of every catalogue image named so that it lands in another.
+    let dir = f._data.path().join("sharded-claim");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut large = Vec::new();
+    for k in 0.. {
+        if large.len() == SHARDED_LARGE {
+            break;
+        }
+        let n = format!("large_{k:03}.jpg");
+        if shard_of(&n, 3) == LARGE_SHARD {
+            let photo = format!("photo_{:03}.jpg", SHARDED_LARGE_PHOTOS[large.len()]);
+            std::fs::hard_link(f.photos.join(&photo), dir.join(&n)).unwrap();
+            large.push((n, photo));
+        }
+    }
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(sample_catalogue())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    sources.sort();
+    // catalogue file name -> its copy in the dataset
+    let mut copies = BTreeMap::new();
+    let mut per_shard = [0usize; 3];
+    for src in &sources {
+        let file = src.file_name().unwrap().to_string_lossy().into_owned();
+        let (stem, ext) = file.rsplit_once('.').unwrap();
+        let copy = (0..)
+            .map(|j| format!("{stem}_c{j}.{ext}"))
+            .find(|c| shard_of(c, 3) != LARGE_SHARD)
+            .unwrap();
+        per_shard[shard_of(&copy, 3) as usize] += 1;
+        std::fs::copy(src, dir.join(&copy)).unwrap();
+        copies.insert(file, copy);
+    }
+    per_shard[LARGE_SHARD as usize] = large.len();
+    assert!(per_shard.iter().all(|n| *n > 0), "{per_shard:?}");
+    // make_photos draws photo i from the sorted sample JPEGs in turn: a query made from one
+    // of those may find the large photo made from it as well as the catalogue copy.
+    let jpegs: Vec<String> = sources
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let large_from = |src: &str| -> Vec<String> {
+        large
+            .iter()
+            .filter(|(_, photo)| {
+                let i: usize = photo[6..9].parse().unwrap();
+                jpegs[i % jpegs.len()] == src
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    // Queries: attacked copies of catalogue images, and a downscaled large photo; each with
+    // the dataset files that are right answers.
+    let qdir = f._data.path().join("sharded-queries");
+    let mut queries: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    for src in SHARDED_QUERIES {
+        let mut want = vec![copies[*src].clone()];
+        want.extend(large_from(src));
+        for q in attacked_copies(&sample_catalogue().join(src), &qdir) {
+            queries.push((q, want.clone()));
+        }
+    }
+    let (big_name, big_photo) = &large[1];
+    let big_query = qdir.join("large_downscaled.jpg");
+    downscaled(&f.photos.join(big_photo), &big_query, 1200);
+    let i: usize = big_photo[6..9].parse().unwrap();
+    let mut want = vec![big_name.clone(), copies[&jpegs[i % jpegs.len()]].clone()];
+    want.extend(large_from(&jpegs[i % jpegs.len()]));
+    queries.push((big_query, want));
+
+    // The unsharded index of the same dataset, built on the host (no limit).
+    let local = f._data.path().join("sharded-local-index");
+    let t = Instant::now();
+    stdout_of_success(
+        &run(
+            "indexer",
+            &[
+                "build",
+                dir.to_str().unwrap(),
+                "--out",
+                local.to_str().unwrap(),
+                "--preset",
+                "full",
+            ],
+        ),
+        "indexer build (unsharded, local)",
+    );
+    let local_build = t.elapsed();
+    let mut args = vec!["search", local.to_str().unwrap(), "--json", "-k", "5"];
+    let paths: Vec<&str> = queries.iter().map(|(q, _)| q.to_str().unwrap()).collect();
+    args.extend(&paths);
+    let unsharded = json_of(&run("indexer", &args));
+    let unsharded = unsharded.as_array().unwrap().clone();
+    assert_eq!(unsharded.len(), queries.len());
+
+    dataset_namespace(&f.cluster, ns, &dir);
+    let t = Instant::now();
+    f.cluster.apply(&format!(
+        "apiVersion: imagematch.dev/v1alpha1
+kind: ImageIndex
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  dataset:
+    claimName: photos
+    path: /
+  shards: 3
+  preset: full
+  memoryLimit: {SHARD_LIMIT}
+  cpu: \"{SHARD_BUILD_CPU}\"
+  storage:
+    size: 1Gi
+  query:
+    replicas: 1
+    cpu: {QUERY_CPU}
+  maxAttempts: 6
+"
+    ));
+    let ii = f.wait_ready(ns, name, Duration::from_secs(300));
+    let ready_after = t.elapsed();
+    let st = &ii["status"];
+    assert_eq!(st["shardsReady"], "3/3", "{st:#}");
+    let shards = st["shards"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shards.len(), 3, "{st:#}");
+    let mut notes = vec![format!(
+        "dataset: {} small images in shards {}/{} ({} and {}), {} photos of 4000 px in shard {LARGE_SHARD}; \
+         Ready {:.1} s after kubectl apply, shardsReady {}",
+        copies.len(),
+        (LARGE_SHARD + 1) % 3,
+        (LARGE_SHARD + 2) % 3,
+        per_shard[((LARGE_SHARD + 1) % 3) as usize],
+        per_shard[((LARGE_SHARD + 2) % 3) as usize],
+        large.len(),
+        ready_after.as_secs_f64(),
+        st["shardsReady"]
+    )];
+    // Each shard's attempts: the large one OOMKilled with full then a poorer preset, the
+    // others one full build.
+    let mut first_pods = Vec::new();
+    // KNOWN GAP (measured on the real node): the operator sizes every shard by the whole
+    // dataset's largest image, and its floor for the poorest preset (62Mi for 4000 x 4000,
+    // 56Mi for 4000 x 3156) is above what `full` really peaks at on those photos (56Mi and
+    // 48Mi), so no limit both lets the shards start and gets `full` OOM-killed: the OOM retry
+    // of one shard is asserted when it happens and otherwise reported as not shown.
+    let mut oom_shown = false;
+    for s in &shards {
+        let i = s["shard"].as_u64().unwrap() as u32;
+        let attempts = s["attempts"].as_array().cloned().unwrap_or_default();
+        assert!(!attempts.is_empty(), "{s:#}");
+        assert_eq!(attempts[0]["preset"], "full", "shard {i}: {s:#}");
+        let last = attempts.last().unwrap();
+        assert_eq!(last["outcome"], "Succeeded", "shard {i}: {s:#}");
+        if i == LARGE_SHARD && attempts[0]["outcome"] == "OOMKilled" {
+            oom_shown = true;
+            assert!(attempts.len() >= 2, "shard {i}: {s:#}");
+            assert_ne!(last["preset"], "full", "shard {i}: {s:#}");
+        } else {
+            assert_eq!(attempts.len(), 1, "shard {i}: {s:#}");
+        }
+        for a in &attempts {
+            let pod_name = a["pod"].as_str().unwrap_or("");
+            assert!(
+                pod_name.starts_with(&format!("{name}-s{i}-build-")),
+                "{pod_name}"
+            );
+            let pod = f
+                .cluster
+                .kubectl_json_opt(&["get", "pod", pod_name, "-n", ns])
+                .unwrap_or_default();
+            let term = container_status(&pod)["state"]["terminated"].clone();
+            notes.push(format!(
+                "shard {i} attempt {} preset {:<7} {:<10} pod {pod_name}: container {} .. {} ({:.1} s status.attempts) {} exit {}; peak working set {}",
+                a["number"],
+                a["preset"].as_str().unwrap_or(""),
+                a["outcome"].as_str().unwrap_or(""),
+                term["startedAt"].as_str().unwrap_or("-"),
+                term["finishedAt"].as_str().unwrap_or("-"),
+                seconds_between(&a["startTime"], &a["endTime"]).unwrap_or(f64::NAN),
+                term["reason"].as_str().unwrap_or("-"),
+                term["exitCode"],
+                mib(&a["peakWorkingSet"]),
+            ));
+            if a == &attempts[0] {
+                assert_eq!(
+                    pod["metadata"]["labels"]["imagematch.dev/shard"],
+                    i.to_string(),
+                    "{pod:#}"
+                );
+                if i == LARGE_SHARD && oom_shown {
+                    assert_eq!(
+                        (term["reason"].as_str(), term["exitCode"].as_i64()),
+                        (Some("OOMKilled"), Some(137)),
+                        "{pod:#}"
+                    );
+                } else {
+                    assert_eq!(
+                        (term["reason"].as_str(), term["exitCode"].as_i64()),
+                        (Some("Completed"), Some(0)),
+                        "{pod:#}"
+                    );
+                }
+                first_pods.push((i, term));
+            }
+        }
+    }
+    if !oom_shown {
+        notes.push(format!(
+            "NOT SHOWN: shard {LARGE_SHARD}'s full build was not OOM-killed under {SHARD_LIMIT} (see the KNOWN GAP in the source)"
+        ));
+    }
+    // The three first build pods ran at the same time: each started before any ended (the
+    // kubelet's container times, whole seconds).
+    let latest_start = first_pods
+        .iter()
+        .filter_map(|(_, t)| t["startedAt"].as_str())
+        .max()
+        .unwrap_or("")
+        .to_string();
+    let earliest_end = first_pods
+        .iter()
+        .filter_map(|(_, t)| t["finishedAt"].as_str())
+        .min()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        first_pods.len() == 3 && !latest_start.is_empty() && latest_start <= earliest_end,
+        "the three first build pods did not run at once: {first_pods:#?}"
+    );
+    notes.push(format!(
+        "the three first build pods ran at once: the last started {latest_start}, the first ended {earliest_end}"
+    ));
+    // Queries through the router: the Service's endpoint and its ClusterIP.
+    let addr = f.query_address(ns, name);
+    let svc = f
+        .cluster
+        .kubectl_json(&["get", "service", &format!("{name}-query"), "-n", ns]);
+    let cluster_ip: std::net::IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let via_proxy = std::net::SocketAddr::new(cluster_ip, 8080);
+    wait_for(
+        &format!("the router's ClusterIP {via_proxy} (kube-proxy)"),
+        Duration::from_secs(30),
+        || get_json(via_proxy, "/v1/index").ok(),
+        || f.cluster.node().log_tail("kube-proxy", 20),
+    );
+    let file_of = |p: &str| p.rsplit('/').next().unwrap_or("").to_string();
+    let (mut agree, mut correct) = (0, 0);
+    let mut disagreements = Vec::new();
+    let queried = Instant::now();
+    for (i, ((q, want), local)) in queries.iter().zip(&unsharded).enumerate() {
+        let to = if i % 2 == 0 { addr } else { via_proxy };
+        let (status, answer) = search(to, &std::fs::read(q).unwrap()).unwrap();
+        assert_eq!(status, 200, "{}: {answer}", q.display());
+        assert_eq!(
+            (
+                answer["coverage"]["asked"].as_u64(),
+                answer["coverage"]["answered"].as_u64()
+            ),
+            (Some(3), Some(3)),
+            "{}: {answer}",
+            q.display()
+        );
+        let top = file_of(&top_path(&answer));
+        let local_top = file_of(&top_path(local));
+        if top == local_top {
+            agree += 1;
+        } else {
+            disagreements.push(format!(
+                "{}: router {top}, unsharded {local_top}",
+                q.display()
+            ));
+        }
+        if want.contains(&top) {
+            correct += 1;
+        }
+    }
+    let n = queries.len() as f64;
+    let (agreement, recall) = (agree as f64 / n, correct as f64 / n);
+    notes.push(format!(
+        "{} queries ({} attacked copies, 1 downscaled large photo) through the router ({addr} endpoint, \
+         {via_proxy} ClusterIP) in {:.1} s, coverage 3/3 each: top-1 agreement with the unsharded \
+         index built on the host ({:.1} s) {agree}/{} = {agreement:.3}, recall@1 {correct}/{} = {recall:.3}{}",
+        queries.len(),
+        queries.len() - 1,
+        queried.elapsed().as_secs_f64(),
+        local_build.as_secs_f64(),
+        queries.len(),
+        queries.len(),
+        if disagreements.is_empty() {
+            String::new()
+        } else {
+            format!("; disagreements: {}", disagreements.join("; "))
+        }
+    ));
+    assert!(
+        agreement >= 0.98,
+        "agreement {agreement}: {disagreements:?}"
+    );
+    assert!(recall >= 0.98, "recall@1 {recall}");
+
+    // A shard's query pod is lost: the router answers without it (2/3, partial) within its
+    // deadline, the ImageIndex is Degraded/ShardUnavailable until the replacement is ready.
+    let degraded = |ii: &Value| -> (String, String) {
+        let c = ii["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded").cloned())
+            .unwrap_or_default();
+        (
+            c["status"].as_str().unwrap_or("").to_string(),
+            c["reason"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let probe = std::fs::read(&queries[0].0).unwrap();
+    let down_shard = (LARGE_SHARD + 1) % 3;
+    let selector = format!("imagematch.dev/shard={down_shard},{COMPONENT}=shard,{INSTANCE}={name}");
+    let old_pod = f
+        .cluster
+        .kubectl_json(&["get", "pods", "-n", ns, "-l", &selector])["items"][0]["metadata"]["uid"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let t = Instant::now();
+    f.cluster
+        .kubectl(&["delete", "pod", "-n", ns, "-l", &selector, "--wait=false"]);
+    // Poll queries and the status until coverage is back to 3/3 and Degraded cleared.
+    let mut partial_at: Option<(f64, u128)> = None;
+    let mut slowest_partial_ms = 0u128;
+    let mut partial_answers = 0;
+    let mut degraded_at: Option<f64> = None;
+    let mut held = false;
+    let mut hold_used = false;
+    let back_at = loop {
+        let elapsed = t.elapsed().as_secs_f64();
+        assert!(
+            elapsed < 180.0,
+            "coverage and Degraded did not recover within 180 s: {:#}",
+            f.imgidx(ns, name)["status"]
+        );
+        let sent = Instant::now();
+        let (status, answer) = search(addr, &probe).unwrap();
+        let ms = sent.elapsed().as_millis();
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            ms < 3000,
+            "answered in {ms} ms, past the router's 2 s deadline: {answer}"
+        );
+        let answered = answer["coverage"]["answered"].as_u64().unwrap_or(0);
+        if answered == 2 {
+            assert!(
+                answer["warnings"]
+                    .as_array()
+                    .is_some_and(|w| w.iter().any(|w| w["code"] == "partial")),
+                "{answer}"
+            );
+            partial_answers += 1;
+            slowest_partial_ms = slowest_partial_ms.max(ms);
+            partial_at.get_or_insert((elapsed, ms));
+        } else {
+            assert_eq!(answered, 3, "{answer}");
+        }
+        let ii = f.imgidx(ns, name);
+        let (d, reason) = degraded(&ii);
+        if d == "True" && reason == "ShardUnavailable" {
+            degraded_at.get_or_insert(elapsed);
+        }
+        if (degraded_at.is_none() || partial_at.is_none()) && elapsed > 20.0 && !hold_used {
+            // The replacement came up before both were seen: hold the shard down with a
+            // node selector nothing matches (the operator's server-side apply leaves a field
+            // it does not set alone; the Deployment is Recreate, so its pod goes and its
+            // replacement stays Pending).
+            held = true;
+            hold_used = true;
+            f.cluster.kubectl(&[
+                "patch", "deployment", &format!("{name}-shard-{down_shard}"), "-n", ns,
+                "--type", "merge", "-p",
+                r#"{"spec":{"template":{"spec":{"nodeSelector":{"e2e.imagematch.dev/hold":"down"}}}}}"#,
+            ]);
+        }
+        if held && degraded_at.is_some() && partial_at.is_some() {
+            held = false;
+            f.cluster.kubectl(&[
+                "patch", "deployment", &format!("{name}-shard-{down_shard}"), "-n", ns,
+                "--type", "json", "-p",
+                r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/e2e.imagematch.dev~1hold"}]"#,
+            ]);
+        }
+        if !held && degraded_at.is_some() && partial_at.is_some() && answered == 3 && d == "False" {
+            assert_eq!(reason, "AllShardsServing", "{:#}", ii["status"]);
+            assert_eq!(ii["status"]["shardsReady"], "3/3", "{:#}", ii["status"]);
+            break elapsed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pods = f
+        .cluster
+        .kubectl_json(&["get", "pods", "-n", ns, "-l", &selector])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        pods.iter().any(|p| p["metadata"]["uid"] != old_pod.as_str()
+            && p["metadata"]["deletionTimestamp"].is_null()),
+        "no replacement shard pod: {pods:#?}"
+    );
+    let events = f.cluster.kubectl_json(&["get", "events", "-n", ns]);
+    let shard_events: Vec<String> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["involvedObject"]["kind"] == "ImageIndex")
+        .filter_map(|e| e["reason"].as_str())
+        .filter(|r| *r == "ShardUnavailable" || *r == "AllShardsServing")
+        .map(String::from)
+        .collect();
+    let (partial_after, first_ms) = partial_at.unwrap();
+    notes.push(format!(
+        "shard {down_shard}'s query pod deleted{}: first 2/3 answer (partial warning) {partial_after:.1} s later in {first_ms} ms, \
+         {partial_answers} partial answers, slowest {slowest_partial_ms} ms (router deadline 2 s); Degraded/ShardUnavailable seen \
+         after {:.1} s; coverage 3/3 and Degraded False/AllShardsServing after {:.1} s; events: {}",
+        if hold_used {
+            " (its replacement held Pending by a node selector until both were seen)"
+        } else {
+            ""
+        },
+        degraded_at.unwrap(),
+        back_at,
+        shard_events.join(", ")
+    ));
+
+    // Deleting the ImageIndex removes every object it owned.
+    let owned = format!("{INSTANCE}={name}");
+    let t = Instant::now();
+    f.cluster
+        .kubectl(&["delete", "imgidx", name, "-n", ns, "--wait=false"]);
+    wait_for(
+        "every object the sharded ImageIndex owned to be gone",
+        Duration::from_secs(120),
+        || {
+            let left = f.cluster.kubectl(&[
+                "get",
+                "imgidx,pods,deployments,replicasets,services,endpoints,pvc",
+                "-n",
+                ns,
+                "-l",
+                &owned,
+                "-o",
+                "name",
+            ]);
+            let claims = f.cluster.kubectl(&["get", "pvc", "-n", ns, "-o", "name"]);
+            (left.trim().is_empty() && claims.trim() == "persistentvolumeclaim/photos")
+                .then_some(())
+        },
+        || f.cluster.kubectl(&["get", "all,pvc", "-n", ns]),
+    );
+    notes.push(format!(
+        "all owned objects (build pods, 3 shard Deployments and Services, the router, 3 claims) gone {:.1} s after kubectl delete",
+        t.elapsed().as_secs_f64()
+    ));
+    notes
+}
+
+/// Scenario 7: deleting the ImageIndex removes every object it owned, and the kubelet every
 /// container and cgroup of its pods.
 fn delete(f: &Fixture) -> Vec<String> {
     let (ns, name) = ("e2e-serve", "catalogue");
@@ -1536,16 +2045,24 @@ fn scenarios_on_a_real_node_with_the_projects_images() {
     let f = Fixture::start();
     let setup = t0.elapsed();
     type Scenario = fn(&Fixture) -> Vec<String>;
-    let scenarios: [(&'static str, &[&str], Scenario); 6] = [
+    let scenarios: [(&'static str, &[&str], Scenario); 7] = [
         ("1 serve", &["e2e-serve"], serve),
         ("2 oom", &["e2e-oom"], oom),
         ("3 floor", &["e2e-floor"], floor),
         ("4 rebuild", &["e2e-serve"], rebuild),
         ("5 adopt", &["e2e-adopt", OPERATOR_NS], adopt),
-        ("6 delete", &["e2e-serve"], delete),
+        ("6 sharded", &["e2e-sharded"], sharded),
+        ("7 delete", &["e2e-serve"], delete),
     ];
+    // IMAGEINDEX_E2E_ONLY=WORD runs only the scenarios whose name contains WORD (to iterate
+    // on one; CI runs them all).
+    let only = std::env::var("IMAGEINDEX_E2E_ONLY").ok();
     let mut outcomes = Vec::new();
     for (name, namespaces, scenario) in scenarios {
+        if only.as_ref().is_some_and(|w| !name.contains(w.as_str())) {
+            eprintln!("--- scenario {name}: skipped (IMAGEINDEX_E2E_ONLY)");
+            continue;
+        }
         eprintln!("--- scenario {name}");
         let t = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&f)));
