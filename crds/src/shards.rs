@@ -4,8 +4,8 @@
 //! Images go to shards by a stable hash of their path (the indexer's `--shard I/N`), so each
 //! shard holds about `images / N`. The per-shard decisions (first preset, ladder, memory and
 //! disk estimates) see the dataset as [`shard_scan`] describes it: the whole's images and bytes
-//! over `N`, plus [`IMBALANCE_PERCENT`] for the hash's imbalance, with the whole's largest image
-//! (any shard may hold it).
+//! over `N`, plus [`IMBALANCE_PERCENT`] for the hash's imbalance, and the shard's own largest
+//! image, from the scan's list of its largest images and their path keys ([`shard_largest`]).
 //!
 //! # Per-pod limits (what `auto` sizes a shard to)
 //!
@@ -26,6 +26,7 @@
 
 use crate::estimate::{self, DatasetShape};
 use crate::first_preset::auto_preset;
+use crate::scan::{LargeImage, LARGEST_KEPT};
 use crate::types::ScanSummary;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -134,13 +135,72 @@ pub fn shard_shape(shape: &DatasetShape, n: u32) -> DatasetShape {
     }
 }
 
-/// The scan as one of `n` shards sees it ([`shard_shape`]; fingerprint and numbering kept).
-pub fn shard_scan(scan: &ScanSummary, n: u32) -> ScanSummary {
+/// The scan as shard `shard` of `n` sees it: [`shard_shape`]'s share of images and bytes,
+/// and the shard's own largest image when the scan's list tells it ([`shard_largest`]), so
+/// that one large image decides only its own shard's preset and floor (any shard: the
+/// whole's largest; fingerprint and numbering kept).
+pub fn shard_scan(scan: &ScanSummary, n: u32, shard: Option<u32>) -> ScanSummary {
     let shape = shard_shape(&scan.shape(), n);
-    ScanSummary {
+    let mut part = ScanSummary {
         images: shape.images,
         bytes: shape.bytes,
         ..scan.clone()
+    };
+    if let Some(shard) = shard.filter(|_| n > 1) {
+        if let Some(l) = shard_largest(&scan.largest, n, shard) {
+            part.max_width = l.width;
+            part.max_height = l.height;
+            part.max_is_jpeg = l.jpeg;
+        }
+    }
+    part
+}
+
+/// The 64-bit key of an image's path inside the dataset (`/`-separated): the first 8 bytes
+/// of its blake3 digest. The shard of an image is [`shard_of_key`] of this key.
+pub fn shard_key(path: &str) -> u64 {
+    let digest = blake3::hash(path.as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_le_bytes(key)
+}
+
+/// The shard (0-based, below `count`) of the image at `path` relative to the dataset root.
+pub fn shard_of(path: &str, count: u32) -> u32 {
+    shard_of_key(shard_key(path), count)
+}
+
+/// The shard (0-based, below `count`) of a path's [`shard_key`].
+pub fn shard_of_key(key: u64, count: u32) -> u32 {
+    jump(key, count.max(1))
+}
+
+/// Jump consistent hash (Lamping & Veach, 2014): a bucket in `0..buckets` for `key`, such
+/// that going from n to n + 1 buckets moves only the keys that land in the new bucket.
+fn jump(mut key: u64, buckets: u32) -> u32 {
+    let (mut b, mut j): (i64, i64) = (-1, 0);
+    while j < buckets as i64 {
+        b = j;
+        key = key.wrapping_mul(2862933555777941757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b as u32
+}
+
+/// The largest image one shard of `n` holds, as far as the scan's `largest` list (largest
+/// first, [`LARGEST_KEPT`] at most) tells: the first listed image of the shard; when none is
+/// and the list was cut, the smallest listed (every image it left out is smaller); when the
+/// list holds every sampled image and none is the shard's, nothing (the shard's images
+/// were not sampled: the caller keeps the whole's largest).
+pub fn shard_largest(largest: &[LargeImage], n: u32, shard: u32) -> Option<&LargeImage> {
+    let in_shard = largest.iter().find(|l| {
+        // An unreadable key could be any shard's: count it in.
+        l.shard_key().is_none_or(|k| shard_of_key(k, n) == shard)
+    });
+    match in_shard {
+        Some(l) => Some(l),
+        None if largest.len() >= LARGEST_KEPT => largest.last(),
+        None => None,
     }
 }
 
@@ -275,9 +335,85 @@ mod tests {
             fingerprint: "f".into(),
             ..ScanSummary::default()
         };
-        let s = shard_scan(&scan, 2);
+        let s = shard_scan(&scan, 2, Some(1));
         assert_eq!((s.images, s.first_attempt), (550, Some(4)));
         assert_eq!(s.fingerprint, "f");
+    }
+
+    /// `n` paths that land in `shard` of `count`.
+    fn paths_in(shard: u32, count: u32, n: usize) -> Vec<String> {
+        (0..)
+            .map(|i| format!("photos/p{i}.jpg"))
+            .filter(|p| shard_of(p, count) == shard)
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn keys_in_the_scan_give_the_shard_of_the_path() {
+        for i in 0..200 {
+            let path = format!("a/b/{i}.jpg");
+            let l = LargeImage::new(&path, 10, 10, true);
+            assert_eq!(l.key.len(), 16);
+            for n in [2, 3, 7, 64] {
+                assert_eq!(shard_of_key(l.shard_key().unwrap(), n), shard_of(&path, n));
+            }
+        }
+        let bad = LargeImage {
+            key: "xyz".into(),
+            ..LargeImage::new("a", 1, 1, false)
+        };
+        assert_eq!(bad.shard_key(), None);
+    }
+
+    #[test]
+    fn each_shard_is_sized_by_its_own_largest_image() {
+        let big = &paths_in(2, 3, 1)[0];
+        let mids = paths_in(1, 3, 2);
+        let larges = crate::scan::keep_largest(vec![
+            LargeImage::new(&mids[0], 1600, 1200, true),
+            LargeImage::new(big, 4000, 4800, true),
+            LargeImage::new(&mids[1], 1200, 900, false),
+        ]);
+        assert_eq!(larges[0].width, 4000, "largest first");
+        let scan = ScanSummary {
+            images: 30,
+            bytes: 90_000_000,
+            max_width: 4000,
+            max_height: 4800,
+            max_is_jpeg: true,
+            largest: larges.clone(),
+            ..ScanSummary::default()
+        };
+        let size = |s: ScanSummary| (s.max_width, s.max_height, s.max_is_jpeg);
+        assert_eq!(size(shard_scan(&scan, 3, Some(2))), (4000, 4800, true));
+        assert_eq!(size(shard_scan(&scan, 3, Some(1))), (1600, 1200, true));
+        // Shard 0's images were not among those sampled: the whole's largest, to be safe.
+        assert_eq!(size(shard_scan(&scan, 3, Some(0))), (4000, 4800, true));
+        // No shard selected, or no list (an older indexer's scan): the whole's largest.
+        assert_eq!(size(shard_scan(&scan, 3, None)), (4000, 4800, true));
+        let old = ScanSummary {
+            largest: Vec::new(),
+            ..scan.clone()
+        };
+        assert_eq!(size(shard_scan(&old, 3, Some(1))), (4000, 4800, true));
+        // Unsharded: the whole.
+        assert_eq!(shard_scan(&scan, 1, Some(0)), scan);
+        // A cut list (LARGEST_KEPT entries, none in shard 0): every image it left out is at
+        // most its smallest.
+        let mut cut: Vec<LargeImage> = paths_in(1, 3, LARGEST_KEPT)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| LargeImage::new(p, 3000 - i as u32 * 100, 2000, true))
+            .collect();
+        cut = crate::scan::keep_largest(cut);
+        let smallest = cut.last().unwrap().width;
+        let scan = ScanSummary {
+            largest: cut,
+            ..scan
+        };
+        assert_eq!(size(shard_scan(&scan, 3, Some(0))), (smallest, 2000, true));
+        assert_eq!(size(shard_scan(&scan, 3, Some(1))), (3000, 2000, true));
     }
 
     #[test]

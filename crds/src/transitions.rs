@@ -173,13 +173,13 @@ impl StatusDraft {
         self.status.shards_ready = Some(format!("{ready}/{}", units.len()));
     }
 
-    /// The scan as the selected unit sees it: with shards, one shard's share
-    /// ([`shards::shard_scan`]).
+    /// The scan as the selected unit sees it: with shards, the selected shard's share and
+    /// largest image ([`shards::shard_scan`]; the whole's largest when none is selected).
     pub fn unit_scan(&self) -> Option<ScanSummary> {
         let scan = self.status.scan.as_ref()?;
         let n = self.status.shards.len() as u32;
         Some(if n > 1 {
-            shards::shard_scan(scan, n)
+            shards::shard_scan(scan, n, self.selected())
         } else {
             scan.clone()
         })

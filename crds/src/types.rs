@@ -236,6 +236,9 @@ pub struct ScanSummary {
     /// The scan pod (or local run) whose report this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The scan's largest sampled images, largest first (each shard's estimates use its own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub largest: Vec<crate::scan::LargeImage>,
     /// Number of the first build attempt made from this scan: attempts numbered below it
     /// belong to earlier builds (a rebuild continues the numbering and gets its own
     /// `maxAttempts`).
@@ -254,6 +257,7 @@ impl ScanSummary {
             max_width: report.shape.max_width,
             max_height: report.shape.max_height,
             max_is_jpeg: report.shape.max_is_jpeg,
+            largest: report.largest.clone(),
             pod: None,
             first_attempt: None,
         }

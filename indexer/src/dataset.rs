@@ -6,6 +6,7 @@
 use crate::error::{IndexError, Result};
 use crate::imageguard::{self, Format};
 use imageindex_crds::estimate::DatasetShape;
+use imageindex_crds::scan::{keep_largest, LargeImage, LARGEST_KEPT};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -175,9 +176,21 @@ pub fn list(root: &Path) -> Result<Listing> {
     })
 }
 
-/// Reads the headers of up to `sample` files (the largest files first, then evenly spread)
-/// and returns the dataset shape and how many headers were read.
-pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u64) {
+/// What reading a sample of headers learned ([`shape`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// The dataset's shape: counts, and the largest sampled image.
+    pub shape: DatasetShape,
+    /// Headers read.
+    pub read: u64,
+    /// The largest sampled images (at most [`imageindex_crds::scan::LARGEST_KEPT`], largest
+    /// first), each with the key of its path, for the per-shard estimates.
+    pub largest: Vec<LargeImage>,
+}
+
+/// Reads the headers of up to `sample` files (the largest files first, then evenly spread):
+/// the dataset shape, how many headers were read and the largest of them.
+pub fn shape(root: &Path, listing: &Listing, sample: usize) -> Sample {
     let mut shape = DatasetShape {
         images: listing.files.len() as u64,
         bytes: listing.files.iter().map(|f| f.bytes).sum(),
@@ -185,7 +198,11 @@ pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u6
     };
     let n = listing.files.len();
     if n == 0 || sample == 0 {
-        return (shape, 0);
+        return Sample {
+            shape,
+            read: 0,
+            largest: Vec::new(),
+        };
     }
     let mut picks: Vec<usize> = (0..n).collect();
     picks.sort_by_key(|&i| std::cmp::Reverse(listing.files[i].bytes));
@@ -196,6 +213,7 @@ pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u6
     chosen.dedup();
     let mut read = 0;
     let mut max_pixels = 0u64;
+    let mut largest = Vec::new();
     for i in chosen {
         let path = root.join(&listing.files[i].path);
         let Some((format, w, h)) = header_of_file(&path) else {
@@ -203,14 +221,23 @@ pub fn shape(root: &Path, listing: &Listing, sample: usize) -> (DatasetShape, u6
         };
         read += 1;
         let px = w as u64 * h as u64;
+        let jpeg = format == Format::Jpeg;
         if px > max_pixels {
             max_pixels = px;
             shape.max_width = w;
             shape.max_height = h;
-            shape.max_is_jpeg = format == Format::Jpeg;
+            shape.max_is_jpeg = jpeg;
+        }
+        largest.push(LargeImage::new(&listing.files[i].path, w, h, jpeg));
+        if largest.len() >= 4 * LARGEST_KEPT {
+            largest = keep_largest(largest);
         }
     }
-    (shape, read)
+    Sample {
+        shape,
+        read,
+        largest: keep_largest(largest),
+    }
 }
 
 /// The format and size from a file's header, refusing oversized ones.
@@ -292,5 +319,58 @@ mod tests {
             list(Path::new("/nonexistent/dataset")),
             Err(IndexError::Dataset { .. })
         ));
+    }
+
+    /// The scan's list of largest images tells each shard its own largest image: what
+    /// `crds::shards::shard_scan` makes of the whole's scan equals a scan of the shard alone.
+    #[test]
+    fn the_whole_scan_tells_each_shard_its_largest_image() {
+        use imageindex_crds::shards::shard_scan;
+        use opencv::core::{Mat, Scalar, CV_8UC1};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut per_shard = [0; 3];
+        for i in 0..12u32 {
+            let name = format!("img_{i:02}.png");
+            per_shard[crate::shard::shard_of(&name, 3) as usize] += 1;
+            let m =
+                Mat::new_rows_cols_with_default(20 + 7 * i as i32, 30, CV_8UC1, Scalar::all(9.0))
+                    .unwrap();
+            opencv::imgcodecs::imwrite(
+                tmp.path().join(&name).to_str().unwrap(),
+                &m,
+                &opencv::core::Vector::new(),
+            )
+            .unwrap();
+        }
+        assert!(per_shard.iter().all(|n| *n > 0), "{per_shard:?}");
+        let whole = list(tmp.path()).unwrap();
+        let sample = shape(tmp.path(), &whole, 64);
+        assert_eq!(sample.read, 12);
+        assert_eq!(
+            (sample.shape.max_width, sample.shape.max_height),
+            (30, 20 + 7 * 11)
+        );
+        assert_eq!(sample.largest.len(), 12);
+        let report = imageindex_crds::ScanReport::new(
+            sample.shape,
+            0,
+            12,
+            whole.fingerprint.clone(),
+            None,
+            1,
+        )
+        .with_largest(sample.largest);
+        let summary = imageindex_crds::types::ScanSummary::from_report(&report);
+        for s in 0..3 {
+            let mut part = whole.clone();
+            part.keep_shard(crate::shard::Shard { index: s, count: 3 });
+            let alone = shape(tmp.path(), &part, 64).shape;
+            let told = shard_scan(&summary, 3, Some(s));
+            assert_eq!(
+                (told.max_width, told.max_height, told.max_is_jpeg),
+                (alone.max_width, alone.max_height, alone.max_is_jpeg),
+                "shard {s}"
+            );
+        }
     }
 }

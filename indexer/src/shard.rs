@@ -6,8 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// Most shards one index may have.
-pub const MAX_SHARDS: u32 = 64;
+pub use imageindex_crds::shards::{shard_of, MAX_SHARDS};
 
 /// One shard of a sharded index: `index` of `count` (0-based).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -59,26 +58,6 @@ impl Shard {
     pub fn holds(&self, path: &str) -> bool {
         shard_of(path, self.count) == self.index
     }
-}
-
-/// The shard (0-based, below `count`) of the image at `path` relative to the dataset root.
-pub fn shard_of(path: &str, count: u32) -> u32 {
-    let digest = blake3::hash(path.as_bytes());
-    let mut key = [0u8; 8];
-    key.copy_from_slice(&digest.as_bytes()[..8]);
-    jump(u64::from_le_bytes(key), count.max(1))
-}
-
-/// Jump consistent hash (Lamping & Veach, 2014): a bucket in `0..buckets` for `key`, such
-/// that going from n to n + 1 buckets moves only the keys that land in the new bucket.
-fn jump(mut key: u64, buckets: u32) -> u32 {
-    let (mut b, mut j): (i64, i64) = (-1, 0);
-    while j < buckets as i64 {
-        b = j;
-        key = key.wrapping_mul(2862933555777941757).wrapping_add(1);
-        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
-    }
-    b as u32
 }
 
 #[cfg(test)]

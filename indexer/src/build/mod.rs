@@ -155,7 +155,7 @@ fn run_inner(
     if let Some(extra) = extra {
         listing.fingerprint.push_str(&extra.fingerprint_suffix());
     }
-    let (shape, _) = dataset::shape(&opts.dataset, &listing, opts.sample);
+    let shape = dataset::shape(&opts.dataset, &listing, opts.sample).shape;
     let budget = ctx.memory.limit();
     let preset = match opts.preset {
         PresetRequest::Exact(p) => p,

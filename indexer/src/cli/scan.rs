@@ -40,15 +40,16 @@ impl ScanArgs {
         if let Some(shard) = self.shard {
             listing.keep_shard(shard);
         }
-        let (shape, sampled) = dataset::shape(&self.dir, &listing, self.sample);
+        let sample = dataset::shape(&self.dir, &listing, self.sample);
         let report = ScanReport::new(
-            shape,
+            sample.shape,
             listing.skipped.len() as u64,
-            sampled,
+            sample.read,
             listing.fingerprint.clone(),
             self.memory_limit,
             threads as u32,
-        );
+        )
+        .with_largest(sample.largest);
         let text = serde_json::to_string(&report)?;
         if let Some(path) = &self.json_out {
             std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;

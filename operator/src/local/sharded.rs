@@ -85,6 +85,9 @@ pub fn compose(
                 max_width: a.max_width.max(s.max_width),
                 max_height: a.max_height.max(s.max_height),
                 max_is_jpeg: a.max_is_jpeg || s.max_is_jpeg,
+                largest: imageindex_crds::scan::keep_largest(
+                    a.largest.iter().chain(&s.largest).cloned().collect(),
+                ),
                 ..(*s).clone()
             })
     });
