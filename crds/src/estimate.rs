@@ -40,6 +40,13 @@ pub const MIN_LIST_PART_BYTES: u64 = 4 * MIB;
 pub const MAX_LIST_PART_BYTES: u64 = 256 * MIB;
 /// Descriptors per inverted list the vocabulary aims at.
 pub const LEAF_LEN: u32 = 160;
+/// Most entries' bytes the partition step buffers before one flush: more only saves a few
+/// flush transactions, and the buffers are the step's (and the index phases') largest heap.
+pub const MAX_PARTITION_FLUSH_BYTES: u64 = 16 * MIB;
+/// Most file-backed memory (LMDB's mapped and cached pages) a build keeps before handing it
+/// back: fixed, not a share of the limit, so that the working set of a 116M-descriptor build
+/// stays near a 4M one's (an eighth of a 2 GiB limit, 256 MiB, let it grow to 442 MiB).
+pub const MAX_FILE_PAGES_ALLOWANCE: u64 = 32 * MIB;
 /// Bytes one descriptor costs on disk: its list entry and LMDB's page slack.
 pub const DISK_BYTES_PER_DESCRIPTOR: u64 = 42;
 /// Bytes one image costs on disk: its record, global descriptor and arroy nodes.
@@ -234,11 +241,11 @@ pub fn plan(preset: &Preset, shape: &DatasetShape, budget: u64) -> Result<BuildP
         write_batch_bytes,
         leaf_len: LEAF_LEN,
         train_samples: (usable / 4 / 32).clamp(4096, 4_000_000),
-        partition_flush_bytes: (usable / 16).clamp(MIB, 32 * MIB),
+        partition_flush_bytes: (usable / 16).clamp(MIB, MAX_PARTITION_FLUSH_BYTES),
         list_part_bytes: (usable / 3).clamp(MIN_LIST_PART_BYTES, MAX_LIST_PART_BYTES),
         global_memory: (usable / 4).max(8 * MIB),
         reclaim_at: budget * 60 / 100,
-        file_pages_allowance: (budget / 8).clamp(32 * MIB, 256 * MIB),
+        file_pages_allowance: (budget / 8).clamp(8 * MIB, MAX_FILE_PAGES_ALLOWANCE),
     })
 }
 
@@ -313,6 +320,12 @@ mod tests {
         assert!(big.list_part_bytes > ok.list_part_bytes);
         assert!(big.image_bytes > ok.image_bytes);
         assert!(big.write_batch_bytes <= MAX_WRITE_BATCH_BYTES);
+        // What stays fixed however large the limit: the file pages kept and the partition
+        // buffer, so a large catalogue's working set does not grow with the limit either.
+        let huge = plan(&p, &shape, 64 << 30).unwrap();
+        assert_eq!(huge.file_pages_allowance, MAX_FILE_PAGES_ALLOWANCE);
+        assert_eq!(huge.partition_flush_bytes, MAX_PARTITION_FLUSH_BYTES);
+        assert!(ok.file_pages_allowance < ok.budget / 4);
     }
 
     #[test]

@@ -156,6 +156,23 @@ pub fn release_file_pages(map: Option<(*mut libc::c_void, usize)>, file: Option<
     }
 }
 
+/// Tells the kernel the pages of `data` (read through a file mapping, e.g. an LMDB value)
+/// will not be needed again soon: they move to the inactive list, which the working set does
+/// not count and which the kernel reclaims first. Called by the build right after it has read
+/// a batch, so the mapped pages it streams through never pile up in its working set.
+pub fn cool(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let page = 4096usize;
+    let start = data.as_ptr() as usize & !(page - 1);
+    let end = data.as_ptr() as usize + data.len();
+    // SAFETY: advisory call on pages of a live mapping; MADV_COLD never changes contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_COLD);
+    }
+}
+
 /// The address ranges of this process's mappings of files for which `wanted(path)` holds
 /// (from `/proc/self/maps`; unlinked files keep their path with a ` (deleted)` suffix).
 pub fn mapped_ranges(wanted: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {

@@ -42,12 +42,21 @@ fn release_env_pages(env: Option<&Path>, file: Option<&std::fs::File>) {
     }
 }
 
-/// A background thread sampling memory every 200 ms.
+/// Shortest time between two releases of file pages: a build writes and maps its files at
+/// up to ~100 MB/s, so this bounds how far they pass the allowance between two releases.
+const RELEASE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often the working set is sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A background thread sampling memory every [`SAMPLE_INTERVAL`].
 pub struct MemoryGovernor {
     env: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     peak_anon: Arc<AtomicU64>,
+    /// Peak working set and anonymous memory since the last [`MemoryGovernor::step_done`].
+    step_peaks: Arc<[AtomicU64; 2]>,
     reclaims: Arc<AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
@@ -66,11 +75,13 @@ impl MemoryGovernor {
         let peak = Arc::new(AtomicU64::new(0));
         let peak_anon = Arc::new(AtomicU64::new(0));
         let reclaims = Arc::new(AtomicU64::new(0));
-        let (stop2, peak2, anon2, reclaims2) = (
+        let step_peaks = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let (stop2, peak2, anon2, reclaims2, steps2) = (
             stop.clone(),
             peak.clone(),
             peak_anon.clone(),
             reclaims.clone(),
+            step_peaks.clone(),
         );
         let data_file = env
             .as_ref()
@@ -83,15 +94,17 @@ impl MemoryGovernor {
                     let s = memory.snapshot();
                     peak2.fetch_max(s.working_set, Ordering::Relaxed);
                     anon2.fetch_max(s.process.rss_anon, Ordering::Relaxed);
+                    steps2[0].fetch_max(s.working_set, Ordering::Relaxed);
+                    steps2[1].fetch_max(s.process.rss_anon, Ordering::Relaxed);
                     let file_pages = s.working_set.saturating_sub(s.process.rss_anon);
                     if (s.working_set > reclaim_at || file_pages > allowance)
-                        && last_release.elapsed() >= Duration::from_secs(1)
+                        && last_release.elapsed() >= RELEASE_INTERVAL
                     {
                         release_env_pages(env.as_deref(), data_file.as_ref());
                         reclaims2.fetch_add(1, Ordering::Relaxed);
                         last_release = std::time::Instant::now();
                     }
-                    std::thread::sleep(Duration::from_millis(200));
+                    std::thread::sleep(SAMPLE_INTERVAL);
                 }
             })
             .ok();
@@ -100,9 +113,23 @@ impl MemoryGovernor {
             stop,
             peak,
             peak_anon,
+            step_peaks,
             reclaims,
             handle,
         }
+    }
+
+    /// Logs the peak working set and anonymous memory of the step that just ended (since the
+    /// previous call) and starts measuring the next: which step decides a build's peak.
+    pub fn step_done(&self, step: &str) {
+        let [ws, anon] = &*self.step_peaks;
+        let mib = |v: &AtomicU64| v.swap(0, Ordering::Relaxed) >> 20;
+        tracing::info!(
+            step,
+            peak_working_set_mib = mib(ws),
+            peak_anon_mib = mib(anon),
+            "step memory"
+        );
     }
 
     /// Releases LMDB's clean pages now (between build steps).

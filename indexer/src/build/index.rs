@@ -80,16 +80,29 @@ fn for_each_image(
 ) -> Result<()> {
     let rtxn = work.env.read_txn()?;
     for id in from..to {
-        let kept = (offsets[id as usize + 1] - offsets[id as usize]) as usize;
-        if kept == 0 {
-            continue;
+        if let Some((descs, kps)) = kept_of(work, &rtxn, offsets, id)? {
+            f(id, descs, kps)?;
         }
-        let descs = work.descs.get(&rtxn, &id)?.unwrap_or_default();
-        let kps = work.kps.get(&rtxn, &id)?.unwrap_or_default();
-        let n = kept.min(descs.len() / DESCRIPTOR_BYTES).min(kps.len() / 4);
-        f(id, &descs[..n * DESCRIPTOR_BYTES], &kps[..n * 4])?;
     }
     Ok(())
+}
+
+/// The kept descriptors and keypoints of image `id` as stored (read through the memory map:
+/// nothing is copied), or `None` when it kept none.
+fn kept_of<'t>(
+    work: &WorkStore,
+    rtxn: &'t heed::RoTxn,
+    offsets: &[u64],
+    id: u32,
+) -> Result<Option<(&'t [u8], &'t [u8])>> {
+    let kept = (offsets[id as usize + 1] - offsets[id as usize]) as usize;
+    if kept == 0 {
+        return Ok(None);
+    }
+    let descs = work.descs.get(rtxn, &id)?.unwrap_or_default();
+    let kps = work.kps.get(rtxn, &id)?.unwrap_or_default();
+    let n = kept.min(descs.len() / DESCRIPTOR_BYTES).min(kps.len() / 4);
+    Ok(Some((&descs[..n * DESCRIPTOR_BYTES], &kps[..n * 4])))
 }
 
 fn words_of(d: &[u8]) -> Words {
@@ -111,6 +124,7 @@ pub const STEP_BATCH_FAIL_POINT: &str = "index-step-batch";
 /// Runs (or resumes) the index phases. `release` hands LMDB's clean pages back to the
 /// kernel; it is called between steps, when the pages the previous step read are no longer
 /// needed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     store: &Store,
     work: &WorkStore,
@@ -119,6 +133,7 @@ pub(crate) fn run(
     ctx: &BuildContext,
     timings: &mut Timings,
     release: &dyn Fn(),
+    step_done: &dyn Fn(&str),
 ) -> Result<IndexStats> {
     let label = preset.label();
     let mut cp = checkpoint(store)?;
@@ -140,6 +155,7 @@ pub(crate) fn run(
         ctx.progress.start_step(IndexStep::Train, total);
         cp = train_top(store, work, &offsets, total, plan, &label)?;
         timings.train += t.elapsed().as_secs_f64();
+        step_done("train");
     }
     let shape: VocabShape = {
         let rtxn = store.env.read_txn()?;
@@ -150,21 +166,24 @@ pub(crate) fn run(
     if let Checkpoint::Partition { next, chunk, .. } = cp {
         let t = Instant::now();
         cp = partition(
-            store, work, &offsets, n_images, total, next, chunk, plan, ctx, &label,
+            store, work, &offsets, n_images, total, next, chunk, plan, ctx, &label, release,
         )?;
         timings.assign += t.elapsed().as_secs_f64();
+        step_done("partition");
         release();
     }
     if let Checkpoint::Lists { next, .. } = cp {
         let t = Instant::now();
         cp = lists(store, work, &shape, next, total, plan, ctx, &label, release)?;
         timings.assign += t.elapsed().as_secs_f64();
+        step_done("lists");
         release();
     }
     if matches!(cp, Checkpoint::Global { .. }) {
         let t = Instant::now();
         global_index(store, preset, plan, ctx, &label)?;
         timings.global += t.elapsed().as_secs_f64();
+        step_done("global");
     }
     let rtxn = store.env.read_txn()?;
     let mut leaves = 0u64;
@@ -212,6 +231,7 @@ fn train_top(
             picked += 1;
             next_pick = picked * total / target;
         }
+        crate::memory::cool(descs);
         Ok(())
     })?;
     let top = vocab::train(
@@ -275,6 +295,7 @@ fn partition(
     plan: &BuildPlan,
     ctx: &BuildContext,
     label: &str,
+    release: &dyn Fn(),
 ) -> Result<Checkpoint> {
     let (top, top_prices) = store.vocab_top(&*store.env.read_txn()?)?;
     ctx.progress.start_step(IndexStep::Partition, total);
@@ -291,19 +312,19 @@ fn partition(
             return Err(IndexError::Interrupted);
         }
         let end = (image + PARTITION_BATCH_IMAGES).min(n_images);
+        // The batch borrows the descriptors from the memory map: nothing is copied.
+        let rtxn = work.env.read_txn()?;
         let mut batch: Vec<(u32, &[u8], [u16; 2])> = Vec::new();
-        let mut blobs: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::new();
-        for_each_image(work, offsets, image, end, |id, d, k| {
-            blobs.push((id, d.to_vec(), k.to_vec()));
-            Ok(())
-        })?;
-        for (id, d, k) in &blobs {
+        for id in image..end {
+            let Some((d, k)) = kept_of(work, &rtxn, offsets, id)? else {
+                continue;
+            };
             for (desc, kp) in d.chunks_exact(DESCRIPTOR_BYTES).zip(k.chunks_exact(4)) {
                 let kp = [
                     u16::from_le_bytes([kp[0], kp[1]]),
                     u16::from_le_bytes([kp[2], kp[3]]),
                 ];
-                batch.push((*id, desc, kp));
+                batch.push((id, desc, kp));
             }
         }
         let cells: Vec<u32> = batch
@@ -315,8 +336,15 @@ fn partition(
             code.copy_from_slice(d);
             postings::push(&mut buffers[c as usize], &code, *id, *kp);
         }
+        // The batch's descriptors are read: out of the working set with them.
+        for id in image..end {
+            if let Some((d, k)) = kept_of(work, &rtxn, offsets, id)? {
+                crate::memory::cool(d);
+                crate::memory::cool(k);
+            }
+        }
         drop(batch);
-        drop(blobs);
+        drop(rtxn);
         image = end;
         ctx.progress.set_step_done(offsets[image as usize]);
         fail::fail_point!(STEP_BATCH_FAIL_POINT);
@@ -334,6 +362,9 @@ fn partition(
                 }
             }
             work_txn.commit()?;
+            // The flush is on disk: its pages leave the working set now, not when the
+            // governor next samples (at 116M descriptors they filled its allowance).
+            release();
             chunk += 1;
             cp = if image == n_images {
                 Checkpoint::Lists {
@@ -526,6 +557,8 @@ fn lists(
             parts,
         };
         store.cells.put(&mut wtxn, &c, &rec.to_bytes())?;
+        // The cell's buckets are read: out of the working set with them.
+        chunks.iter().for_each(|b| crate::memory::cool(b));
         drop(rtxn);
         done += n;
         ctx.progress.set_step_done(done);

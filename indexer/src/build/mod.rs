@@ -212,6 +212,7 @@ fn run_inner(
         ctx,
     )?;
     timings.extract += t.elapsed().as_secs_f64();
+    governor.step_done("extract");
     if let Some(extra) = extra {
         extra.ingest(
             &store,
@@ -221,6 +222,7 @@ fn run_inner(
             &plan,
             ctx,
         )?;
+        governor.step_done("ingest");
     }
     save_timings(&store, &timings)?;
 
@@ -412,9 +414,16 @@ pub(crate) fn index_phases(
     timings: &mut Timings,
     governor: &MemoryGovernor,
 ) -> Result<(index::IndexStats, Store)> {
-    let stats = index::run(&store, work, preset, plan, ctx, timings, &|| {
-        governor.release_now()
-    })?;
+    let stats = index::run(
+        &store,
+        work,
+        preset,
+        plan,
+        ctx,
+        timings,
+        &|| governor.release_now(),
+        &|step| governor.step_done(step),
+    )?;
     Ok((stats, store))
 }
 
