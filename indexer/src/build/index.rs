@@ -315,10 +315,12 @@ fn partition(
         // The batch borrows the descriptors from the memory map: nothing is copied.
         let rtxn = work.env.read_txn()?;
         let mut batch: Vec<(u32, &[u8], [u16; 2])> = Vec::new();
+        let mut read: Vec<&[u8]> = Vec::new();
         for id in image..end {
             let Some((d, k)) = kept_of(work, &rtxn, offsets, id)? else {
                 continue;
             };
+            read.extend([d, k]);
             for (desc, kp) in d.chunks_exact(DESCRIPTOR_BYTES).zip(k.chunks_exact(4)) {
                 let kp = [
                     u16::from_le_bytes([kp[0], kp[1]]),
@@ -337,12 +339,7 @@ fn partition(
             postings::push(&mut buffers[c as usize], &code, *id, *kp);
         }
         // The batch's descriptors are read: out of the working set with them.
-        for id in image..end {
-            if let Some((d, k)) = kept_of(work, &rtxn, offsets, id)? {
-                crate::memory::cool(d);
-                crate::memory::cool(k);
-            }
-        }
+        read.iter().for_each(|b| crate::memory::cool(b));
         drop(batch);
         drop(rtxn);
         image = end;
