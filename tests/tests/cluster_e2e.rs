@@ -539,6 +539,21 @@ fn top_path(answer: &Value) -> String {
         .to_string()
 }
 
+/// The objects labelled `selector` in `ns` that an ImageIndex may own and that still exist
+/// (`kubectl get -o name`; empty once garbage collection is done).
+fn owned_left(f: &Fixture, ns: &str, selector: &str) -> String {
+    f.cluster.kubectl(&[
+        "get",
+        "imgidx,pods,deployments,replicasets,services,endpoints,pvc",
+        "-n",
+        ns,
+        "-l",
+        selector,
+        "-o",
+        "name",
+    ])
+}
+
 fn mib(v: &Value) -> String {
     v.as_u64()
         .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
@@ -1961,16 +1976,7 @@ spec:
         "every object the sharded ImageIndex owned to be gone",
         Duration::from_secs(120),
         || {
-            let left = f.cluster.kubectl(&[
-                "get",
-                "imgidx,pods,deployments,replicasets,services,endpoints,pvc",
-                "-n",
-                ns,
-                "-l",
-                &owned,
-                "-o",
-                "name",
-            ]);
+            let left = owned_left(f, ns, &owned);
             let claims = f.cluster.kubectl(&["get", "pvc", "-n", ns, "-o", "name"]);
             (left.trim().is_empty() && claims.trim() == "persistentvolumeclaim/photos")
                 .then_some(())
@@ -2043,16 +2049,7 @@ fn delete(f: &Fixture) -> Vec<String> {
         "every object the ImageIndex owned to be gone",
         Duration::from_secs(120),
         || {
-            let left = f.cluster.kubectl(&[
-                "get",
-                "imgidx,pods,deployments,replicasets,services,endpoints,pvc",
-                "-n",
-                ns,
-                "-l",
-                &selector,
-                "-o",
-                "name",
-            ]);
+            let left = owned_left(f, ns, &selector);
             let named = f.cluster.kubectl_output(&[
                 "get",
                 "endpoints,pvc",

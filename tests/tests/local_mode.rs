@@ -127,6 +127,29 @@ fn wait_for(
 }
 
 /// Stops a running `operator local` (and so its children) if the test fails before it does.
+/// Starts `operator local --serve addr` on `manifest` (stdout kept for the caller) and waits
+/// until its status says Ready with an endpoint: the running operator and that status.
+fn serve_until_ready(
+    manifest: &Path,
+    state: &Path,
+    status: &Path,
+    addr: &str,
+    within: Duration,
+) -> (StopOnDrop, Value) {
+    let mut guard = StopOnDrop(Some(
+        local(manifest, state, status, &["--serve", addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let op = guard.0.as_mut().unwrap();
+    let s = wait_for(status, op, within, |s| {
+        s["phase"] == "Ready" && s["endpoint"].is_string()
+    });
+    (guard, s)
+}
+
 struct StopOnDrop(Option<Child>);
 
 impl Drop for StopOnDrop {
@@ -190,17 +213,7 @@ fn sample_catalogue_is_built_served_and_answers() {
     let (state, status) = (tmp.path().join("state"), tmp.path().join("status.json"));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut guard = StopOnDrop(Some(
-        local(&m, &state, &status, &["--serve", &addr])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    let op = guard.0.as_mut().unwrap();
-    let s = wait_for(&status, op, Duration::from_secs(180), |s| {
-        s["phase"] == "Ready" && s["endpoint"].is_string()
-    });
+    let (mut guard, s) = serve_until_ready(&m, &state, &status, &addr, Duration::from_secs(180));
     let to_ready = t0.elapsed();
     let endpoint = s["endpoint"].as_str().unwrap().to_string();
     assert_eq!(endpoint, format!("http://{addr}"));
@@ -481,17 +494,7 @@ fn three_shards_build_alone_and_one_oom_kill_is_recovered_alone() {
     let (state, status) = (tmp.path().join("state"), tmp.path().join("status.json"));
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut guard = StopOnDrop(Some(
-        local(&m, &state, &status, &["--serve", &addr])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    let op = guard.0.as_mut().unwrap();
-    let s = wait_for(&status, op, Duration::from_secs(600), |s| {
-        s["phase"] == "Ready" && s["endpoint"].is_string()
-    });
+    let (mut guard, s) = serve_until_ready(&m, &state, &status, &addr, Duration::from_secs(600));
     let to_ready = t0.elapsed();
     assert_eq!(s["shardsReady"], "3/3", "{s:#}");
     let shards = s["shards"].as_array().unwrap();
