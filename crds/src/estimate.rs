@@ -30,8 +30,10 @@ pub const BYTES_PER_FEATURE: u64 = 400;
 pub const HEADROOM_PERCENT: u64 = 12;
 /// Smallest descriptor bytes one extraction write transaction may hold.
 pub const MIN_WRITE_BATCH_BYTES: u64 = 2 * MIB;
-/// Largest descriptor bytes one extraction write transaction holds (bounds LMDB dirty pages).
-pub const MAX_WRITE_BATCH_BYTES: u64 = 32 * MIB;
+/// Largest bytes one write transaction holds before it commits (extraction, the lists step):
+/// LMDB keeps a transaction's dirty pages in memory until it commits. 8 MiB commits a few
+/// times a second at the build's write rate; more saves little time and costs heap.
+pub const MAX_WRITE_BATCH_BYTES: u64 = 8 * MIB;
 /// Bytes of one inverted-list entry: code, image id, keypoint.
 pub const ENTRY_BYTES: u64 = 40;
 /// Smallest part of a cell's lists sorted in memory (bounds the smallest plan).

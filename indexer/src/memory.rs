@@ -156,6 +156,21 @@ pub fn release_file_pages(map: Option<(*mut libc::c_void, usize)>, file: Option<
     }
 }
 
+/// Allocations at least this large get pages of their own (glibc `M_MMAP_THRESHOLD`).
+pub const OWN_PAGES_FROM: usize = 1 << 20;
+
+/// Makes the allocator hand large buffers back to the kernel as soon as they are freed: each
+/// allocation of [`OWN_PAGES_FROM`] bytes or more is mapped on its own. glibc otherwise raises
+/// that threshold after the first large free (up to 32 MiB), and a build's per-cell buffers
+/// and LMDB's dirty pages then stay in the heap as anonymous memory after they are freed.
+pub fn bound_heap() {
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_PAGES_FROM as libc::c_int);
+    }
+}
+
 /// Tells the kernel the pages of `data` (read through a file mapping, e.g. an LMDB value)
 /// will not be needed again soon: they move to the inactive list, which the working set does
 /// not count and which the kernel reclaims first. Called by the build right after it has read

@@ -224,6 +224,8 @@ fn run_inner(
         )?;
         governor.step_done("ingest");
     }
+    // Extraction's buffers and pages are done with: the index phases start from a clean slate.
+    governor.release_now();
     save_timings(&store, &timings)?;
 
     ctx.progress.set_phase(BuildPhase::Index);
@@ -414,6 +416,10 @@ pub(crate) fn index_phases(
     timings: &mut Timings,
     governor: &MemoryGovernor,
 ) -> Result<(index::IndexStats, Store)> {
+    // The index phases allocate large short-lived buffers (cells' lists, LMDB's dirty pages):
+    // from here on they go back to the kernel when freed. Extraction keeps glibc's default,
+    // which the presets' memory estimates were measured with.
+    crate::memory::bound_heap();
     let stats = index::run(
         &store,
         work,
