@@ -57,6 +57,13 @@ pub fn entries(buf: &[u8]) -> impl Iterator<Item = Entry> + '_ {
     buf.chunks_exact(ENTRY_BYTES).map(decode)
 }
 
+/// The key of cell `cell`'s bucket of partition flush `flush` in the working environment:
+/// flush-major, so each flush appends at the end of the tree instead of touching one leaf
+/// page per cell (at 116M descriptors, 1,024 pages a flush, all of them kept hot).
+pub fn bucket_key(flush: u32, cell: u32) -> u64 {
+    ((flush as u64) << 32) | cell as u64
+}
+
 /// The key of part `part` of cell `cell` in the lists database.
 pub fn part_key(cell: u32, part: u32) -> u64 {
     ((cell as u64) << 32) | part as u64
@@ -172,6 +179,13 @@ mod tests {
         assert_eq!(e[0].kp, [1, 65535]);
         assert_eq!(e[1].code, [u64::MAX; 4]);
         assert_eq!(e[0].code, [0x0303_0303_0303_0303; 4]);
+    }
+
+    #[test]
+    fn bucket_keys_sort_by_flush_then_cell() {
+        assert!(bucket_key(0, 4095) < bucket_key(1, 0));
+        assert!(bucket_key(7, 1) < bucket_key(7, 2));
+        assert_eq!(bucket_key(2, 5) >> 32, 2);
     }
 
     #[test]

@@ -358,8 +358,11 @@ pub struct WorkStore {
     pub descs: Database<'static, U32<BigEndian>, Bytes>,
     /// Keypoint blobs by image id (u16 x, y in quarter pixels, same order).
     pub kps: Database<'static, U32<BigEndian>, Bytes>,
-    /// Partitioned entries by (cell << 32 | flush).
+    /// Partitioned entries by (flush << 32 | cell) ([`crate::postings::bucket_key`]).
     pub buckets: Database<'static, U64<BigEndian>, Bytes>,
+    /// The environment held buckets in the older cell-major layout (database `buckets`):
+    /// they were cleared, so the index phases must partition again.
+    pub had_old_buckets: bool,
 }
 
 impl WorkStore {
@@ -370,12 +373,23 @@ impl WorkStore {
         unsafe { o.flags(EnvFlags::NO_META_SYNC) };
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (descs, kps, buckets) = env
+        let (descs, kps, buckets, had_old_buckets) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
+                let old: Option<Database<U64<BigEndian>, Bytes>> =
+                    dbo.open_database(wtxn, Some("buckets"))?;
+                // `Some(())` when it held buckets (a commit-safe stand-in for `true`).
+                let had_old = match old {
+                    Some(db) if !db.is_empty(wtxn)? => {
+                        db.clear(wtxn)?;
+                        Some(())
+                    }
+                    _ => None,
+                };
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database(wtxn, Some("descs"))?,
                     dbo.create_database(wtxn, Some("kps"))?,
-                    dbo.create_database(wtxn, Some("buckets"))?,
+                    dbo.create_database(wtxn, Some("flush_buckets"))?,
+                    had_old,
                 )))
             })?
             .unwrap_commit();
@@ -384,6 +398,7 @@ impl WorkStore {
             descs,
             kps,
             buckets,
+            had_old_buckets: had_old_buckets.is_some(),
         })
     }
 
@@ -450,5 +465,29 @@ mod tests {
         );
         assert_eq!(c.preset(), Some("full"));
         assert_eq!(Checkpoint::Extract { next: 0 }.preset(), None);
+    }
+
+    #[test]
+    fn buckets_in_the_older_layout_are_cleared_and_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = WorkStore::create(tmp.path()).unwrap();
+        assert!(!fresh.had_old_buckets);
+        // An environment written by an indexer that keyed buckets by cell first.
+        let wtxn = fresh.env.write_txn().unwrap();
+        fresh
+            .env
+            .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_> {
+                let old: Database<U64<BigEndian>, Bytes> =
+                    dbo.create_database(wtxn, Some("buckets"))?;
+                old.put(wtxn, &crate::postings::part_key(3, 0), b"entries")?;
+                Ok(CommitOrAbort::<(), ()>::Commit(()))
+            })
+            .unwrap();
+        fresh.close();
+        let reopened = WorkStore::create(tmp.path()).unwrap();
+        assert!(reopened.had_old_buckets);
+        reopened.close();
+        // Cleared: a third open finds nothing left of them.
+        assert!(!WorkStore::create(tmp.path()).unwrap().had_old_buckets);
     }
 }

@@ -145,6 +145,15 @@ pub(crate) fn run(
         };
         commit_checkpoint(store, &cp)?;
     }
+    // A build resumed by a newer indexer whose working buckets had the older layout.
+    let partitioned = matches!(cp, Checkpoint::Partition { .. } | Checkpoint::Lists { .. });
+    if work.had_old_buckets && partitioned {
+        tracing::info!(from = ?cp, "working buckets in the older layout: partitioning again");
+        cp = Checkpoint::Train {
+            preset: label.clone(),
+        };
+        commit_checkpoint(store, &cp)?;
+    }
     let offsets = offsets(store, preset)?;
     let n_images = (offsets.len() - 1) as u32;
     let total = offsets.last().copied().unwrap_or(0);
@@ -282,7 +291,7 @@ fn train_top(
 }
 
 /// Routes every kept descriptor to its cell, appending entries to per-cell buckets in the
-/// working environment in bounded flushes (key: cell << 32 | flush number).
+/// working environment in bounded flushes (key: flush number << 32 | cell).
 #[allow(clippy::too_many_arguments)]
 fn partition(
     store: &Store,
@@ -353,7 +362,7 @@ fn partition(
             for (c, buf) in buffers.iter_mut().enumerate() {
                 if !buf.is_empty() {
                     work.buckets
-                        .put(&mut work_txn, &postings::part_key(c as u32, chunk), buf)?;
+                        .put(&mut work_txn, &postings::bucket_key(chunk, c as u32), buf)?;
                     buf.clear();
                     buf.shrink_to(0);
                 }
@@ -432,6 +441,10 @@ pub(crate) fn split_parts(counts: &[u32], max_entries: u64) -> Vec<u32> {
     parts
 }
 
+/// Bytes of lists written between two hand-backs of pages in the lists step (each one pages
+/// out the maps, which the next cells then read back in part).
+const LIST_RELEASE_BYTES: u64 = 32 << 20;
+
 /// Trains each cell's leaves and writes its inverted lists, cells `next..`.
 #[allow(clippy::too_many_arguments)]
 fn lists(
@@ -463,17 +476,24 @@ fn lists(
     // Entries one part may hold: the sorted copy and LMDB's dirty pages of it, plus a leaf
     // number per entry of the cell (the bucket itself is read through the memory map).
     let part_entries = (plan.list_part_bytes / (2 * ENTRY_BYTES as u64 + 4)).max(1);
+    // Flushes of the partition step: the last bucket's key holds the last one.
+    let flushes = match work.buckets.last(&*work.env.read_txn()?)? {
+        Some((key, _)) => (key >> 32) as u32 + 1,
+        None => 0,
+    };
     let mut wtxn = store.env.write_txn()?;
     let mut pending_bytes = 0u64;
+    let mut unreleased_bytes = 0u64;
     for c in next..cells {
         if ctx.progress.is_cancelled() {
             return Err(IndexError::Interrupted);
         }
         let rtxn = work.env.read_txn()?;
-        let range = postings::part_key(c, 0)..=postings::part_key(c, u32::MAX);
         let mut chunks: Vec<&[u8]> = Vec::new();
-        for r in work.buckets.range(&rtxn, &range)? {
-            chunks.push(r?.1);
+        for flush in 0..flushes {
+            if let Some(b) = work.buckets.get(&rtxn, &postings::bucket_key(flush, c))? {
+                chunks.push(b);
+            }
         }
         let n: u64 = chunks.iter().map(|b| (b.len() / ENTRY_BYTES) as u64).sum();
         let k = shape.leaves_for_cell(n) as u64;
@@ -576,8 +596,12 @@ fn lists(
         if pending_bytes >= plan.write_batch_bytes || last {
             wtxn.commit()?;
             wtxn = store.env.write_txn()?;
+            unreleased_bytes += pending_bytes;
             pending_bytes = 0;
-            release();
+            if unreleased_bytes >= LIST_RELEASE_BYTES {
+                release();
+                unreleased_bytes = 0;
+            }
         }
     }
     let cp = Checkpoint::Global {
