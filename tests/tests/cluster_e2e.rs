@@ -1777,12 +1777,23 @@ spec:
         .kubectl_json(&["get", "service", &format!("{name}-query"), "-n", ns]);
     let cluster_ip: std::net::IpAddr = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
     let via_proxy = std::net::SocketAddr::new(cluster_ip, 8080);
+    // Ready can come before the router's next poll of a shard whose query pod started after
+    // its last one: wait (at most a few poll intervals) until it has seen all three up.
+    let polled = Instant::now();
     wait_for(
-        &format!("the router's ClusterIP {via_proxy} (kube-proxy)"),
+        &format!("the router's ClusterIP {via_proxy} (kube-proxy) with every shard up"),
         Duration::from_secs(30),
-        || get_json(via_proxy, "/v1/index").ok(),
+        || {
+            get_json(via_proxy, "/v1/index")
+                .ok()
+                .filter(|j| j["shards_total"] == 3 && j["shards_up"] == 3)
+        },
         || f.cluster.node().log_tail("kube-proxy", 20),
     );
+    notes.push(format!(
+        "the router saw all 3 shards up {:.1} s after Ready",
+        polled.elapsed().as_secs_f64()
+    ));
     let file_of = |p: &str| p.rsplit('/').next().unwrap_or("").to_string();
     let (mut agree, mut correct) = (0, 0);
     let mut disagreements = Vec::new();
