@@ -126,7 +126,6 @@ fn wait_for(
     }
 }
 
-/// Stops a running `operator local` (and so its children) if the test fails before it does.
 /// Starts `operator local --serve addr` on `manifest` (stdout kept for the caller) and waits
 /// until its status says Ready with an endpoint: the running operator and that status.
 fn serve_until_ready(
@@ -150,6 +149,7 @@ fn serve_until_ready(
     (guard, s)
 }
 
+/// Stops a running `operator local` (and so its children) if the test fails before it does.
 struct StopOnDrop(Option<Child>);
 
 impl Drop for StopOnDrop {
