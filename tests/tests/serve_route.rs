@@ -3,7 +3,8 @@
 //! `indexer route` in front. The router's answers to attacked copies equal the unsharded
 //! index's; every image lands in exactly one shard; a shard that is stopped lowers the
 //! coverage (2/3, a `partial` warning, within the deadline) instead of failing the query, and
-//! the router follows it back; bad uploads get the same JSON errors as `indexer serve`.
+//! the router follows it back, and a shard that comes up between two polls is asked by the
+//! next query; bad uploads get the same JSON errors as `indexer serve`.
 //!
 //! Build the binaries first: `cargo build -p indexer`.
 
@@ -255,4 +256,44 @@ fn three_shards_answer_as_one_index() {
     );
     let _ = restarted.kill();
     let _ = restarted.wait();
+
+    // A shard that comes up after the router's last poll (a query pod starting late) is
+    // asked by the very next query, not one poll interval later: a router polling once a
+    // minute, started while shard 1 is down, answers with 3/3 as soon as shard 1 serves.
+    let slow = Router::start(&urls, &["--deadline", "3s", "--poll-interval", "60s"], logs);
+    assert_eq!(slow.index()["shards_up"], 2, "{:#}", slow.index());
+    let log = logs.join("late.log");
+    let mut late = Command::new(bin("indexer"))
+        .args([
+            "serve",
+            shard_dirs[1].to_str().unwrap(),
+            "--addr",
+            &format!("127.0.0.1:{stopped_port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || request(
+            stopped_port,
+            "GET",
+            "/readyz",
+            &[],
+            b""
+        )
+        .is_ok_and(|r| r.status == 200)),
+        "shard 1 did not start again"
+    );
+    let v = slow.search(&probe).json();
+    assert_eq!(v["coverage"]["answered"], 3, "{v:#}");
+    assert_eq!(top_path(&v), top_path(&router.search(&probe).json()));
+    // ...and its view catches up at once (woken by that answer), long before the next poll.
+    assert!(
+        wait_until(Duration::from_secs(5), || slow.index()["shards_up"] == 3),
+        "{:#}",
+        slow.index()
+    );
+    let _ = late.kill();
+    let _ = late.wait();
 }

@@ -567,7 +567,10 @@ pub async fn serve(opts: RouteOptions) -> Result<(), ServeError> {
         async move {
             loop {
                 app.shards.poll(every.max(Duration::from_millis(200))).await;
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = app.shards.repoll_wanted() => {}
+                }
             }
         }
     });

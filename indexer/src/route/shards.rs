@@ -59,6 +59,9 @@ pub struct ShardSet {
     client: reqwest::Client,
     token: Option<String>,
     state: RwLock<Vec<ShardState>>,
+    /// Woken when a shard the last poll saw down answered a query: the poller looks again
+    /// now instead of at its next interval.
+    repoll: tokio::sync::Notify,
 }
 
 impl ShardSet {
@@ -79,7 +82,13 @@ impl ShardSet {
                     })
                     .collect(),
             ),
+            repoll: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until a query has reached a shard that the last poll saw down.
+    pub async fn repoll_wanted(&self) {
+        self.repoll.notified().await
     }
 
     /// A snapshot of every shard's state.
@@ -170,7 +179,9 @@ impl ShardSet {
     }
 
     /// Sends the query's features to every shard at once and waits for each at most
-    /// `deadline`. Shards never seen up are not asked (reported as failed at once).
+    /// `deadline`. Every shard is asked, also one the last poll saw down or has not reached
+    /// yet (it may have come up since: a shard's query pod can start after the router's last
+    /// poll); when such a shard answers, the poller is woken to look at it now.
     pub async fn ask_all(
         &self,
         features: &WireFeatures,
@@ -190,35 +201,27 @@ impl ShardSet {
             };
             async move {
                 let t = Instant::now();
-                let outcome = if s.info.is_none() && !s.up {
-                    ShardOutcome::Failed(
-                        s.error
-                            .clone()
-                            .unwrap_or_else(|| "not reached yet".to_string()),
-                    )
-                } else {
-                    let send = self
-                        .request(reqwest::Method::POST, format!("{}/v1/shard/search", s.url))
-                        .json(&query)
-                        .send();
-                    match tokio::time::timeout(deadline, async {
-                        let resp = send.await.map_err(|e| format!("unreachable: {e}"))?;
-                        let status = resp.status();
-                        if status.is_success() {
-                            resp.json::<ShardAnswer>()
-                                .await
-                                .map_err(|e| format!("unreadable answer: {e}"))
-                        } else {
-                            let body = resp.text().await.unwrap_or_default();
-                            Err(format!("answered {status}: {}", body.trim()))
-                        }
-                    })
-                    .await
-                    {
-                        Err(_) => ShardOutcome::Late,
-                        Ok(Ok(a)) => ShardOutcome::Answered(a),
-                        Ok(Err(e)) => ShardOutcome::Failed(e),
+                let send = self
+                    .request(reqwest::Method::POST, format!("{}/v1/shard/search", s.url))
+                    .json(&query)
+                    .send();
+                let outcome = match tokio::time::timeout(deadline, async {
+                    let resp = send.await.map_err(|e| format!("unreachable: {e}"))?;
+                    let status = resp.status();
+                    if status.is_success() {
+                        resp.json::<ShardAnswer>()
+                            .await
+                            .map_err(|e| format!("unreadable answer: {e}"))
+                    } else {
+                        let body = resp.text().await.unwrap_or_default();
+                        Err(format!("answered {status}: {}", body.trim()))
                     }
+                })
+                .await
+                {
+                    Err(_) => ShardOutcome::Late,
+                    Ok(Ok(a)) => ShardOutcome::Answered(a),
+                    Ok(Err(e)) => ShardOutcome::Failed(e),
                 };
                 ShardReply {
                     shard: i as u32,
@@ -227,7 +230,15 @@ impl ShardSet {
                 }
             }
         });
-        futures::future::join_all(asks).await
+        let replies = futures::future::join_all(asks).await;
+        let came_up = replies.iter().any(|r| {
+            matches!(r.outcome, ShardOutcome::Answered(_))
+                && states.get(r.shard as usize).is_some_and(|s| !s.up)
+        });
+        if came_up {
+            self.repoll.notify_one();
+        }
+        replies
     }
 }
 
