@@ -1,6 +1,6 @@
 //! Watches the working set while a build runs: records its peak and, above the plan's
-//! threshold, asks the kernel to drop LMDB's clean file pages (reclaimable, but counted in
-//! the working set until reclaimed).
+//! threshold, takes LMDB's file pages out of it (reclaimable, but counted in the working set
+//! while active): unmapped, then the clean ones dropped from the page cache.
 
 use crate::memory::{release_file_pages, MemorySource};
 use std::path::{Path, PathBuf};
@@ -15,10 +15,10 @@ fn release_env_pages(env: Option<&Path>, file: Option<&std::fs::File>) {
         return;
     };
     // LMDB's maps of data.mdb (the index's and the working descriptors' below it) and arroy's
-    // mapped temporary files, wherever they are. Mapped pages leave the page cache only once
-    // unmapped, so page out first, then drop the files' cached pages.
+    // mapped temporary files, wherever they are: pages unmapped first (mapped pages stay in
+    // the page cache), then the files' clean cached pages dropped.
     let dir = dir.to_string_lossy().to_string();
-    crate::memory::page_out_mapped(|p| p.starts_with(&dir));
+    crate::memory::unmap_mapped(|p| p.starts_with(&dir));
     release_file_pages(None, file);
     let work = std::path::Path::new(&dir)
         .join(super::WORK_DIR)
@@ -57,6 +57,8 @@ pub struct MemoryGovernor {
     peak_anon: Arc<AtomicU64>,
     /// Peak working set and anonymous memory since the last [`MemoryGovernor::step_done`].
     step_peaks: Arc<[AtomicU64; 2]>,
+    /// Bytes read and written by the process when the current step started.
+    step_io: std::sync::Mutex<(u64, u64)>,
     reclaims: Arc<AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
@@ -114,25 +116,38 @@ impl MemoryGovernor {
             peak,
             peak_anon,
             step_peaks,
+            step_io: std::sync::Mutex::new(crate::memory::process_io()),
             reclaims,
             handle,
         }
     }
 
     /// Logs the peak working set and anonymous memory of the step that just ended (since the
-    /// previous call) and starts measuring the next: which step decides a build's peak.
+    /// previous call), and what it read from and wrote to storage, and starts measuring the
+    /// next: which step decides a build's peak, and what its page-cache traffic costs.
     pub fn step_done(&self, step: &str) {
         let [ws, anon] = &*self.step_peaks;
         let mib = |v: &AtomicU64| v.swap(0, Ordering::Relaxed) >> 20;
+        let now = crate::memory::process_io();
+        let (read, written) = match self.step_io.lock() {
+            Ok(mut start) => {
+                let d = (now.0.saturating_sub(start.0), now.1.saturating_sub(start.1));
+                *start = now;
+                d
+            }
+            Err(_) => (0, 0),
+        };
         tracing::info!(
             step,
             peak_working_set_mib = mib(ws),
             peak_anon_mib = mib(anon),
+            read_mib = read >> 20,
+            written_mib = written >> 20,
             "step memory"
         );
     }
 
-    /// Releases LMDB's clean pages now (between build steps).
+    /// Takes LMDB's file pages out of the working set now (between build steps).
     pub fn release_now(&self) {
         // The step that just ended freed its buffers: return the heap's free pages too
         // (glibc keeps them otherwise, and they count as anonymous memory).
