@@ -441,6 +441,22 @@ pub(crate) fn split_parts(counts: &[u32], max_entries: u64) -> Vec<u32> {
     parts
 }
 
+/// The buckets of cell `c`, one per partition flush that routed anything to it.
+fn cell_buckets<'t>(
+    work: &WorkStore,
+    rtxn: &'t heed::RoTxn,
+    flushes: u32,
+    c: u32,
+) -> Result<Vec<&'t [u8]>> {
+    let mut chunks = Vec::new();
+    for flush in 0..flushes {
+        if let Some(b) = work.buckets.get(rtxn, &postings::bucket_key(flush, c))? {
+            chunks.push(b);
+        }
+    }
+    Ok(chunks)
+}
+
 /// Bytes of lists written between two hand-backs of pages in the lists step (each one pages
 /// out the maps, which the next cells then read back in part).
 const LIST_RELEASE_BYTES: u64 = 32 << 20;
@@ -481,6 +497,8 @@ fn lists(
         Some((key, _)) => (key >> 32) as u32 + 1,
         None => 0,
     };
+    // Buckets are read by exact prefetch (below), not by read-around on faults.
+    let _random = crate::memory::RandomAccess::of(&work.env.path().join("data.mdb"));
     let mut wtxn = store.env.write_txn()?;
     let mut pending_bytes = 0u64;
     let mut unreleased_bytes = 0u64;
@@ -489,10 +507,14 @@ fn lists(
             return Err(IndexError::Interrupted);
         }
         let rtxn = work.env.read_txn()?;
-        let mut chunks: Vec<&[u8]> = Vec::new();
-        for flush in 0..flushes {
-            if let Some(b) = work.buckets.get(&rtxn, &postings::bucket_key(flush, c))? {
-                chunks.push(b);
+        let chunks = cell_buckets(work, &rtxn, flushes, c)?;
+        // One bucket per flush, scattered over the working file: ask for all of this cell's
+        // and the next one's at once (read while this cell is trained) instead of faulting
+        // them in one by one, each with a read-around that mostly reads other cells' buckets.
+        chunks.iter().for_each(|b| crate::memory::will_need(b));
+        if c + 1 < cells {
+            for b in cell_buckets(work, &rtxn, flushes, c + 1)? {
+                crate::memory::will_need(b);
             }
         }
         let n: u64 = chunks.iter().map(|b| (b.len() / ENTRY_BYTES) as u64).sum();
