@@ -197,32 +197,25 @@ pub fn bound_heap() {
 /// not count and which the kernel reclaims first. Called by the build right after it has read
 /// a batch, so the mapped pages it streams through never pile up in its working set.
 pub fn cool(data: &[u8]) {
-    if data.is_empty() {
-        return;
-    }
-    let page = 4096usize;
-    let start = data.as_ptr() as usize & !(page - 1);
-    let end = data.as_ptr() as usize + data.len();
-    // SAFETY: advisory call on pages of a live mapping; MADV_COLD never changes contents.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_COLD);
-    }
+    advise_pages(data, libc::MADV_COLD);
 }
 
 /// Asks the kernel to read the pages of `data` (a value in a file mapping, e.g. an LMDB value)
 /// in the background now: exactly those pages, all requests in flight at once, where touching
 /// them would fault them in one at a time, each with its read-around.
 pub fn will_need(data: &[u8]) {
+    advise_pages(data, libc::MADV_WILLNEED);
+}
+
+/// Gives `advice` for the whole pages that hold `data` (part of a file mapping).
+fn advise_pages(data: &[u8], advice: libc::c_int) {
     if data.is_empty() {
         return;
     }
     let page = 4096usize;
     let start = data.as_ptr() as usize & !(page - 1);
     let end = data.as_ptr() as usize + data.len();
-    // SAFETY: advisory call on pages of a live mapping; MADV_WILLNEED never changes contents.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
-    }
+    advise(&[(start, end)], advice);
 }
 
 /// Turns off read-around on this process's mappings of one file while it lives (back on when
@@ -250,7 +243,8 @@ impl Drop for RandomAccess {
 
 fn advise(ranges: &[(usize, usize)], advice: libc::c_int) {
     for &(start, end) in ranges {
-        // SAFETY: advisory call on a live file mapping; these advices never change contents.
+        // SAFETY: advisory call on pages of a live file mapping; the advices used here (COLD,
+        // WILLNEED, RANDOM, NORMAL) never change contents.
         unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, advice);
         }
