@@ -457,8 +457,9 @@ fn cell_buckets<'t>(
     Ok(chunks)
 }
 
-/// Bytes of lists written between two hand-backs of pages in the lists step (each one pages
-/// out the maps, which the next cells then read back in part).
+/// Bytes of lists written between two hand-backs of pages in the lists step (each one unmaps
+/// the maps and drops the files' clean cached pages, which the next cells then read back in
+/// part).
 const LIST_RELEASE_BYTES: u64 = 32 << 20;
 
 /// Trains each cell's leaves and writes its inverted lists, cells `next..`.
