@@ -228,18 +228,20 @@ fn three_shards_answer_as_one_index() {
         ["shards_up"]
         == 2));
     // It comes back on the same address: the router follows it.
-    let log = logs.join("restarted.log");
-    let mut restarted = Command::new(bin("indexer"))
-        .args([
-            "serve",
-            shard_dirs[1].to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{stopped_port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let serve_shard_1 = |log: &str| {
+        Command::new(bin("indexer"))
+            .args([
+                "serve",
+                shard_dirs[1].to_str().unwrap(),
+                "--addr",
+                &format!("127.0.0.1:{stopped_port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(logs.join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut restarted = serve_shard_1("restarted.log");
     assert!(
         wait_until(Duration::from_secs(20), || router.index()["shards_up"] == 3),
         "the router did not see shard 1 back:\n{}",
@@ -262,18 +264,7 @@ fn three_shards_answer_as_one_index() {
     // minute, started while shard 1 is down, answers with 3/3 as soon as shard 1 serves.
     let slow = Router::start(&urls, &["--deadline", "3s", "--poll-interval", "60s"], logs);
     assert_eq!(slow.index()["shards_up"], 2, "{:#}", slow.index());
-    let log = logs.join("late.log");
-    let mut late = Command::new(bin("indexer"))
-        .args([
-            "serve",
-            shard_dirs[1].to_str().unwrap(),
-            "--addr",
-            &format!("127.0.0.1:{stopped_port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut late = serve_shard_1("late.log");
     assert!(
         wait_until(Duration::from_secs(20), || request(
             stopped_port,
